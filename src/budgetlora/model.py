@@ -1,0 +1,85 @@
+"""Base model + LoRA (peft) + a fully trained head, built from a config; and loading a saved run back."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from . import budget
+from .architectures import _quiet, load_config, resolve_name
+from .config import Config
+from .runs import ADAPTER_FILES
+
+
+class AdapterError(ValueError):
+    """A saved adapter that cannot be loaded onto the configured base model."""
+
+
+def load_tokenizer(cfg: Config):
+    return AutoTokenizer.from_pretrained(resolve_name(cfg.model.tokenizer or cfg.model.name))
+
+
+def build_base(cfg: Config, config=None) -> torch.nn.Module:
+    """The frozen base with a fresh head. Seeded, so random-weight bases and heads are reproducible."""
+    config = config or load_config(cfg.model.name, cfg.model.num_labels)
+    torch.manual_seed(cfg.train.seed)
+    with _quiet():  # "some weights were newly initialised" is expected: that is the head we train
+        if cfg.model.random_init:
+            return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForSequenceClassification.from_pretrained(resolve_name(cfg.model.name), config=config)
+
+
+def peft_config(cfg: Config, plan: budget.Plan):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=plan.target_regex, bias=cfg.lora.bias, use_rslora=cfg.lora.rslora, use_dora=cfg.lora.dora,
+        modules_to_save=plan.head_names,
+    )
+
+
+def count_trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build(cfg: Config):
+    """Plan (refusing over-budget configs before any weight loads), then wrap the base with LoRA."""
+    from peft import get_peft_model
+
+    config = load_config(cfg.model.name, cfg.model.num_labels)
+    plan = budget.check(budget.plan(cfg, config))
+    model = get_peft_model(build_base(cfg, config), peft_config(cfg, plan))
+    trainable = count_trainable(model)
+    if trainable != plan.total:  # the planner and peft must agree, or the budget means nothing
+        raise RuntimeError(f"planner counted {plan.total:,} trainable parameters but peft trains {trainable:,}")
+    return model, plan
+
+
+def load_trained(run: Path, cfg: Config) -> torch.nn.Module:
+    """The base model with the run's saved adapter, via plain `PeftModel.from_pretrained`, in eval mode."""
+    from peft import PeftModel
+
+    run = Path(run)
+    missing = [f for f in ADAPTER_FILES if not (run / f).is_file()]
+    if missing:
+        raise AdapterError(f"{run}: no adapter ({', '.join(missing)} missing)")
+    try:
+        saved = json.loads((run / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdapterError(f"{run}/adapter_config.json is corrupt") from None
+    base = build_base(cfg)
+    if saved.get("base_model_name_or_path") not in (None, "", base.name_or_path, resolve_name(cfg.model.name)) \
+            and not cfg.model.random_init:
+        raise AdapterError(f"{run}: adapter was trained on {saved['base_model_name_or_path']!r}, "
+                           f"not on {cfg.model.name!r}")
+    try:
+        with _quiet():
+            model = PeftModel.from_pretrained(base, str(run))
+    except Exception as e:  # safetensors header errors, size mismatches (wrong num_labels or base), ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise AdapterError(f"{run}: adapter does not load onto {cfg.model.name!r} with {cfg.model.num_labels} "
+                           f"labels: {first[:300]}") from None
+    return model.eval()

@@ -1,0 +1,91 @@
+"""Use a finished run: reload its adapter from disk, prove it reproduces the trained model, then predict."""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import runs
+from .config import Config
+from .data import load_split
+from .evaluate import metrics, predict_logits
+from .model import load_tokenizer, load_trained
+
+LOGIT_TOLERANCE = 1e-3
+
+
+class VerificationError(RuntimeError):
+    """The adapter reloaded from disk does not reproduce the predictions made at the end of training."""
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    cfg: Config
+    model: object
+    tokenizer: object
+
+    def logits(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        return predict_logits(self.model, self.tokenizer, texts, self.cfg.model.max_length,
+                              self.cfg.train.eval_batch_size, progress=progress)
+
+
+def load_run(run: str | Path, verify: bool = True) -> LoadedRun:
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run}")
+    cfg = runs.load_config(run)
+    loaded = LoadedRun(run, cfg, load_trained(run, cfg), load_tokenizer(cfg))
+    if verify:
+        verify_reload(loaded)
+    return loaded
+
+
+def verify_reload(loaded: LoadedRun) -> float:
+    """Re-score the stored validation sample; any changed label or drifted logit is an error."""
+    path = loaded.path / runs.VERIFY
+    if not path.is_file():
+        raise VerificationError(f"{loaded.path}: no {runs.VERIFY}; cannot check the reloaded adapter")
+    ref = runs.read_json(path)
+    expected = np.asarray(ref["logits"], dtype=np.float32)
+    got = loaded.logits(ref["texts"])
+    if got.shape != expected.shape:
+        raise VerificationError(f"reloaded adapter gives logits of shape {got.shape}, expected {expected.shape}")
+    changed = int((got.argmax(1) != expected.argmax(1)).sum())
+    drift = float(np.abs(got - expected).max()) if len(got) else 0.0
+    if changed or drift > LOGIT_TOLERANCE:
+        raise VerificationError(f"reloaded adapter disagrees with the trained model: {changed} of {len(got)} "
+                                f"validation labels changed, max logit difference {drift:.2e}")
+    return drift
+
+
+def evaluate_run(run: str | Path, source: str = "") -> dict:
+    """Metrics of a saved run on a labelled file (default: the config's test split)."""
+    loaded = load_run(run)
+    cfg = loaded.cfg
+    data = load_split(source or cfg.data.test, "test", cfg.data, cfg.model.num_labels)
+    return metrics(loaded.logits(data.texts, progress=True), data.labels, cfg.model.num_labels)
+
+
+def read_unlabelled(source: str, cfg: Config) -> list[str]:
+    return load_split(source, "test", cfg.data, cfg.model.num_labels, labelled=False).texts
+
+
+def write_submission(path: str | Path, labels: np.ndarray) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["ID", "Label"])
+    w.writerows(enumerate(int(x) for x in labels))
+    runs.write_text(Path(path), buf.getvalue())
+
+
+def predict_file(run: str | Path, source: str, output: str | Path) -> np.ndarray:
+    """Labels for every row of `source`, in row order, written as ID,Label after the reload check passed."""
+    loaded = load_run(run)  # verify_reload runs here, before anything is written
+    texts = read_unlabelled(source, loaded.cfg)
+    labels = loaded.logits(texts, progress=True).argmax(1)
+    write_submission(output, labels)
+    return labels
