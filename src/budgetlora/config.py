@@ -47,6 +47,8 @@ class DataConfig:
     test_limit: int = _f(0, "keep a stratified sample of this many test rows (0 = all)")
     text_column: str = _f("text", "column holding the text")
     label_column: str = _f("label", "column holding the integer label")
+    pseudo_labels: str = _f("", "CSV of pseudo-labelled rows (text,label written by self-train) added to train")
+    unlabelled: str = _f("", "the unlabelled source the pseudo labels were predicted from (a record)")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class LoraConfig:
     r: int = _f(8, "LoRA rank")
     alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora)")
     dropout: float = _f(0.1, "dropout on the LoRA input")
-    targets: list = _f(["q", "v"], "modules to adapt: short names q,k,v,o,ffn_in,ffn_out (or exact module suffixes)")
+    targets: list = _f(["q", "k", "v", "o", "ffn_in", "ffn_out"], "modules to adapt: short names q,k,v,o,ffn_in,ffn_out (or exact module suffixes)")
     layers: list = _f([], "layer indices to adapt (empty = all); negative counts from the top")
     bias: str = _f("none", "which biases train: none, lora_only, all")
     rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
@@ -63,10 +65,10 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: float = _f(3.0, "passes over the training set (fractions allowed)")
+    epochs: float = _f(1.0, "passes over the training set (fractions allowed)")
     batch_size: int = _f(32, "training batch size")
     eval_batch_size: int = _f(256, "evaluation batch size")
-    lr: float = _f(5e-4, "peak learning rate")
+    lr: float = _f(2e-3, "peak learning rate")
     optimizer: str = _f("adamw", "adamw, rmsprop, adagrad or sgd (with momentum 0.9)")
     schedule: str = _f("linear", "linear, cosine or constant, after warmup")
     warmup: float = _f(0.06, "warmup as a fraction of all steps")
@@ -74,11 +76,12 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
     precision: str = _f("auto", "auto (bf16 on a capable GPU, else fp32), fp32, bf16 or fp16")
-    eval_every: int = _f(0, "evaluate on validation every N steps (0 = once per epoch)")
+    eval_every: int = _f(200, "evaluate on validation every N steps (0 = once per epoch)")
     patience: int = _f(0, "early stopping: evaluations without val-loss improvement before stopping (0 = off)")
     group_by_length: bool = _f(True, "batch texts of similar length together (less padding)")
     seed: int = _f(42, "seed for splits, batches, dropout and init")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit)")
+    init_from: str = _f("", "start from this run folder's adapter weights (same model and LoRA setup)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,48 @@
+"""Shared fixtures: small slices of the shipped AG News copy, and one tiny trained run reused across tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from budgetlora.config import Config
+from budgetlora.data import default_data_dir
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def agnews_dir() -> Path:
+    folder = default_data_dir()
+    assert folder is not None and (folder / "train.csv.gz").is_file(), \
+        "the AG News copy was not found: set BUDGETLORA_DATA to a folder holding train.csv.gz and test.csv.gz"
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_csvs(tmp_path_factory, agnews_dir) -> tuple[Path, Path]:
+    """A balanced 400-row train CSV and 120-row test CSV cut from the shipped data."""
+    root = tmp_path_factory.mktemp("data")
+    train = pd.read_csv(agnews_dir / "train.csv.gz").groupby("label").head(100).sample(frac=1, random_state=0)
+    test = pd.read_csv(agnews_dir / "test.csv.gz").groupby("label").head(30)
+    train.to_csv(root / "train.csv", index=False)
+    test.to_csv(root / "test.csv", index=False)
+    return root / "train.csv", root / "test.csv"
+
+
+def tiny_config(small_csvs, **overrides) -> Config:
+    train, test = small_csvs
+    base = {"data.train": str(train), "data.test": str(test), "data.val_fraction": 0.1, "model.max_length": 32,
+            "train.max_steps": 10, "train.lr": 5e-3, "train.batch_size": 16, "train.eval_every": 5}
+    base.update(overrides)
+    return Config().replace(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_csvs) -> Path:
+    """One small trained run of the embedded model (seconds on a CPU), shared by the tests that only read it."""
+    from budgetlora.train import train
+
+    return train(tiny_config(small_csvs), root=tmp_path_factory.mktemp("runs"), log=lambda *a, **k: None)

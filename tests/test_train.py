@@ -1,0 +1,50 @@
+"""Training: a killed run resumes to the same result, over-budget configs never start, and learning happens."""
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from budgetlora import runs
+from budgetlora.budget import BudgetError
+from budgetlora.config import Config
+from budgetlora.train import Interrupted, train
+
+from .conftest import tiny_config
+
+QUIET = {"log": lambda *a, **k: None}
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, small_csvs):
+    cfg = tiny_config(small_csvs, **{"train.max_steps": 8, "train.eval_every": 3, "lora.dropout": 0.1})
+    whole = train(cfg, root=tmp_path / "a", **QUIET)
+    with pytest.raises(Interrupted):
+        train(cfg, root=tmp_path / "b", stop_after=5, **QUIET)
+    killed = tmp_path / "b" / cfg.run_id
+    assert (killed / runs.CHECKPOINT / "state.pt").is_file() and not runs.is_finished(killed)
+    resumed = train(cfg, root=tmp_path / "b", **QUIET)
+    wa, wb = (load_file(str(p / "adapter_model.safetensors")) for p in (whole, resumed))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert np.array_equal(wa[k].numpy(), wb[k].numpy()), k
+    ma, mb = runs.read_json(whole / runs.METRICS), runs.read_json(resumed / runs.METRICS)
+    assert ma["val_loss"] == mb["val_loss"] and ma["best_step"] == mb["best_step"]
+
+
+def test_finished_run_is_not_retrained_and_failures_keep_old_runs(tmp_path, small_csvs):
+    cfg = tiny_config(small_csvs, **{"train.max_steps": 2, "train.eval_every": 2})
+    out = train(cfg, root=tmp_path, **QUIET)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert train(cfg, root=tmp_path, **QUIET) == out
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    with pytest.raises(BudgetError):
+        train(cfg.replace(**{"lora.r": 400}), root=tmp_path, **QUIET)
+    assert not (tmp_path / cfg.replace(**{"lora.r": 400}).run_id).exists()  # refused before anything is written
+    assert runs.is_finished(out)
+
+
+def test_short_training_clearly_beats_chance(tmp_path):
+    """The embedded model on 1,200 shipped training rows, one epoch: far above the 25% of chance."""
+    cfg = Config().replace(**{"data.train_limit": 1200, "data.test_limit": 400, "model.max_length": 48,
+                              "train.epochs": 1, "train.lr": 3e-3, "train.eval_every": 20})
+    m = runs.read_json(train(cfg, root=tmp_path, **QUIET) / runs.METRICS)
+    assert m["test_accuracy"] > 0.6, m["test_accuracy"]
+    assert m["val_accuracy"] > 0.6
