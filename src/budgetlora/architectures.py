@@ -84,7 +84,7 @@ def load_config(name: str, num_labels: int) -> PretrainedConfig:
 
 def skeleton(config: PretrainedConfig) -> torch.nn.Module:
     """The model's module tree on the meta device: exact shapes, no memory, no weights."""
-    with torch.device("meta"), _quiet():
+    with torch.device("meta"), quiet():
         return AutoModelForSequenceClassification.from_config(config)
 
 
@@ -99,7 +99,7 @@ def short_name_map(model_type: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     from transformers.utils import logging
 
     old = logging.get_verbosity()

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from . import budget
-from .architectures import _quiet, load_config, resolve_name
+from .architectures import quiet, load_config, resolve_name
 from .config import Config
 from .runs import ADAPTER_FILES
 
@@ -25,7 +25,7 @@ def build_base(cfg: Config, config=None) -> torch.nn.Module:
     """The frozen base with a fresh head. Seeded, so random-weight bases and heads are reproducible."""
     config = config or load_config(cfg.model.name, cfg.model.num_labels)
     torch.manual_seed(cfg.train.seed)
-    with _quiet():  # "some weights were newly initialised" is expected: that is the head we train
+    with quiet():  # "some weights were newly initialised" is expected: that is the head we train
         if cfg.model.random_init:
             return AutoModelForSequenceClassification.from_config(config)
         return AutoModelForSequenceClassification.from_pretrained(resolve_name(cfg.model.name), config=config)
@@ -76,7 +76,7 @@ def load_trained(run: Path, cfg: Config) -> torch.nn.Module:
         raise AdapterError(f"{run}: adapter was trained on {saved['base_model_name_or_path']!r}, "
                            f"not on {cfg.model.name!r}")
     try:
-        with _quiet():
+        with quiet():
             model = PeftModel.from_pretrained(base, str(run))
     except Exception as e:  # safetensors header errors, size mismatches (wrong num_labels or base), ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__

@@ -1,0 +1,67 @@
+"""Python use of a finished run: `budgetlora.load(run).predict(texts)`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .evaluate import softmax
+from .predict import LoadedRun, load_run
+from .report import class_names as default_class_names
+from . import runs
+
+
+class Classifier:
+    """A trained adapter on its base model. Batching and length sorting happen inside `LoadedRun.logits`."""
+
+    def __init__(self, loaded: LoadedRun):
+        self.run = loaded
+        self.class_names: list[str] = _class_names(loaded)
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @property
+    def num_labels(self) -> int:
+        return self.run.cfg.model.num_labels
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        texts = _check_texts(texts)
+        if not texts:  # nothing to batch; keep the (0, num_labels) shape callers index into
+            return np.zeros((0, self.num_labels), dtype=np.float32)
+        return self.run.logits(texts)
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        return softmax(self.logits(texts))
+
+    def predict(self, texts: list[str]) -> list[int]:
+        return [int(i) for i in self.logits(texts).argmax(axis=1)]
+
+    def __repr__(self) -> str:
+        return f"Classifier({str(self.path)!r}, model={self.run.cfg.model.name!r}, classes={self.class_names})"
+
+
+def load(run_dir: str | Path, verify: bool = True) -> Classifier:
+    """Load a run folder; with `verify`, first prove the reloaded adapter reproduces the trained model."""
+    return Classifier(load_run(run_dir, verify=verify))
+
+
+def _class_names(loaded: LoadedRun) -> list[str]:
+    n = loaded.cfg.model.num_labels
+    path = loaded.path / runs.METRICS
+    if path.is_file():  # the names the run was reported with win over the built-in table
+        names = runs.read_json(path).get("class_names")
+        if isinstance(names, list) and len(names) == n:
+            return [str(x) for x in names]
+    return default_class_names(n)
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):  # a bare string would otherwise be classified character by character
+        raise TypeError("texts must be a list of strings, not one string")
+    texts = list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must all be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    return texts
