@@ -40,6 +40,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T minimising validation NLL of softmax(logits / T) (Guo et al. 2017): calibrated posteriors are what
+    prior correction by EM assumes. A log-spaced grid, then a finer one around the best point: 1-D and cheap."""
+    labels = np.asarray(labels)
+
+    def nll(t):
+        logp = np.log(np.clip(softmax(logits / t), 1e-12, 1.0))
+        return -logp[np.arange(len(labels)), labels].mean()
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 61))
+    best = grid[int(np.argmin([nll(t) for t in grid]))]
+    fine = best * np.exp(np.linspace(-0.12, 0.12, 25))
+    return float(fine[int(np.argmin([nll(t) for t in fine]))])
+
+
 def metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:
     """Accuracy, mean cross-entropy, macro-F1, per-class accuracy (recall) and the confusion matrix."""
     labels = np.asarray(labels)

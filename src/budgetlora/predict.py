@@ -82,10 +82,26 @@ def write_submission(path: str | Path, labels: np.ndarray) -> None:
     runs.write_text(Path(path), buf.getvalue())
 
 
-def predict_file(run: str | Path, source: str, output: str | Path) -> np.ndarray:
-    """Labels for every row of `source`, in row order, written as ID,Label after the reload check passed."""
+def predict_file(run: str | Path, source: str, output: str | Path, prior_correction: bool = False) -> np.ndarray:
+    """Labels for every row of `source`, in row order, written as ID,Label after the reload check passed.
+
+    prior_correction: re-estimate the class priors of `source` by EM and predict from the corrected posteriors;
+    the estimate is written to `<output>.priors.json` (see adapt.estimate_priors).
+    """
     loaded = load_run(run)  # verify_reload runs here, before anything is written
     texts = read_unlabelled(source, loaded.cfg)
-    labels = loaded.logits(texts, progress=True).argmax(1)
+    if not prior_correction:
+        labels = loaded.logits(texts, progress=True).argmax(1)
+        write_submission(output, labels)
+        return labels
+    from .adapt import corrected_probabilities, priors_path
+
+    probs, est = corrected_probabilities(loaded, texts, progress=True)
+    labels = est.posteriors.argmax(1)
+    n = loaded.cfg.model.num_labels
+    runs.write_json(priors_path(output), {
+        **est.as_dict(), "source": str(source), "rows": len(texts),
+        "label_counts_uncorrected": np.bincount(probs.argmax(1), minlength=n).tolist(),
+        "label_counts_corrected": np.bincount(labels, minlength=n).tolist()})
     write_submission(output, labels)
     return labels

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import runs
-from .evaluate import metrics, predict_logits
+from .evaluate import fit_temperature, metrics, predict_logits
 
 VERIFY_ROWS = 256  # validation rows whose logits are stored, so a reloaded adapter can be checked against them
 CLASS_NAMES = {4: ["World", "Sports", "Business", "Sci/Tech"]}
@@ -28,7 +28,8 @@ def history_csv(history: list[dict]) -> str:
 
 
 def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan, filter_report,
-                        train_time: float, total_time: float, log=print) -> dict:
+                        train_time: float, total_time: float, log=print,
+                        train_class_counts: list[int] | None = None) -> dict:
     """Evaluate the best state on val and test, then write every artifact; metrics.json last marks completion."""
     n, ml, bs = cfg.model.num_labels, cfg.model.max_length, cfg.train.eval_batch_size
     val_logits = predict_logits(model, tokenizer, val.texts, ml, bs)
@@ -49,6 +50,10 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         "trainable_params": plan.total, "budget": plan.max_params, "best_step": state.get("best_step"),
         "steps": state["step"], "train_time_s": round(train_time, 2),
         "wall_time_s": round(total_time, 2), "filters": filter_report, "class_names": class_names(n),
+        # the label shares the model was trained under: the reference priors for prior correction
+        "train_class_counts": train_class_counts,
+        # softmax temperature calibrated on validation; prior correction divides logits by it first
+        "temperature": fit_temperature(val_logits, val.labels),
     }
     runs.write_json(out / runs.METRICS, result)
     log(f"run {cfg.run_id}: val acc {val_m['accuracy']:.4f}, test acc {test_m['accuracy']:.4f} "

@@ -8,6 +8,7 @@ averaged, and only the main process writes the run folder.
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import time
@@ -65,7 +66,7 @@ def prepare_train_split(cfg: Config, train: Split, tokenizer, log=print) -> tupl
     active = (f.min_words or f.max_words or f.min_tokens or f.max_tokens or f.max_non_alnum < 1.0
               or f.dedup_exact or f.dedup_near)
     if not active:
-        return train, {}
+        return _noisy_filter(cfg, train, {}, log)
     from .augment import apply_filters
 
     def count_tokens(texts):
@@ -75,7 +76,40 @@ def prepare_train_split(cfg: Config, train: Split, tokenizer, log=print) -> tupl
                                  count_tokens=count_tokens if (f.min_tokens or f.max_tokens) else None)
     log(f"filters kept {len(kept):,} of {len(train):,} training rows: "
         + ", ".join(f"{k} -{v['removed']}" for k, v in report.items() if isinstance(v, dict)))
-    return train.subset(kept), report
+    return _noisy_filter(cfg, train.subset(kept), report, log)
+
+
+def _noisy_filter(cfg: Config, train: Split, report: dict, log) -> tuple[Split, dict]:
+    """Last filter: a first training pass on the rows the other filters kept drops the least learnable share."""
+    if not cfg.filter.noisy_fraction:
+        return train, report
+    from .cartography import noisy_filter
+
+    kept, noisy = noisy_filter(cfg, train, log=log)
+    return kept, {**report, "noisy_fraction": noisy, "kept": len(kept)}
+
+
+def init_from_run(model, cfg: Config) -> None:
+    """Load the adapter + head weights of the run named by train.init_from into a freshly built model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .config import ConfigError
+    from .model import count_trainable
+
+    parent = Path(cfg.train.init_from)
+    weights = parent / runs.ADAPTER_FILES[1]
+    if not weights.is_file():
+        raise ConfigError(f"train.init_from: no finished run with an adapter at {parent}")
+    pcfg = runs.load_config(parent)
+    if pcfg.model != cfg.model or pcfg.lora != cfg.lora:  # same plan, or the weights cannot mean the same thing
+        raise ConfigError(f"train.init_from: {parent} was trained with a different model or LoRA setup")
+    state = load_file(weights)
+    result = set_peft_model_state_dict(model, state)
+    loaded = sum(t.numel() for t in state.values())
+    if result.unexpected_keys or loaded != count_trainable(model):
+        raise ConfigError(f"train.init_from: {parent} holds {loaded:,} adapter values, the model trains "
+                          f"{count_trainable(model):,}")
 
 
 def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Split] | None = None,
@@ -96,8 +130,14 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
     t_start = time.time()
 
     model, plan = build(cfg)  # refuses an over-budget config before loading weights
+    if tc.init_from:
+        init_from_run(model, cfg)
     tokenizer = load_tokenizer(cfg)
     data = data or load_data(cfg)
+    if cfg.data.pseudo_labels:
+        from .adapt import with_pseudo_labels
+
+        data = {**data, "train": with_pseudo_labels(data["train"], cfg)}
     train_split, filter_report = prepare_train_split(cfg, data["train"], tokenizer, log)
     val, test = data["val"], data["test"]
     log(f"run {cfg.run_id}: {plan.total:,} trainable params (budget {plan.max_params:,}); "
@@ -145,6 +185,8 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
             logits = acc.reduce(torch.as_tensor(logits, device=acc.device), "sum").cpu().numpy()
         return metrics(logits, val.labels, cfg.model.num_labels)
 
+    # debugging aid: BUDGETLORA_TRACE_ROWS=<dir> makes each process log the training rows it used, one line a step
+    trace = os.environ.get("BUDGETLORA_TRACE_ROWS")
     model.train()
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {cfg.run_id}", disable=not main)
     stop = False
@@ -154,6 +196,9 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
         batches = length_grouped_batches([len(x) for x in ids], tc.batch_size, tc.seed, epoch, tc.group_by_length)
         for rows in batches[in_epoch:]:
             local = rows[acc.process_index::acc.num_processes]  # disjoint shard of the global batch
+            if trace:
+                with open(Path(trace) / f"rows.{acc.process_index}.txt", "a") as f:
+                    f.write(" ".join(map(str, local)) + "\n")
             batch = {k: v.to(acc.device) for k, v in collate(ids, local, pad).items()}
             with acc.autocast():
                 logits = model(**batch).logits
@@ -203,12 +248,15 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
         _load_trainable(model, state["best"])
     acc.wait_for_everyone()
     if not main:
+        acc.wait_for_everyone()  # return only once the main process has completed the run folder (callers read it)
         return out
     from .report import write_run_artifacts
 
     write_run_artifacts(out, cfg, model, tokenizer, val, test, state, plan, filter_report,
-                        train_time=train_time, total_time=time.time() - t_start, log=log)
+                        train_time=train_time, total_time=time.time() - t_start, log=log,
+                        train_class_counts=np.bincount(train_split.labels, minlength=cfg.model.num_labels).tolist())
     shutil.rmtree(out / runs.CHECKPOINT, ignore_errors=True)
+    acc.wait_for_everyone()
     return out
 
 

@@ -1,0 +1,302 @@
+"""Wall-clock race on the same data, encoder and machine, in one process:
+
+(a) the reference recipe: HF Trainer + peft LoRA (r=10, alpha=32, query/value, head in modules_to_save), dynamic
+    padding with truncation at 512, random batches of 32, lr 2e-4, warmup 0.1, weight decay 0.01, linear decay,
+    evaluation once per epoch;
+(b) budgetlora's fast path, `budgetlora.train.train(cfg)`, with the settings passed on the command line.
+
+Printed for each: training samples/s (evaluation time excluded), evaluation samples/s (on the test split), time to
+reach the reference's final validation accuracy, final validation / test accuracy and peak resident memory; the
+ratios come last.
+
+Timing (a) at a finer grain than once per epoch without distorting it: (a) is also evaluated every
+--ref-eval-steps steps, and the run time of every such extra evaluation is subtracted from the wall clock of the
+later points, so the reported times are those of the once-per-epoch recipe. Evaluation runs without gradients,
+in eval mode and from a sequential sampler, so it changes neither the weights nor the random batch order.
+(b)'s times come from its history.csv (elapsed_s) and do include its own periodic validation.
+
+    python benchmarks/speed.py --train-limit 2000 --test-limit 1000 --epochs 2
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import math
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from budgetlora.config import Config  # noqa: E402
+from budgetlora.data import load_data  # noqa: E402
+
+
+# -- memory: a sampling thread, so each contender gets its own peak inside one process -------------------------------
+class PeakRSS:
+    """Peak resident set size while the block runs, read from /proc/self/statm every 20 ms."""
+
+    def __init__(self, every: float = 0.02):
+        self.every, self.peak, self.start = every, 0, 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.every)
+
+    def __enter__(self):
+        gc.collect()
+        self.start = self.peak = self.now()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def first_reaching(points: list[tuple[float, float]], target: float) -> float | None:
+    """Earliest time of an evaluation whose accuracy is at least the target (no interpolation)."""
+    for t, a in points:
+        if a >= target - 1e-9:
+            return t
+    return None
+
+
+# -- (a) the reference recipe --------------------------------------------------------------------------------------
+def run_reference(data, args) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)
+    from transformers.utils import logging as hf_logging
+
+    from budgetlora.architectures import resolve_name
+
+    hf_logging.set_verbosity_error()
+    path = resolve_name(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def ds(split):
+        d = Dataset.from_dict({"text": split.texts, "label": split.labels.tolist()})
+        return d.map(lambda b: tok(b["text"], truncation=True, max_length=512), batched=True, remove_columns=["text"])
+
+    train_ds, val_ds, test_ds = ds(data["train"]), ds(data["val"]), ds(data["test"])
+    torch.manual_seed(args.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=4)
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=10, lora_alpha=32, lora_dropout=0.1,
+                                            target_modules=["query", "value"], modules_to_save=["classifier"]))
+    steps_per_epoch = math.ceil(len(train_ds) / 32)
+    total_steps = steps_per_epoch * args.epochs
+
+    class Clock(TrainerCallback):
+        """Wall time at each evaluation; extra (finer-than-per-epoch) evaluations are taken off the clock."""
+
+        def __init__(self):
+            self.t0, self.extra, self.eval_total, self.points, self.evaluated_steps = 0.0, 0.0, 0.0, [], set()
+
+        def on_train_begin(self, a, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, a, state, control, **kw):
+            if state.global_step not in self.evaluated_steps:  # the recipe's own once-per-epoch evaluation
+                control.should_evaluate = True
+            return control
+
+        def on_evaluate(self, a, state, control, metrics=None, **kw):
+            if "eval_accuracy" not in (metrics or {}) or self.t0 == 0.0:
+                return
+            step, runtime = state.global_step, metrics["eval_runtime"]
+            recipe = (step % steps_per_epoch == 0 or step == total_steps) and step not in self.evaluated_steps
+            self.evaluated_steps.add(step)
+            self.eval_total += runtime
+            if not recipe:
+                self.extra += runtime
+            self.points.append((step, time.perf_counter() - self.t0 - self.extra, metrics["eval_accuracy"], recipe))
+
+    clock = Clock()
+    targs = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="ref-"), per_device_train_batch_size=32,
+        per_device_eval_batch_size=args.ref_eval_batch, learning_rate=2e-4, warmup_steps=0.1, weight_decay=0.01,
+        lr_scheduler_type="linear", num_train_epochs=args.epochs,
+        eval_strategy="steps" if args.ref_eval_steps else "epoch", eval_steps=args.ref_eval_steps or None, save_strategy="no", logging_strategy="no", report_to="none",
+        seed=args.seed, data_seed=args.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+        dataloader_num_workers=0)
+
+    def accuracy(p):
+        return {"accuracy": float((np.asarray(p.predictions).argmax(-1) == p.label_ids).mean())}
+
+    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=val_ds,
+                      data_collator=DataCollatorWithPadding(tok), compute_metrics=accuracy, callbacks=[clock])
+    t = time.perf_counter()
+    out = trainer.train()
+    train_wall = time.perf_counter() - t
+    recipe_evals = [p for p in clock.points if p[3]]
+    pred = trainer.predict(test_ds)
+    return {
+        "train_s": train_wall - clock.extra,  # the once-per-epoch recipe's wall time
+        "train_sps": len(train_ds) * args.epochs / (train_wall - clock.eval_total),
+        "eval_sps": len(test_ds) / pred.metrics["test_runtime"],
+        "final_val": recipe_evals[-1][2],
+        "test_acc": float((pred.predictions.argmax(-1) == pred.label_ids).mean()),
+        "points": [(p[1], p[2]) for p in clock.points],
+        "steps": out.global_step,
+    }
+
+
+# -- (b) budgetlora -----------------------------------------------------------------------------------------------
+def run_budgetlora(data, args, cfg: Config) -> dict:
+    import budgetlora.train as bt
+    from budgetlora.evaluate import predict_logits
+    from budgetlora.predict import load_run
+    from budgetlora.runs import read_json
+
+    spent = {"s": 0.0}
+    inner = bt.logits_for_ids
+
+    def timed(*a, **k):  # validation time, so that training throughput can exclude it
+        t = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            spent["s"] += time.perf_counter() - t
+
+    bt.logits_for_ids = timed
+    try:
+        run = bt.train(cfg, root=tempfile.mkdtemp(prefix="bl-"), data=data, force=True, log=lambda *a, **k: None)
+    finally:
+        bt.logits_for_ids = inner
+    m = read_json(run / "metrics.json")
+    with open(run / "history.csv") as f:
+        hist = [r for r in csv.DictReader(f) if r["val_accuracy"]]
+    points = [(float(r["elapsed_s"]), float(r["val_accuracy"])) for r in hist]
+    loaded = load_run(run, verify=False)
+    t = time.perf_counter()
+    logits = predict_logits(loaded.model, loaded.tokenizer, data["test"].texts, cfg.model.max_length,
+                            cfg.train.eval_batch_size)
+    eval_s = time.perf_counter() - t
+    n, bs = len(data["train"]), cfg.train.batch_size
+    spe = math.ceil(n / bs)  # the last batch of an epoch is the short one
+    samples = sum(bs if s % spe < spe - 1 else n - (spe - 1) * bs for s in range(m["steps"]))
+    return {
+        "train_s": m["train_time_s"],
+        "train_sps": samples / (m["train_time_s"] - spent["s"]),
+        "eval_sps": len(data["test"]) / eval_s,
+        "final_val": m["val_accuracy"],
+        "test_acc": m["test_accuracy"],
+        "test_acc_check": float((logits.argmax(1) == data["test"].labels).mean()),
+        "points": points,
+        "steps": m["steps"],
+        "best_step": m["best_step"],
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--train-limit", type=int, default=2000)
+    p.add_argument("--test-limit", type=int, default=1000)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share held out of the train rows")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--epochs", type=int, default=2, help="reference epochs")
+    p.add_argument("--ref-eval-steps", type=int, default=10, help="extra (clock-corrected) reference evaluations every N steps (0 = per epoch only)")
+    p.add_argument("--ref-eval-batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
+    p.add_argument("--only", choices=["both", "ref", "budgetlora"], default="both")
+    p.add_argument("--target", type=float, default=None, help="target accuracy when the reference is not run")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="budgetlora config overrides, e.g. train.lr=2e-3 train.eval_every=5")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = Config().replace(**{"model.name": args.model, "data.train_limit": args.train_limit,
+                              "data.test_limit": args.test_limit, "data.val_fraction": args.val_fraction,
+                              "train.seed": args.seed})
+    cfg = cfg.replace(**dict(kv.split("=", 1) for kv in args.set))
+    data = load_data(cfg)
+    print(f"model {args.model}; train {len(data['train'])} / val {len(data['val'])} / test {len(data['test'])} rows; "
+          f"torch threads {torch.get_num_threads()}; attention {attn_impl(cfg)}", flush=True)
+    tc, mc = cfg.train, cfg.model
+    print(f"budgetlora settings: lr {tc.lr}, schedule {tc.schedule}, warmup {tc.warmup}, batch {tc.batch_size}, "
+          f"epochs {tc.epochs}, eval_every {tc.eval_every}, max_length {mc.max_length}, r {cfg.lora.r}, "
+          f"alpha {cfg.lora.alpha}, targets {','.join(cfg.lora.targets)}, dropout {cfg.lora.dropout}", flush=True)
+
+    res, mem = {}, {}
+    if args.only in ("both", "ref"):
+        with PeakRSS() as m:
+            res["ref"] = run_reference(data, args)
+        mem["ref"] = m
+        gc.collect()
+        print(f"(a) reference done: {res['ref']['train_s']:.1f}s", flush=True)
+    if args.only in ("both", "budgetlora"):
+        with PeakRSS() as m:
+            res["bl"] = run_budgetlora(data, args, cfg)
+        mem["bl"] = m
+        print(f"(b) budgetlora done: {res['bl']['train_s']:.1f}s", flush=True)
+
+    target = res["ref"]["final_val"] if "ref" in res else args.target
+    rows = []
+    for key, label in (("ref", "(a) reference (HF Trainer)"), ("bl", "(b) budgetlora")):
+        if key not in res:
+            continue
+        r = res[key]
+        r["t_target"] = first_reaching(r["points"], target) if target is not None else None
+        rows.append((label, r, mem[key]))
+    print()
+    print(f"target = reference final val accuracy = {target}")
+    hdr = (f"{'':28} {'train s/s':>9} {'eval s/s':>9} {'train s':>8} {'t->target':>9} {'final val':>9} "
+           f"{'test acc':>8} {'peak RSS':>9} {'RSS rise':>9}")
+    print(hdr)
+    for label, r, m in rows:
+        tt = f"{r['t_target']:.1f}" if r["t_target"] is not None else "never"
+        print(f"{label:28} {r['train_sps']:9.1f} {r['eval_sps']:9.1f} {r['train_s']:8.1f} {tt:>9} "
+              f"{r['final_val']:9.4f} {r['test_acc']:8.4f} {m.peak / 2**20:7.0f}MB {(m.peak - m.start) / 2**20:7.0f}MB")
+    for label, r, _ in rows:
+        print(f"{label} val curve (s, acc): " + ", ".join(f"({t:.1f}, {a:.3f})" for t, a in r["points"]))
+    print(f"process max RSS (getrusage): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MB")
+    if "ref" in res and "bl" in res:
+        a, b = res["ref"], res["bl"]
+        print()
+        print("ratios (budgetlora / reference; time: reference / budgetlora)")
+        print(f"  training samples/s   x{b['train_sps'] / a['train_sps']:.2f}")
+        print(f"  evaluation samples/s x{b['eval_sps'] / a['eval_sps']:.2f}")
+        if a["t_target"] and b["t_target"]:
+            print(f"  time to target       x{a['t_target'] / b['t_target']:.2f} sooner "
+                  f"({a['t_target']:.1f}s vs {b['t_target']:.1f}s)")
+        else:
+            print("  time to target       budgetlora never reached the target")
+        print(f"  total train time     x{a['train_s'] / b['train_s']:.2f}")
+        print(f"  final val accuracy   {b['final_val'] - a['final_val']:+.4f}; test accuracy "
+              f"{b['test_acc'] - a['test_acc']:+.4f}")
+        rise = {k: mem[k].peak - mem[k].start for k in mem}
+        print(f"  peak RSS rise        x{rise['bl'] / max(1, rise['ref']):.2f} (understated for (b): it reuses memory "
+              "that (a) freed; --only budgetlora measures it alone)")
+    sys.stdout.flush()
+
+
+def attn_impl(cfg: Config) -> str:
+    from budgetlora.architectures import load_config, skeleton
+
+    return str(skeleton(load_config(cfg.model.name, cfg.model.num_labels)).config._attn_implementation)
+
+
+if __name__ == "__main__":
+    main()
