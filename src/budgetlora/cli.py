@@ -47,9 +47,77 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import predict_file
 
-    labels = predict_file(args.run, args.input, args.output)
+    labels = predict_file(args.run, args.input, args.output, prior_correction=args.prior_correction)
     counts = {int(k): int(v) for k, v in zip(*__import__("numpy").unique(labels, return_counts=True))}
     print(f"wrote {len(labels):,} predictions to {args.output} (label counts {counts})")
+    if args.prior_correction:
+        from .adapt import priors_path
+
+        est = json.loads(priors_path(args.output).read_text())
+        print(f"estimated class priors {est['priors']} (trained under {est['train_priors']}; "
+              f"{est['iterations']} EM iterations) -> {priors_path(args.output)}")
+    return 0
+
+
+def _yes_no(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def cmd_self_train(args) -> int:
+    from .adapt import self_train
+
+    overrides = {k: v for k, v in {"train.epochs": args.epochs, "train.max_steps": args.max_steps,
+                                   "train.lr": args.lr}.items() if v is not None}
+    made = self_train(args.run, args.unlabelled, args.out, rounds=args.rounds, threshold=args.threshold,
+                      balance=args.balance, max_per_class=args.max_per_class,
+                      prior_correction=args.prior_correction, overrides=overrides)
+    for path in made:
+        m = json.loads((path / "metrics.json").read_text())
+        print(f"test accuracy {m['test_accuracy']:.4f} ({m['trainable_params']:,} trainable params) -> {path}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(args.run, host=args.host, port=args.port, verify=not args.no_verify, max_batch=args.max_batch,
+          max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
+          batch_wait_ms=args.batch_wait_ms)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import ExportError, export_merged
+
+    try:
+        export_merged(args.run, args.merged, force=args.force, tolerance=args.tolerance)
+    except ExportError as e:
+        print(f"budgetlora: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .leaderboard import write_report
+    from .sweep import format_summary, load_spec, run_sweep
+
+    spec = load_spec(args.spec, root=args.root)
+    s = run_sweep(spec, storage=args.storage, workers=args.workers, n_trials=args.n_trials, tracking=args.tracking)
+    print(format_summary(s))
+    if s["states"].get("COMPLETE"):
+        print(f"report: {write_report(spec.folder, title=spec.name)['html']}")
+    return 0 if not s["failed"] else 1
+
+
+def cmd_report(args) -> int:
+    from .leaderboard import write_report
+
+    for kind, path in write_report(args.dir).items():
+        print(f"{kind}: {path}")
     return 0
 
 
@@ -78,7 +146,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--input", required=True, help="texts to label (.csv/.csv.gz/.parquet/.pkl with a text column)")
     p.add_argument("--output", required=True, help="CSV to write (ID,Label)")
+    p.add_argument("--prior-correction", action="store_true",
+                   help="re-estimate the input's class priors (EM) and correct the posteriors; writes "
+                        "OUTPUT.priors.json")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("self-train", help="pseudo-label confident unlabelled texts and continue training the "
+                                          "run's adapter on train + pseudo-labelled rows (a new run per round)")
+    p.add_argument("run")
+    p.add_argument("--unlabelled", required=True, help="texts to pseudo-label (.csv/.csv.gz/.parquet/.pkl)")
+    p.add_argument("--out", default="runs", help="folder for the new run folders")
+    p.add_argument("--rounds", type=int, default=1, help="self-training rounds, each from the previous round's run")
+    p.add_argument("--threshold", type=float, default=0.9, help="minimum predicted probability to pseudo-label")
+    p.add_argument("--balance", type=_yes_no, default=True, metavar="BOOL",
+                   help="same number of pseudo labels per predicted class, most confident first (default true)")
+    p.add_argument("--max-per-class", type=int, default=0,
+                   help="at most this many pseudo labels per class (0 = no cap)")
+    p.add_argument("--prior-correction", action="store_true", help="pseudo-label from prior-corrected posteriors")
+    p.add_argument("--epochs", type=float, default=None, help="train.epochs of the new runs (default: the parent's)")
+    p.add_argument("--max-steps", type=int, default=None, help="train.max_steps of the new runs")
+    p.add_argument("--lr", type=float, default=None, help="train.lr of the new runs")
+    p.set_defaults(func=cmd_self_train)
+
+    p = sub.add_parser("serve", help="HTTP service for a run: POST /predict, GET /health, GET /info, /docs")
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=64, help="texts per forward pass when merging requests")
+    p.add_argument("--max-texts", type=int, default=256, help="texts per request")
+    p.add_argument("--max-chars", type=int, default=10_000, help="characters per text")
+    p.add_argument("--max-body-bytes", type=int, default=0,
+                   help="larger request bodies get 413 (0 = enough for max-texts texts of max-chars)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="how long a forward pass waits for more requests to merge")
+    p.add_argument("--no-verify", action="store_true", help="skip re-checking the adapter against verify.json")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="merge the adapter into the base and save a plain transformers model folder")
+    p.add_argument("run")
+    p.add_argument("--merged", required=True, metavar="OUT", help="folder to write (must be empty or absent)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |merged - unmerged| logit difference")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("sweep", help="run or resume an Optuna sweep from a spec YAML (see budgetlora.sweep)")
+    p.add_argument("spec", help="sweep spec YAML (grid: or search:)")
+    p.add_argument("--storage", default=None, help="study storage URL (default: sqlite under sweeps/<name>/)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
+    p.add_argument("--n-trials", type=int, default=None, help="cap on counted trials (default: the spec's)")
+    p.add_argument("--root", default="sweeps", help="folder holding sweep folders")
+    p.add_argument("--tracking", choices=("tensorboard", "mlflow"), default=None,
+                   help="also log each trial's metrics to TensorBoard or MLflow (needs the package)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="leaderboard, ablation plots and report.html for a folder of runs")
+    p.add_argument("dir", help="a sweep folder or any folder containing run folders")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,229 @@
+"""Sweeps: shared studies across worker processes, resume after a kill, budget pruning before any weight loads,
+failures recorded without stopping the sweep, the real training path, and the HTML report in a real browser."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from budgetlora import runs
+from budgetlora.budget import plan
+from budgetlora.config import ConfigError
+from budgetlora.leaderboard import collect, pareto_front, write_report
+from budgetlora.sweep import load_spec, run_sweep
+
+
+def fake_runner(cfg, root):
+    """Stands in for training: logs the call, waits a little (so workers overlap), writes a finished run folder."""
+    root = Path(root)
+    calls = root.parent / "calls"
+    calls.mkdir(parents=True, exist_ok=True)
+    (calls / f"{cfg.run_id}.{os.getpid()}.{uuid.uuid4().hex}").touch()
+    time.sleep(float(os.environ.get("FAKE_RUN_S", "0.05")))
+    out = root / cfg.run_id
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_text(out / runs.CONFIG, cfg.to_yaml())
+    for name in runs.ADAPTER_FILES:
+        (out / name).write_bytes(b"")
+    acc = 0.5 + cfg.lora.r / 100 + cfg.lora.alpha / 1000
+    runs.write_json(out / runs.METRICS, {"val_accuracy": acc, "test_accuracy": acc - 0.01, "val_loss": 1 - acc,
+                                         "trainable_params": plan(cfg).total, "wall_time_s": 0.1})
+    return out
+
+
+class InterruptAt:
+    """Runs the fake runner, but the n-th call is killed (KeyboardInterrupt) right after its run folder is
+    written, the worst moment: the run finished, the study never heard of it."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, cfg, root):
+        self.calls += 1
+        out = fake_runner(cfg, root)
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return out
+
+
+def calls(spec) -> list[str]:
+    folder = spec.runs.parent / "calls"
+    return sorted(p.name.split(".")[0] for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def write_spec(tmp_path, name="s", **body) -> Path:
+    body.setdefault("base", {"model": {"name": "minilm"}})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def trials(spec, state):
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{spec.folder / 'study.db'}")
+    return [t for t in study.get_trials() if t.state == state]
+
+
+GRID = {"lora.r": [1, 2, 4, 8], "lora.alpha": [8, 16]}
+
+
+def test_two_workers_share_one_study(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_RUN_S", "1.0")  # inherited by the spawned workers
+    spec = load_spec(write_spec(tmp_path, grid=GRID), root=tmp_path / "sweeps")
+    s = run_sweep(spec, workers=2, runner=fake_runner, log=lambda *a: None)
+    done = trials(spec, optuna.trial.TrialState.COMPLETE)
+    assert len(done) == 8 == s["states"]["COMPLETE"]
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 8  # every grid point once
+    c = calls(spec)
+    assert len(c) == len(set(c)) == 8  # every config trained exactly once
+    pids = {p.name.split(".")[1] for p in (spec.runs.parent / "calls").iterdir()}
+    assert len(pids) == 2, "both workers should have taken trials"
+    assert s["best"]["params"] == {"lora.r": 8, "lora.alpha": 16}
+
+
+def test_killed_sweep_resumes_without_retraining(tmp_path):
+    path = write_spec(tmp_path, grid=GRID)
+    spec = load_spec(path, root=tmp_path / "sweeps")
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, runner=InterruptAt(3), log=lambda *a: None)
+    first = calls(spec)
+    assert len(first) == 3 and len(trials(spec, optuna.trial.TrialState.COMPLETE)) == 2
+    s = run_sweep(load_spec(path, root=tmp_path / "sweeps"), runner=fake_runner, log=lambda *a: None)
+    done = trials(spec, optuna.trial.TrialState.COMPLETE)
+    assert len({tuple(sorted(t.params.items())) for t in done}) == len(done) == 8
+    second = calls(spec)
+    assert len(second) == 8 and len(set(second)) == 8  # 5 new trainings: nothing finished was trained again
+    assert sum(bool(t.user_attrs.get("reused")) for t in done) == 1  # the killed-after-writing run was reused
+    # a third run has nothing left to do
+    again = run_sweep(load_spec(path, root=tmp_path / "sweeps"), runner=fake_runner, log=lambda *a: None)
+    assert again["trials"] == s["trials"] and calls(spec) == second
+
+
+def test_over_budget_is_pruned_before_loading_and_failures_are_recorded(tmp_path, monkeypatch):
+    import budgetlora.model
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(budgetlora.model, "build", no_weights)
+    monkeypatch.setattr(budgetlora.model, "build_base", no_weights)
+
+    def runner(cfg, root):
+        assert cfg.lora.r != 2048, "the over-budget config reached the runner"
+        if cfg.lora.r == 8:
+            raise RuntimeError("boom: out of memory")
+        return fake_runner(cfg, root)
+
+    spec = load_spec(write_spec(tmp_path, grid={"lora.r": [4, 8, 2048]}), root=tmp_path / "sweeps")
+    s = run_sweep(spec, runner=runner, log=lambda *a: None)
+    assert s["states"] == {"COMPLETE": 1, "PRUNED": 1, "FAIL": 1}
+    (pruned,) = trials(spec, optuna.trial.TrialState.PRUNED)
+    assert pruned.params["lora.r"] == 2048 and pruned.user_attrs["trainable_params"] > 1_000_000
+    assert "over budget" in pruned.user_attrs["pruned"]
+    (failed,) = trials(spec, optuna.trial.TrialState.FAIL)
+    assert failed.params["lora.r"] == 8 and "boom" in failed.user_attrs["error"]
+    assert not (spec.runs / ".locks").exists() or all(p.suffix == ".lock" for p in (spec.runs / ".locks").iterdir())
+
+
+def test_max_rank_fills_the_budget(tmp_path):
+    spec = load_spec(write_spec(tmp_path, grid={"lora.targets": ["q,v", "q,k,v,o"]}, max_rank=True,
+                                base={"model": {"name": "minilm"}, "budget": {"max_params": 100_000}}),
+                     root=tmp_path / "sweeps")
+    run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    for t in trials(spec, optuna.trial.TrialState.COMPLETE):
+        cfg = spec.base.replace(**t.params)
+        r = t.user_attrs["lora.r"]
+        assert r == plan(cfg).max_rank() and t.user_attrs["trainable_params"] <= 100_000
+        assert plan(cfg.replace(**{"lora.r": r + 1})).total > 100_000
+
+
+def test_bad_specs_and_tracking_give_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_spec(write_spec(tmp_path, grid={"lora.rank": [1, 2]}))
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_spec(write_spec(tmp_path, grid={"lora.r": [1]}, search={"train.lr": {"low": 1e-4, "high": 1e-3}}))
+    with pytest.raises(ConfigError, match="n_trials"):
+        load_spec(write_spec(tmp_path, search={"train.lr": {"low": 1e-4, "high": 1e-3}}))
+    spec = load_spec(write_spec(tmp_path, grid={"lora.r": [1]}), root=tmp_path / "sweeps")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            run_sweep(spec, runner=fake_runner, tracking="tensorboard", log=lambda *a: None)
+
+
+def test_search_runs_n_trials(tmp_path):
+    spec = load_spec(write_spec(tmp_path, n_trials=5, search={"lora.r": {"low": 1, "high": 8},
+                                                             "lora.alpha": {"choices": [8, 16]}}),
+                     root=tmp_path / "sweeps")
+    s = run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    assert s["states"]["COMPLETE"] == 5 and len(calls(spec)) == len(set(calls(spec))) <= 5
+
+
+def test_real_training_sweep(tmp_path, small_csvs):
+    """Two grid points through the real training loop on tiny data, then the report."""
+    train, test = small_csvs
+    base = {"model": {"name": "minilm", "max_length": 32},
+            "data": {"train": str(train), "test": str(test), "train_limit": 200, "test_limit": 100,
+                     "val_fraction": 0.1},
+            "train": {"max_steps": 5, "batch_size": 16, "lr": 5e-3, "eval_every": 5}}
+    spec = load_spec(write_spec(tmp_path, base=base, grid={"lora.r": [2, 4]}), root=tmp_path / "sweeps")
+    s = run_sweep(spec, log=lambda *a: None)
+    assert s["states"] == {"COMPLETE": 2}, s
+    rows = collect(spec.folder)
+    assert sorted(r["r"] for r in rows) == [2, 4]
+    assert all(0 <= r["val_accuracy"] <= 1 and r["trainable_params"] > 0 for r in rows)
+    assert (spec.folder / "study.db").is_file() and write_report(spec.folder)["html"].is_file()
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("chromium is not installed: run .ci/setup-chromium.sh")
+        pytest.skip("chromium not installed (run .ci/setup-chromium.sh)")
+    spec = load_spec(write_spec(tmp_path, grid={"lora.r": [1, 2, 4], "lora.targets": ["q,v", "q,k,v,o"]}),
+                     root=tmp_path / "sweeps")
+    run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    from budgetlora.cli import main
+
+    assert main(["report", str(spec.folder)]) == 0
+    n = len(runs.list_runs(spec.folder))
+    assert n == 6
+    csv_lines = (spec.folder / "leaderboard.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == n + 1 and csv_lines[0].startswith("run_id,name,model,r,alpha")
+    rows = collect(spec.folder)
+    assert [r["val_accuracy"] for r in rows] == sorted((r["val_accuracy"] for r in rows), reverse=True)
+    assert [r["r"] for r in pareto_front(rows)] == [1, 2, 4]  # fake accuracy grows with rank: q,v alone is the front
+    profile = tmp_path / "chrome-profile"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+           "--virtual-time-budget=5000", "--dump-dom", (spec.folder / "report.html").resolve().as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r'<body[^>]*data-images-loaded="(\d+)/(\d+)"', dom)
+    assert m, f"the page's load script did not run:\n{dom[:500]}"
+    assert m.group(1) == m.group(2) == "4"  # four ablation plots, all decoded
+    assert len(re.findall(r'<tr class="run', dom)) == n
+
+
+def test_a_grid_point_drawn_twice_is_not_trained_twice(tmp_path):
+    """The duplicate a racing worker could draw is recorded as a pruned duplicate, without a second training."""
+    spec = load_spec(write_spec(tmp_path, grid={"lora.r": [2, 4]}), root=tmp_path / "sweeps")
+    run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{spec.folder / 'study.db'}")
+    study.enqueue_trial({"lora.r": 4})  # what GridSampler hands a second worker in the race
+    s = run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    assert s["states"] == {"COMPLETE": 2, "PRUNED": 1} and len(calls(spec)) == 2
+    (dup,) = trials(spec, optuna.trial.TrialState.PRUNED)
+    assert dup.user_attrs["pruned"].startswith("duplicate of trial")
