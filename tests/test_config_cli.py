@@ -42,9 +42,10 @@ def test_bad_yaml(tmp_path):
 
 
 def test_plan_command(capsys):
-    assert main(["plan", "--model.name", "roberta-base", "--lora.r", "10"]) == 0
-    assert "962,308" in capsys.readouterr().out
-    assert main(["plan", "--model.name", "roberta-base", "--lora.r", "12"]) == 3
+    assert main(["plan", "--model.name", "roberta-base", "--lora.r", "10", "--lora.targets", "q,v"]) == 0
+    out = capsys.readouterr().out
+    assert "962,308" in out and "roberta.encoder.layer.11.attention.self.value" in out
+    assert main(["plan", "--model.name", "roberta-base", "--lora.r", "12", "--lora.targets", "q,v"]) == 3
 
 
 def test_plan_json_max_rank(capsys):

@@ -45,10 +45,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    import numpy as np
+
     from .predict import predict_file
 
     labels = predict_file(args.run, args.input, args.output, prior_correction=args.prior_correction)
-    counts = {int(k): int(v) for k, v in zip(*__import__("numpy").unique(labels, return_counts=True))}
+    counts = dict(enumerate(np.bincount(labels).tolist()))
     print(f"wrote {len(labels):,} predictions to {args.output} (label counts {counts})")
     if args.prior_correction:
         from .adapt import priors_path
@@ -91,13 +93,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import ExportError, export_merged
+    from .export import export_merged
 
-    try:
-        export_merged(args.run, args.merged, force=args.force, tolerance=args.tolerance)
-    except ExportError as e:
-        print(f"budgetlora: error: {e}", file=sys.stderr)
-        return 2
+    export_merged(args.run, args.merged, force=args.force, tolerance=args.tolerance)
     return 0
 
 
@@ -188,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |merged - unmerged| logit difference")
     p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("sweep", help="run or resume an Optuna sweep from a spec YAML (see budgetlora.sweep)")
     p.add_argument("spec", help="sweep spec YAML (grid: or search:)")
     p.add_argument("--storage", default=None, help="study storage URL (default: sqlite under sweeps/<name>/)")
@@ -211,10 +210,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     expected = (config_mod.ConfigError, DataError, ModelNotFound, FileNotFoundError)
     try:
+        from .export import ExportError
         from .model import AdapterError
         from .predict import VerificationError
 
-        expected += (AdapterError, VerificationError)
+        expected += (AdapterError, VerificationError, ExportError)
         return args.func(args)
     except expected as e:
         print(f"budgetlora: error: {e}", file=sys.stderr)
