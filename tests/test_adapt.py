@@ -121,7 +121,7 @@ def test_predict_with_prior_correction(noisy_run, unlabelled, tmp_path, capsys):
     assert main(["predict", str(noisy_run), "--input", str(unlabelled), "--output", str(out),
                  "--prior-correction"]) == 0
     est = json.loads((tmp_path / "sub.csv.priors.json").read_text())
-    assert abs(sum(est["priors"]) - 1) < 1e-6 and len(est["priors"]) == 4
+    assert abs(sum(est["priors"]) - 1) < 1e-5 and len(est["priors"]) == 4  # six decimals each
     assert np.allclose(est["train_priors"], train_priors(noisy_run, 4))  # from metrics.json train_class_counts
     assert sum(est["label_counts_corrected"]) == 100 == len(pd.read_csv(out))
     assert "estimated class priors" in capsys.readouterr().out
