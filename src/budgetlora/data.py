@@ -68,7 +68,8 @@ def resolve_source(source: str, split: str) -> str:
 
 
 def _looks_like_file(source: str) -> bool:
-    return any(source.endswith(e) for e in (".csv", ".csv.gz", ".parquet", ".pkl", ".pickle")) or os.sep in source
+    """A known file extension or an existing path; anything else (e.g. 'ag_news', 'org/name') is a hub dataset."""
+    return source.endswith((".csv", ".csv.gz", ".parquet", ".pkl", ".pickle")) or Path(source).exists()
 
 
 def read_table(source: str, split: str = "train"):

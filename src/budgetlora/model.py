@@ -58,6 +58,12 @@ def build(cfg: Config):
     return model, plan
 
 
+def _tail(name_or_path: str) -> str:
+    """'org/name' of a hub id or the last two folders of a path: a run folder copied to another machine, where the
+    embedded model sits in another virtual environment, still matches its base."""
+    return "/".join(Path(name_or_path).parts[-2:])
+
+
 def load_trained(run: Path, cfg: Config) -> torch.nn.Module:
     """The base model with the run's saved adapter, via plain `PeftModel.from_pretrained`, in eval mode."""
     from peft import PeftModel
@@ -70,11 +76,10 @@ def load_trained(run: Path, cfg: Config) -> torch.nn.Module:
         saved = json.loads((run / "adapter_config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise AdapterError(f"{run}/adapter_config.json is corrupt") from None
+    trained_on = saved.get("base_model_name_or_path") or ""
+    if trained_on and not cfg.model.random_init and _tail(trained_on) != _tail(resolve_name(cfg.model.name)):
+        raise AdapterError(f"{run}: adapter was trained on {trained_on!r}, not on {cfg.model.name!r}")
     base = build_base(cfg)
-    if saved.get("base_model_name_or_path") not in (None, "", base.name_or_path, resolve_name(cfg.model.name)) \
-            and not cfg.model.random_init:
-        raise AdapterError(f"{run}: adapter was trained on {saved['base_model_name_or_path']!r}, "
-                           f"not on {cfg.model.name!r}")
     try:
         with quiet():
             model = PeftModel.from_pretrained(base, str(run))
