@@ -40,24 +40,19 @@ def record_points(cfg: Config, n_rows: int) -> tuple[int, list[int]]:
 
 def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print) -> np.ndarray:
     """(E, N, C) class probabilities of every training row, recorded at E points of a first training pass."""
-    from transformers import get_scheduler
-
     from .model import build, load_tokenizer
-    from .train import make_optimizer
+    from .train import make_accelerator, prepare_training, train_step
 
     tc = cfg.train
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = tokenizer or load_tokenizer(cfg)
     model, _ = build(cfg)
-    model.to(device)
     ids = encode(tokenizer, train.texts, cfg.model.max_length)
     labels = torch.as_tensor(train.labels)
     pad = tokenizer.pad_token_id
     total, points = record_points(cfg, len(train))
-    optimizer = make_optimizer(model, tc)
-    scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=int(tc.warmup * total),
-                              num_training_steps=total)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    acc = make_accelerator(tc)
+    device = acc.device
+    model, optimizer, scheduler, loss_fn = prepare_training(acc, model, tc, total)
     steps_per_epoch = math.ceil(len(train) / tc.batch_size)
     torch.manual_seed(tc.seed)
     records, step = [], 0
@@ -67,15 +62,7 @@ def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print)
         epoch = step // steps_per_epoch
         for rows in length_grouped_batches([len(x) for x in ids], tc.batch_size, tc.seed, epoch, tc.group_by_length):
             batch = {k: v.to(device) for k, v in collate(ids, rows, pad).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(**batch).logits
-            loss = loss_fn(logits.float(), labels[rows].to(device))
-            loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(acc, model, batch, labels[rows].to(device), loss_fn, optimizer, scheduler, tc.grad_clip)
             step += 1
             if step in points:  # logits_for_ids switches to eval mode (no dropout) and back
                 records.append(softmax(logits_for_ids(model, ids, tc.eval_batch_size, pad, device)))

@@ -49,6 +49,37 @@ def _precision(tc) -> str:
     return {"fp32": "no"}.get(tc.precision, tc.precision)
 
 
+def make_accelerator(tc):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=_precision(tc), cpu=not torch.cuda.is_available())
+
+
+def prepare_training(acc, model, tc, total_steps: int):
+    """Optimizer, warmup + decay schedule and loss for `total_steps` steps; model and optimizer placed by `acc`."""
+    from transformers import get_scheduler
+
+    optimizer = make_optimizer(model, tc)
+    scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=int(tc.warmup * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    return model, optimizer, scheduler, torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+
+
+def train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, grad_clip: float) -> torch.Tensor:
+    """One optimizer step on one (process-local) batch; returns its loss."""
+    with acc.autocast():
+        logits = model(**batch).logits
+    loss = loss_fn(logits.float(), targets)
+    acc.backward(loss)
+    if grad_clip:
+        acc.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -115,16 +146,14 @@ def init_from_run(model, cfg: Config) -> None:
 def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Split] | None = None,
           force: bool = False, stop_after: int | None = None, log=print) -> Path:
     """Train one config into `root/<run id>/` and return that folder. A finished run is not trained again."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     out = runs.run_dir(cfg, root)
     if runs.is_finished(out) and not force:
         log(f"run {cfg.run_id} already finished: {out}")
         return out
     tc = cfg.train
-    acc = Accelerator(mixed_precision=_precision(tc), cpu=not torch.cuda.is_available())
+    acc = make_accelerator(tc)
     main = acc.is_main_process
     log = log if main else (lambda *a, **k: None)
     t_start = time.time()
@@ -162,11 +191,7 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
         total_steps = min(total_steps, tc.max_steps)
     eval_every = tc.eval_every or steps_per_epoch
 
-    optimizer = make_optimizer(model, tc)
-    scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=int(tc.warmup * total_steps),
-                              num_training_steps=total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    model, optimizer, scheduler, loss_fn = prepare_training(acc, model, tc, total_steps)
 
     state = {"step": 0, "history": [], "best": None, "best_loss": math.inf, "bad_evals": 0,
              "loss_sum": 0.0, "loss_n": 0, "elapsed": 0.0}
@@ -200,15 +225,8 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
                 with open(Path(trace) / f"rows.{acc.process_index}.txt", "a") as f:
                     f.write(" ".join(map(str, local)) + "\n")
             batch = {k: v.to(acc.device) for k, v in collate(ids, local, pad).items()}
-            with acc.autocast():
-                logits = model(**batch).logits
-            loss = loss_fn(logits.float(), labels[local].to(acc.device))
-            acc.backward(loss)
-            if tc.grad_clip:
-                acc.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(acc, model, batch, labels[local].to(acc.device), loss_fn, optimizer, scheduler,
+                              tc.grad_clip)
             state["step"] += 1
             state["loss_sum"] += float(acc.reduce(loss.detach(), "mean"))
             state["loss_n"] += 1
