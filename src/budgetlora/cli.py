@@ -61,14 +61,6 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _yes_no(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
 def cmd_self_train(args) -> int:
     from .adapt import self_train
 
@@ -156,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="folder for the new run folders")
     p.add_argument("--rounds", type=int, default=1, help="self-training rounds, each from the previous round's run")
     p.add_argument("--threshold", type=float, default=0.9, help="minimum predicted probability to pseudo-label")
-    p.add_argument("--balance", type=_yes_no, default=True, metavar="BOOL",
+    p.add_argument("--balance", type=config_mod.parse_bool, default=True, metavar="BOOL",
                    help="same number of pseudo labels per predicted class, most confident first (default true)")
     p.add_argument("--max-per-class", type=int, default=0,
                    help="at most this many pseudo labels per class (0 = no cap)")

@@ -226,17 +226,20 @@ def _build(cls, d: dict, prefix: str):
     return cls(**kwargs)
 
 
+def parse_bool(value: str) -> bool:
+    """'true/yes/on/1' or 'false/no/off/0', any case; ValueError otherwise."""
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def _coerce(value: Any, t, key: str):
     """Turn YAML or CLI strings into the field's type, with one clear error when impossible."""
     try:
         if t is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
-            return bool(value)
+            return parse_bool(value) if isinstance(value, str) else bool(value)
         if t is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
