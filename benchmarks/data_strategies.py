@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from budgetlora import runs
-from budgetlora.adapt import corrected_probabilities, self_train
+from budgetlora.adapt import corrected_probabilities
+from budgetlora.selftrain import self_train
 from budgetlora.config import Config
 from budgetlora.predict import load_run, read_unlabelled
 from budgetlora.train import train

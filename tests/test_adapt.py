@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from budgetlora import runs
-from budgetlora.adapt import estimate_priors, select_pseudo_labels, self_train, train_priors
+from budgetlora.adapt import estimate_priors, train_priors
+from budgetlora.selftrain import select_pseudo_labels, self_train
 from budgetlora.budget import plan
 from budgetlora.cartography import record_points, training_probabilities
 from budgetlora.cli import main

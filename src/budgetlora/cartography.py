@@ -14,7 +14,7 @@ import torch
 
 from .augment import cartography_select
 from .config import Config
-from .data import Split, collate, encode, length_grouped_batches
+from .data import Split, Tokens, encode, length_grouped_batches
 from .evaluate import logits_for_ids, softmax
 
 MIN_RECORDS = 3  # a mean and a spread over fewer points say little; a 1-epoch pass is sampled 3 times
@@ -41,17 +41,18 @@ def record_points(cfg: Config, n_rows: int) -> tuple[int, list[int]]:
 def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print) -> np.ndarray:
     """(E, N, C) class probabilities of every training row, recorded at E points of a first training pass."""
     from .model import build, load_tokenizer
-    from .train import make_accelerator, prepare_training, train_step
+    from .loop import make_accelerator, prepare_training, resolve_padding, train_step
 
     tc = cfg.train
     tokenizer = tokenizer or load_tokenizer(cfg)
     model, _ = build(cfg)
-    ids = encode(tokenizer, train.texts, cfg.model.max_length)
+    ids = Tokens(encode(tokenizer, train.texts, cfg.model.max_length), tokenizer.pad_token_id)
     labels = torch.as_tensor(train.labels)
     pad = tokenizer.pad_token_id
     total, points = record_points(cfg, len(train))
     acc = make_accelerator(tc)
     device = acc.device
+    padding = resolve_padding(tc.padding, device)
     model, optimizer, scheduler, loss_fn = prepare_training(acc, model, tc, total)
     steps_per_epoch = math.ceil(len(train) / tc.batch_size)
     torch.manual_seed(tc.seed)
@@ -60,8 +61,8 @@ def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print)
     model.train()
     while step < total:
         epoch = step // steps_per_epoch
-        for rows in length_grouped_batches([len(x) for x in ids], tc.batch_size, tc.seed, epoch, tc.group_by_length):
-            batch = {k: v.to(device) for k, v in collate(ids, rows, pad).items()}
+        for rows in length_grouped_batches(ids.lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length):
+            batch = {k: v.to(device) for k, v in ids.batch(rows, padding, cfg.model.max_length).items()}
             train_step(acc, model, batch, labels[rows].to(device), loss_fn, optimizer, scheduler, tc.grad_clip)
             step += 1
             if step in points:  # logits_for_ids switches to eval mode (no dropout) and back

@@ -62,7 +62,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_self_train(args) -> int:
-    from .adapt import self_train
+    from .selftrain import self_train
 
     overrides = {k: v for k, v in {"train.epochs": args.epochs, "train.max_steps": args.max_steps,
                                    "train.lr": args.lr}.items() if v is not None}
@@ -80,7 +80,7 @@ def cmd_serve(args) -> int:
 
     serve(args.run, host=args.host, port=args.port, verify=not args.no_verify, max_batch=args.max_batch,
           max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
-          batch_wait_ms=args.batch_wait_ms)
+          batch_wait_ms=args.batch_wait_ms, show_paths=args.show_paths)
     return 0
 
 
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="how long a forward pass waits for more requests to merge")
     p.add_argument("--no-verify", action="store_true", help="skip re-checking the adapter against verify.json")
+    p.add_argument("--show-paths", action="store_true",
+                   help="GET /info shows the run's and base model's full paths on this server (default: names only)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="merge the adapter into the base and save a plain transformers model folder")

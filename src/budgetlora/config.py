@@ -61,13 +61,63 @@ class LoraConfig:
     bias: str = _f("none", "which biases train: none, lora_only, all")
     rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
     dora: bool = _f(False, "weight-decomposed LoRA (adds one magnitude vector per module)")
+    init: str = _f("default", "LoRA init: default (B = 0), gaussian, pissa (principal singular vectors of W; the "
+                              "base keeps the residual), olora (QR of W); method lora only")
+    b_lr_ratio: float = _f(1.0, "LoRA+: the B matrices learn at train.lr x this (1 = plain LoRA, 16 in the LoRA+ "
+                                "paper); method lora only")
+
+
+# -- one section per adapter method besides LoRA; lora.targets, lora.layers (and lora.dropout and lora.alpha where a
+# method has an input dropout or a scale) say where and how every method adapts, so a method switch keeps targets
+@dataclass(frozen=True)
+class AdaLoraConfig:
+    init_r: int = _f(12, "AdaLoRA: rank every module starts with (the budget counts this peak, not the final rank)")
+    target_r: int = _f(8, "AdaLoRA: average rank per module left after pruning")
+    tinit: float = _f(0.1, "AdaLoRA: share of the steps trained at init_r before pruning starts")
+    tfinal: float = _f(0.2, "AdaLoRA: share of the last steps trained at the final ranks")
+    delta_t: int = _f(10, "AdaLoRA: steps between two rank reallocations")
+    beta1: float = _f(0.85, "AdaLoRA: EMA factor of the importance sensitivity")
+    beta2: float = _f(0.85, "AdaLoRA: EMA factor of the importance uncertainty")
+    orth_reg_weight: float = _f(0.5, "AdaLoRA: weight of the orthogonality penalty on A and B")
+
+
+@dataclass(frozen=True)
+class VeraConfig:
+    r: int = _f(256, "VeRA rank of the shared frozen random matrices (the trained vectors grow by one per module "
+                     "per rank)")
+    d_initial: float = _f(0.1, "VeRA: initial value of the trained d vectors")
+    prng_key: int = _f(0, "VeRA: seed of the shared frozen random matrices (saved with the adapter)")
+
+
+@dataclass(frozen=True)
+class LohaConfig:
+    r: int = _f(8, "LoHa rank (each module trains two rank-r pairs: 2r(in + out))")
+    alpha: float = _f(16.0, "LoHa alpha (scale = alpha / r)")
+    rank_dropout: float = _f(0.0, "LoHa: dropout on the ranks during training")
+    module_dropout: float = _f(0.0, "LoHa: probability of skipping a whole module during training")
+
+
+@dataclass(frozen=True)
+class LokrConfig:
+    r: int = _f(8, "LoKr rank of the second Kronecker factor (a factor becomes full once r >= its larger side / 2)")
+    alpha: float = _f(16.0, "LoKr alpha (scale = alpha / r)")
+    decompose_both: bool = _f(False, "LoKr: also decompose the first Kronecker factor into rank r")
+    factor: int = _f(-1, "LoKr: Kronecker factorisation divisor (-1 = near the square root of each dimension)")
+    rank_dropout: float = _f(0.0, "LoKr: dropout on the ranks during training")
+    module_dropout: float = _f(0.0, "LoKr: probability of skipping a whole module during training")
+
+
+@dataclass(frozen=True)
+class Ia3Config:
+    feedforward: list = _f(["ffn_out"], "(IA)3: targets whose input (not output) is scaled, as for the FFN's second "
+                                        "layer; each must be one of lora.targets")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: float = _f(1.0, "passes over the training set (fractions allowed)")
     batch_size: int = _f(32, "training batch size")
-    eval_batch_size: int = _f(64, "evaluation batch size (moderate sizes are fastest on CPU: less padding, cache-sized)")
+    eval_batch_size: int = _f(0, "evaluation batch size; 0 = auto: 64 on a CPU (less padding, cache-sized), 512 on a GPU")
     lr: float = _f(2e-3, "peak learning rate")
     optimizer: str = _f("adamw", "adamw, rmsprop, adagrad or sgd (with momentum 0.9)")
     schedule: str = _f("linear", "linear, cosine or constant, after warmup")
@@ -79,6 +129,9 @@ class TrainConfig:
     eval_every: int = _f(200, "evaluate on validation every N steps (0 = once per epoch)")
     patience: int = _f(0, "early stopping: evaluations without val-loss improvement before stopping (0 = off)")
     group_by_length: bool = _f(True, "batch texts of similar length together (less padding)")
+    padding: str = _f("auto", "batch width: longest (each batch's longest row), buckets (a few fixed widths, so a GPU "
+                              "reuses shapes), auto (buckets on a GPU, longest on a CPU)")
+    compile: bool = _f(False, "torch.compile the model for training (pays off on a GPU with padding=buckets)")
     seed: int = _f(42, "seed for splits, batches, dropout and init")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit)")
     init_from: str = _f("", "start from this run folder's adapter weights (same model and LoRA setup)")
@@ -141,7 +194,14 @@ class BudgetConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    method: str = _f("lora", "adapter method: lora (with dora, rslora, init, b_lr_ratio), adalora, vera, loha, lokr, "
+                             "ia3; each has its own section")
     lora: LoraConfig = field(default_factory=LoraConfig)
+    adalora: AdaLoraConfig = field(default_factory=AdaLoraConfig)
+    vera: VeraConfig = field(default_factory=VeraConfig)
+    loha: LohaConfig = field(default_factory=LohaConfig)
+    lokr: LokrConfig = field(default_factory=LokrConfig)
+    ia3: Ia3Config = field(default_factory=Ia3Config)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -184,10 +244,25 @@ class Config:
 
     @property
     def run_id(self) -> str:
-        d = self.to_dict()
-        d.pop("name")
+        d = _identity(self.to_dict())
         canonical = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(canonical.encode()).hexdigest()[:10]
+
+
+METHODS = ("lora", "adalora", "vera", "loha", "lokr", "ia3")  # each method's settings live in the section of its name
+_LORA_ONLY = {"init": "default", "b_lr_ratio": 1.0}  # lora fields that only the lora method reads
+
+
+def _identity(d: dict) -> dict:
+    """What makes two configs the same training: the name and the sections of methods not in use do not count, and
+    a plain LoRA config (method lora, LoRA-only fields at their defaults) hashes as it did before methods existed."""
+    d = {k: v for k, v in d.items() if k != "name" and not (k in METHODS and k not in ("lora", d["method"]))}
+    if d["method"] == "lora":
+        d.pop("method")
+        d["lora"] = {k: v for k, v in d["lora"].items() if not (k in _LORA_ONLY and v == _LORA_ONLY[k])}
+    else:
+        d["lora"] = {k: v for k, v in d["lora"].items() if k not in _LORA_ONLY}
+    return d
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
@@ -268,6 +343,8 @@ CHOICES = {
     "train.optimizer": ("adamw", "rmsprop", "adagrad", "sgd"),
     "train.schedule": ("linear", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.padding": ("auto", "longest", "buckets"),
+    "lora.init": ("default", "gaussian", "pissa", "olora"),
 }
 
 
@@ -286,11 +363,45 @@ def validate(cfg: Config) -> None:
         (0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
         (cfg.data.train_limit >= 0 and cfg.data.test_limit >= 0, "data limits must be >= 0"),
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
-        (cfg.train.batch_size >= 1 and cfg.train.eval_batch_size >= 1, "batch sizes must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.eval_batch_size >= 0, "train.eval_batch_size must be >= 0 (0 = auto)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (0 <= cfg.train.warmup < 1, "train.warmup must be in [0, 1)"),
         (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
         (cfg.budget.max_params > 0, "budget.max_params must be > 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    _validate_method(cfg)
+
+
+def _validate_method(cfg: Config) -> None:
+    """The chosen method's section, and LoRA-only settings used with another method (silently ignored otherwise)."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    lc, ad = cfg.lora, cfg.adalora
+    if cfg.method != "lora":
+        for key, default in (*_LORA_ONLY.items(), ("dora", False), ("rslora", False), ("bias", "none")):
+            if getattr(lc, key) != default:
+                raise ConfigError(f"lora.{key} applies to method lora only, not to {cfg.method}")
+    checks = [
+        (lc.b_lr_ratio > 0, "lora.b_lr_ratio must be > 0"),
+        (not (lc.dora and lc.init in ("pissa", "olora")), "lora.init pissa/olora cannot be combined with lora.dora "
+                                                          "(the saved adapter is converted to plain LoRA)"),
+        (1 <= ad.target_r <= ad.init_r, "adalora needs 1 <= target_r <= init_r"),
+        (0 <= ad.tinit and 0 <= ad.tfinal and ad.tinit + ad.tfinal < 1, "adalora.tinit + adalora.tfinal must be "
+                                                                         "in [0, 1): the rest is the pruning phase"),
+        (ad.delta_t >= 1, "adalora.delta_t must be >= 1"),
+        (0 <= ad.beta1 < 1 and 0 <= ad.beta2 < 1, "adalora.beta1 and beta2 must be in [0, 1)"),
+        (ad.orth_reg_weight >= 0, "adalora.orth_reg_weight must be >= 0"),
+        (cfg.vera.r >= 1, "vera.r must be >= 1"),
+        (cfg.loha.r >= 1 and cfg.lokr.r >= 1, "loha.r and lokr.r must be >= 1"),
+        (cfg.lokr.factor == -1 or cfg.lokr.factor >= 1, "lokr.factor must be -1 or >= 1"),
+        (all(0 <= x < 1 for x in (cfg.loha.rank_dropout, cfg.loha.module_dropout, cfg.lokr.rank_dropout,
+                                  cfg.lokr.module_dropout)), "loha/lokr dropouts must be in [0, 1)"),
+        (all(str(t) in map(str, lc.targets) for t in cfg.ia3.feedforward) or cfg.method != "ia3",
+         "ia3.feedforward must be a subset of lora.targets"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -1,34 +1,59 @@
 """Logits for a list of texts (no grad, length-sorted big batches) and the metrics we report."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
-from .data import collate, encode, sorted_batches
+from .data import Tokens, encode, sorted_batches
+
+
+def eval_batch_size(requested: int, device) -> int:
+    """train.eval_batch_size, or with 0 (auto) 64 on a CPU (cache-sized, least padding) and 512 on a GPU."""
+    return requested or (512 if torch.device(device).type == "cuda" else 64)
 
 
 @torch.inference_mode()
-def logits_for_ids(model, ids: list[list[int]], batch_size: int, pad_id: int, device=None,
-                   rows=None, progress: bool = False) -> np.ndarray:
-    """Logits in input order. `rows` restricts to those indices (used to shard across processes)."""
+def logits_for_ids(model, ids, batch_size: int, pad_id: int, device=None, rows=None, progress: bool = False,
+                   mixed: bool = False, padding: str = "longest") -> np.ndarray:
+    """Logits in input order (fp32; `mixed` allows bf16 autocast on a GPU for speed). `ids` is a list of token id
+    lists or a `Tokens`; batch_size 0 picks one for the device; `rows` restricts to those batch indices (used to
+    shard across processes)."""
     from tqdm.auto import tqdm
 
-    device = device or next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    batch_size = eval_batch_size(batch_size, device)
+    tokens = ids if isinstance(ids, Tokens) else Tokens(ids, pad_id)
     was_training = model.training
     model.eval()
-    batches = sorted_batches([len(x) for x in ids], batch_size)
+    batches = sorted_batches(tokens.lengths, batch_size)
     if rows is not None:
         batches = [batches[i] for i in rows]
-    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
+    out = np.zeros((len(tokens), model.config.num_labels), dtype=np.float32)
     for b in tqdm(batches, desc="eval", leave=False, disable=not progress):
-        batch = {k: v.to(device) for k, v in collate(ids, b, pad_id).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        batch = {k: v.to(device) for k, v in tokens.batch(b, padding).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed and device.type == "cuda"):
             out[b] = model(**batch).logits.float().cpu().numpy()
     model.train(was_training)
     return out
 
 
-def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 256,
+@contextlib.contextmanager
+def exact_fp32():
+    """Plain fp32 matmuls (no TF32) while logits are computed that another machine must reproduce."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 0,
                    progress: bool = False) -> np.ndarray:
     return logits_for_ids(model, encode(tokenizer, texts, max_length), batch_size, tokenizer.pad_token_id,
                           progress=progress)

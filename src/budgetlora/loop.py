@@ -1,0 +1,234 @@
+"""The training loop, and only that: optimizer, schedule, steps, periodic validation, early stopping, best state,
+checkpoints. It receives token ids that are ready (data preparation happens in `prepare`) and a built model.
+
+Built on accelerate, so the same code runs on one CPU, one GPU (bf16/fp16 autocast) or under
+`torchrun --nproc_per_node N`: each process takes a disjoint share of every global batch, gradients are averaged,
+and only the main process writes checkpoints.
+
+GPU hygiene, all of which is free on a CPU: the loss is summed on the device and read only at logging points (no
+host sync per step), batches are sliced from one padded matrix into pinned memory and copied without blocking,
+widths come from a short ladder of sizes (few distinct shapes, so kernels and an optional torch.compile are reused),
+and AdamW is fused.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import runs
+from .data import Tokens, length_grouped_batches
+
+
+class Interrupted(Exception):
+    """Raised by the `stop_after` hook, to test that a killed run resumes exactly."""
+
+
+# -- the pieces of one step ---------------------------------------------------------------------------------------
+def make_optimizer(model, tc) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # decay matrices (LoRA A/B, head weights), never biases or norms
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if tc.optimizer == "adamw":
+        fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+        return torch.optim.AdamW(groups, lr=tc.lr, fused=fused or None)
+    if tc.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=tc.lr)
+    if tc.optimizer == "adagrad":
+        return torch.optim.Adagrad(groups, lr=tc.lr)
+    return torch.optim.SGD(groups, lr=tc.lr, momentum=0.9)
+
+
+def precision(tc) -> str:
+    if tc.precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no"}.get(tc.precision, tc.precision)
+
+
+def make_accelerator(tc):
+    from accelerate import Accelerator
+
+    if torch.cuda.is_available():  # TF32 for what autocast leaves in fp32 (loss, head): same speed class as bf16
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Accelerator(mixed_precision=precision(tc), cpu=not torch.cuda.is_available())
+
+
+def prepare_training(acc, model, tc, total_steps: int):
+    """Optimizer, warmup + decay schedule and loss for `total_steps` steps; model and optimizer placed by `acc`."""
+    from transformers import get_scheduler
+
+    optimizer = make_optimizer(model, tc)
+    scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=int(tc.warmup * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    return model, optimizer, scheduler, torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+
+
+def train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, grad_clip: float) -> torch.Tensor:
+    """One optimizer step on one (process-local) batch; returns its loss, still on the device (no sync)."""
+    with acc.autocast():
+        logits = model(**batch).logits
+    loss = loss_fn(logits.float(), targets)
+    acc.backward(loss)
+    if grad_clip:
+        acc.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, state) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device))
+
+
+def device_batches(tokens: Tokens, batches, device, padding: str, max_length: int):
+    """Yield (rows, batch on device) one ahead: the next copy is queued before the current step runs."""
+    pin = device.type == "cuda"
+
+    def put(rows):
+        b = tokens.batch(rows, padding, max_length)
+        return rows, {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in b.items()}
+
+    it = iter(batches)
+    nxt = next(it, None)
+    ahead = put(nxt) if nxt is not None else None
+    while ahead is not None:
+        current = ahead
+        nxt = next(it, None)
+        ahead = put(nxt) if nxt is not None else None
+        yield current
+
+
+def resolve_padding(padding: str, device) -> str:
+    """'auto': a few bucketed widths on a GPU (shapes repeat), each batch's own longest row on a CPU (least work)."""
+    if padding != "auto":
+        return padding
+    return "buckets" if torch.device(device).type == "cuda" else "longest"
+
+
+# -- the loop -----------------------------------------------------------------------------------------------------
+@dataclass
+class LoopInputs:
+    epoch_tokens: Callable[[int], Tokens]  # the training tokens of an epoch (augmentation redraws them)
+    labels: torch.Tensor
+    evaluate: Callable[[], dict]  # validation metrics of the model as it is now
+    total_steps: int
+    steps_per_epoch: int
+    eval_every: int
+
+
+def new_state() -> dict:
+    return {"step": 0, "history": [], "best": None, "best_loss": math.inf, "bad_evals": 0, "elapsed": 0.0}
+
+
+def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: LoopInputs, state: dict,
+        ckpt: Path | None = None, stop_after: int | None = None, on_record: Callable[[dict], None] | None = None,
+        log=print, desc: str = "train") -> dict:
+    """Train until inputs.total_steps or early stop; returns the state (history, best trainable weights, ...)."""
+    from tqdm.auto import tqdm
+
+    main = acc.is_main_process
+    padding = resolve_padding(tc.padding, acc.device)
+    total, per_epoch, eval_every = inputs.total_steps, inputs.steps_per_epoch, inputs.eval_every
+    log_every = max(1, eval_every // 10)
+    if state["step"] == 0:  # dropout draws from here on; a resumed run restores the saved generator instead
+        torch.manual_seed(tc.seed)
+    t0 = time.time() - state["elapsed"]
+    loss_sum, loss_n = torch.zeros((), device=acc.device), 0
+
+    def record(entry: dict) -> None:
+        entry = {"step": state["step"], "epoch": round(state["step"] / per_epoch, 4), **entry,
+                 "elapsed_s": round(time.time() - t0, 2)}
+        state["history"].append(entry)
+        if on_record is not None and main:
+            on_record(entry)
+
+    # debugging aid: BUDGETLORA_TRACE_ROWS=<dir> makes each process log the training rows it used, one line a step
+    trace = os.environ.get("BUDGETLORA_TRACE_ROWS")
+    model.train()
+    bar = tqdm(total=total, initial=state["step"], desc=desc, disable=not main)
+    stop = False
+    while state["step"] < total and not stop:
+        epoch, in_epoch = divmod(state["step"], per_epoch)
+        tokens = inputs.epoch_tokens(epoch)
+        batches = length_grouped_batches(tokens.lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length)
+        local = [rows[acc.process_index::acc.num_processes] for rows in batches[in_epoch:]]  # disjoint shards
+        for rows, batch in device_batches(tokens, local, acc.device, padding, max_length):
+            if trace:
+                with open(Path(trace) / f"rows.{acc.process_index}.txt", "a") as f:
+                    f.write(" ".join(map(str, rows)) + "\n")
+            targets = inputs.labels[rows].to(acc.device, non_blocking=True)
+            loss_sum += train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, tc.grad_clip)
+            loss_n += 1
+            state["step"] += 1
+            bar.update(1)
+            if state["step"] % log_every == 0 or state["step"] % eval_every == 0 or state["step"] == total:
+                mean = float(acc.reduce(loss_sum, "mean")) / loss_n  # the one sync, at logging points only
+                record({"train_loss": mean, "lr": scheduler.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{mean:.4f}")
+                loss_sum.zero_()
+                loss_n = 0
+            if state["step"] % eval_every == 0 or state["step"] == total:
+                m = inputs.evaluate()
+                record({"val_loss": m["loss"], "val_accuracy": m["accuracy"]})
+                log(f"step {state['step']}/{total}: val loss {m['loss']:.4f}, acc {m['accuracy']:.4f}")
+                if m["loss"] < state["best_loss"]:
+                    state.update(best=trainable_state(acc.unwrap_model(model)), best_loss=m["loss"],
+                                 best_step=state["step"], bad_evals=0)
+                else:
+                    state["bad_evals"] += 1
+                    if tc.patience and state["bad_evals"] >= tc.patience:
+                        log(f"early stop: val loss did not improve for {tc.patience} evaluations")
+                        stop = True
+                state["elapsed"] = time.time() - t0
+                # the partial loss of the steps since the last logging point is not kept: checkpoints fall on
+                # evaluation points, which are logging points too
+                if main and ckpt is not None and state["step"] < total and not stop:
+                    save_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler, state)
+            if stop_after is not None and state["step"] >= stop_after:
+                raise Interrupted(f"stopped after step {state['step']}")
+            if stop or state["step"] >= total:
+                break
+    bar.close()
+    state["train_time"] = time.time() - t0
+    return state
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model, optimizer, scheduler, state) -> None:
+    blob = {"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "state": state, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python_rng": random.getstate(), "numpy_rng": np.random.get_state()}
+    with runs.atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    blob = torch.load(path, weights_only=False)
+    load_trainable(model, blob["trainable"])
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    if blob["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    random.setstate(blob["python_rng"])
+    np.random.set_state(blob["numpy_rng"])
+    return blob["state"]
