@@ -7,12 +7,14 @@ folder holding train/test files. With no source given, the shipped AG News copy 
 from __future__ import annotations
 
 import os
-import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import safepickle
 
 DATA_ENV = "BUDGETLORA_DATA"
 HUB_DEFAULT = "ag_news"
@@ -73,7 +75,8 @@ def _looks_like_file(source: str) -> bool:
 
 
 def read_table(source: str, split: str = "train"):
-    """Read a source into a pandas DataFrame (no validation yet)."""
+    """Read a source into a pandas DataFrame (no validation yet). A file that cannot be read, for whatever reason
+    its bytes give, is one DataError naming it: these files come from outside and are never trusted."""
     import pandas as pd
 
     if not _looks_like_file(source):
@@ -83,15 +86,93 @@ def read_table(source: str, split: str = "train"):
         raise DataError(f"data file not found: {path}")
     try:
         if source.endswith((".pkl", ".pickle")):
-            with open(path, "rb") as f:
-                obj = pickle.load(f)
-            return obj.to_pandas() if hasattr(obj, "to_pandas") else pd.DataFrame(obj)
+            return _read_pickle(path)
         if source.endswith(".parquet"):
             return pd.read_parquet(path)
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, OSError) as e:
-        raise DataError(f"{path}: cannot be read ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
-    return _maybe_original_agnews(df, path)
+        return _maybe_original_agnews(_read_csv(path), path)
+    except DataError:
+        raise
+    except safepickle.RefusedGlobal as e:
+        raise DataError(f"{path}: not loaded: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (it holds the byte 0x{e.object[e.start]:02x}); "
+                        "save it as UTF-8") from None
+    except RecursionError:
+        raise DataError(f"{path}: cannot be read (nested too deeply)") from None
+    except Exception as e:  # parsers of untrusted bytes raise many kinds (ArrowInvalid, zlib.error, ParserError...)
+        raise DataError(f"{path}: cannot be read ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {text[0][:200]}" if text else e.__class__.__name__
+
+
+def _read_pickle(path: Path):
+    """A pickled datasets.Dataset, DataFrame, dict of columns or list of rows; loaded through the allow-list."""
+    import pandas as pd
+
+    with open(path, "rb") as f:
+        obj = safepickle.load(f)
+    if hasattr(obj, "to_pandas"):
+        obj = obj.to_pandas()
+    if isinstance(obj, pd.DataFrame):
+        return obj
+    if isinstance(obj, (dict, list)):
+        return pd.DataFrame(obj)
+    raise DataError(f"{path}: holds a {type(obj).__name__}, not a table (a datasets.Dataset, DataFrame, dict of "
+                    "columns or list of rows)")
+
+
+def _read_csv(path: Path):
+    import pandas as pd
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # a UTF-16 file (what some spreadsheet programs save) says so in its first bytes; UTF-8 is read as such
+    encoding = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8"
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file (no header, no rows)") from None
+    except pd.errors.ParserError as e:
+        m = re.search(r"EOF inside string starting at row (\d+)", str(e))
+        if m:
+            raise DataError(f"{path}: cannot be read: a quote (\") opened in row {m.group(1)} is never closed, so "
+                            f"the rest of its {_count_lines(path, encoding):,} lines would be one field; 0 rows "
+                            "read") from None
+        raise
+    _check_swallowed(df, path, encoding)
+    return df
+
+
+def _count_lines(path: Path, encoding: str) -> int:
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding=encoding, errors="replace", newline="") as f:
+        return sum(1 for _ in f)
+
+
+def _check_swallowed(df, path: Path, encoding: str) -> None:
+    """A stray quote that is closed far below makes one field of many lines and the file 'reads' fine with a
+    handful of rows. Legitimate texts can span lines, so only a field that swallowed at least half of the file,
+    most of its lines looking like CSV rows themselves, is treated as the symptom of an unbalanced quote."""
+    worst, where = 0, None
+    for col in df.columns:
+        counts = df[col].str.count("\n")
+        if len(counts) and counts.max() > worst:
+            worst, where = int(counts.max()), (int(counts.idxmax()), col)
+    if worst < 2:
+        return
+    lines = _count_lines(path, encoding)
+    field = str(df.at[where[0], where[1]])
+    inner = field.split("\n")[1:]
+    rowlike = sum("," in line for line in inner)
+    if (worst + 1) * 2 >= lines - 1 and rowlike * 2 >= len(inner):
+        raise DataError(f"{path}: {len(df):,} row(s) read from {lines:,} lines: the field in row {where[0]}, column "
+                        f"{where[1]!r}, runs over {worst + 1:,} lines, most of them rows of their own; an "
+                        "unbalanced quote (\") there has swallowed them")
 
 
 def _maybe_original_agnews(df, path):
@@ -117,28 +198,47 @@ def _read_hub(name: str, split: str):
                         "(offline? pass a local file with --data.train / --data.test)") from None
 
 
+def _column(df, name: str, source: str):
+    if name not in df.columns:
+        raise DataError(f"{source}: no {name!r} column (columns: {', '.join(map(str, df.columns))})")
+    col = df[name]
+    if getattr(col, "ndim", 1) != 1:
+        raise DataError(f"{source}: more than one column named {name!r}")
+    return col
+
+
+def _as_int_labels(raw, source: str) -> np.ndarray:
+    """Integer labels from numbers or digit strings; anything else names the first offending value."""
+    try:
+        as_float = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        as_float = None
+    if as_float is None or as_float.ndim != 1:
+        for v in raw:
+            try:
+                float(str(v))
+            except ValueError:
+                raise DataError(f"{source}: label {str(v)[:50]!r} is not an integer") from None
+        raise DataError(f"{source}: labels must be integers")
+    if not np.isfinite(as_float).all() or (as_float != np.round(as_float)).any() or (np.abs(as_float) > 2**53).any():
+        raise DataError(f"{source}: labels must be integers")
+    return as_float.astype(np.int64)
+
+
 def to_split(df, source: str, text_column: str, label_column: str, num_labels: int | None,
              labelled: bool = True) -> Split:
-    """Validate a table: text column present, texts non-empty, labels integers in [0, num_labels)."""
-    if text_column not in df.columns:
-        raise DataError(f"{source}: no {text_column!r} column (columns: {', '.join(map(str, df.columns))})")
-    texts = df[text_column].astype(str).tolist()
+    """Validate a table: at least one row, text column present, texts non-empty, labels integers in
+    [0, num_labels). A table with no rows is an error, for training and prediction alike: an empty submission or
+    an empty split is never what was meant."""
+    texts = _column(df, text_column, source).astype(str).tolist()
+    if not texts:
+        raise DataError(f"{source}: no rows (a header only?)")
     empty = [i for i, t in enumerate(texts) if not t.strip() or t == "nan"]
     if empty:
         raise DataError(f"{source}: {len(empty)} empty text(s), first at row {empty[0]}")
     if not labelled:
         return Split(texts, None)
-    if label_column not in df.columns:
-        raise DataError(f"{source}: no {label_column!r} column (columns: {', '.join(map(str, df.columns))})")
-    raw = df[label_column]
-    try:
-        as_float = np.asarray(raw, dtype=np.float64)
-    except (TypeError, ValueError):
-        bad = next(v for v in raw if not str(v).strip().lstrip("-").isdigit())
-        raise DataError(f"{source}: label {bad!r} is not an integer") from None
-    if np.isnan(as_float).any() or (as_float != np.round(as_float)).any():
-        raise DataError(f"{source}: labels must be integers")
-    labels = as_float.astype(np.int64)
+    labels = _as_int_labels(_column(df, label_column, source), source)
     if num_labels is not None:
         out = np.flatnonzero((labels < 0) | (labels >= num_labels))
         if len(out):
@@ -181,7 +281,8 @@ def load_data(cfg) -> dict[str, Split]:
     if d.train_limit:  # limit first so that a small run also gets a small validation set
         full = full.subset(stratified_indices(full.labels, d.train_limit, seed))
     if len(full) < 2 * cfg.model.num_labels:
-        raise DataError(f"too few training rows ({len(full)}) for {cfg.model.num_labels} classes")
+        raise DataError(f"{resolve_source(d.train, 'train')}: too few training rows ({len(full)}) for "
+                        f"{cfg.model.num_labels} classes")
     train, val = train_val_split(full, d.val_fraction, seed)
     test = load_split(d.test, "test", d, cfg.model.num_labels)
     if d.test_limit:
@@ -216,12 +317,35 @@ def sorted_batches(lengths, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(ids: list[list[int]], rows, pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids[i]) for i in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, i in enumerate(rows):
-        n = len(ids[i])
-        input_ids[j, :n] = torch.tensor(ids[i])
-        mask[j, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+WIDTH_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def padded_width(longest: int, padding: str, max_length: int) -> int:
+    """'longest': the batch's own longest row. 'buckets': the next size on a short ladder (at most 1.5x the longest),
+    so a GPU sees a handful of shapes instead of one per width; never beyond max_length."""
+    if padding != "buckets":
+        return longest
+    return min(next((w for w in WIDTH_LADDER if w >= longest), longest), max(max_length, longest))
+
+
+class Tokens:
+    """Token ids of a split as one padded matrix plus lengths: a batch is a slice, not a Python loop per row."""
+
+    def __init__(self, ids: list[list[int]], pad_id: int):
+        self.lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        self.pad_id = pad_id
+        self.matrix = np.full((len(ids), int(self.lengths.max(initial=1))), pad_id, dtype=np.int64)
+        for i, x in enumerate(ids):
+            self.matrix[i, :len(x)] = x
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, rows, padding: str = "longest", max_length: int = 0) -> dict[str, torch.Tensor]:
+        rows = np.asarray(rows, dtype=np.int64)
+        width = padded_width(int(self.lengths[rows].max()), padding, max_length)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        take = min(width, self.matrix.shape[1])
+        ids[:, :take] = self.matrix[rows, :take]
+        mask = (np.arange(width)[None, :] < self.lengths[rows, None]).astype(np.int64)
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
