@@ -42,9 +42,10 @@ class Classifier:
         return f"Classifier({str(self.path)!r}, model={self.run.cfg.model.name!r}, classes={self.class_names})"
 
 
-def load(run_dir: str | Path, verify: bool = True) -> Classifier:
-    """Load a run folder; with `verify`, first prove the reloaded adapter reproduces the trained model."""
-    return Classifier(load_run(run_dir, verify=verify))
+def load(run_dir: str | Path, verify: bool = True, base: str | None = None) -> Classifier:
+    """Load a run folder; with `verify`, first prove the reloaded adapter reproduces the trained model.
+    base: where the run's base model lives now, when it was trained on a local folder that has moved."""
+    return Classifier(load_run(run_dir, verify=verify, base=base))
 
 
 def _class_names(loaded: LoadedRun) -> list[str]:

@@ -53,6 +53,12 @@ def resolve_name(name: str) -> str:
     return name
 
 
+def is_missing_folder(name: str) -> bool:
+    """A name written as a filesystem path (absolute, ./, ../, ~) whose folder is not here. Hub ids ('org/name')
+    and the embedded 'minilm' are never paths."""
+    return bool(name) and name.startswith(("/", "./", "../", "~", "\\")) and not Path(name).expanduser().exists()
+
+
 def _builtin_config(name: str) -> PretrainedConfig | None:
     """Configs of common bases, so planning and random-weight runs work without the hub."""
     from transformers import BertConfig, RobertaConfig
@@ -71,6 +77,8 @@ def _builtin_config(name: str) -> PretrainedConfig | None:
 def load_config(name: str, num_labels: int) -> PretrainedConfig:
     """The model's config (a small JSON file), never its weights."""
     path = resolve_name(name)
+    if is_missing_folder(path):  # else transformers reads it as a malformed hub id and says so
+        raise ModelNotFound(f"model folder not found: {name}")
     builtin = None if Path(path).exists() else _builtin_config(name)
     if builtin is not None:  # exact shapes, and no network round trip for the names we know
         builtin.num_labels = num_labels

@@ -12,15 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenise in one c
 
 
 def cmd_plan(args) -> int:
-    from .budget import format_plan, plan
+    from .budget import fill, format_plan, plan
 
     cfg = config_mod.from_flags(args)
-    p = plan(cfg)
-    if args.max_rank:
-        r = p.max_rank()
-        if r < 1:
-            raise config_mod.ConfigError(f"no rank fits: the fixed part alone trains {p.fixed_params:,} parameters")
-        p = plan(cfg.replace(**{"lora.r": r}))
+    p = fill(cfg)[1] if args.fill else plan(cfg)
     print(json.dumps(p.as_dict(), indent=2) if args.json else format_plan(p))
     return 0 if p.fits else 3
 
@@ -39,7 +34,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .predict import evaluate_run
 
-    m = evaluate_run(args.run, args.data)
+    m = evaluate_run(args.run, args.data, base=args.base)
     print(json.dumps({k: m[k] for k in ("accuracy", "loss", "macro_f1", "per_class_accuracy", "n")}, indent=2))
     return 0
 
@@ -49,7 +44,8 @@ def cmd_predict(args) -> int:
 
     from .predict import predict_file
 
-    labels = predict_file(args.run, args.input, args.output, prior_correction=args.prior_correction)
+    labels = predict_file(args.run, args.input, args.output, prior_correction=args.prior_correction,
+                          base=args.base)
     counts = dict(enumerate(np.bincount(labels).tolist()))
     print(f"wrote {len(labels):,} predictions to {args.output} (label counts {counts})")
     if args.prior_correction:
@@ -66,7 +62,7 @@ def cmd_self_train(args) -> int:
 
     overrides = {k: v for k, v in {"train.epochs": args.epochs, "train.max_steps": args.max_steps,
                                    "train.lr": args.lr}.items() if v is not None}
-    made = self_train(args.run, args.unlabelled, args.out, rounds=args.rounds, threshold=args.threshold,
+    made = self_train(args.run, args.unlabelled, args.out, rounds=args.rounds, threshold=args.threshold, base=args.base,
                       balance=args.balance, max_per_class=args.max_per_class,
                       prior_correction=args.prior_correction, overrides=overrides)
     for path in made:
@@ -78,16 +74,21 @@ def cmd_self_train(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import serve
 
-    serve(args.run, host=args.host, port=args.port, verify=not args.no_verify, max_batch=args.max_batch,
+    serve(args.run, host=args.host, port=args.port, verify=not args.no_verify, base=args.base, max_batch=args.max_batch,
           max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
-          batch_wait_ms=args.batch_wait_ms, show_paths=args.show_paths)
+          batch_wait_ms=args.batch_wait_ms, show_paths=args.show_paths, backend=args.backend)
     return 0
 
 
 def cmd_export(args) -> int:
-    from .export import export_merged
+    from .export import export_merged, export_onnx
 
-    export_merged(args.run, args.merged, force=args.force, tolerance=args.tolerance)
+    if not (args.merged or args.onnx):
+        raise config_mod.ConfigError("export: say what to write: --merged OUT, --onnx OUT, or both")
+    if args.merged:
+        export_merged(args.run, args.merged, force=args.force, tolerance=args.tolerance, base=args.base)
+    if args.onnx:
+        export_onnx(args.run, args.onnx, force=args.force, tolerance=args.tolerance, base=args.base)
     return 0
 
 
@@ -111,13 +112,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def add_base_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="where the run's base model lives now, if it was trained on a local folder that has moved")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="budgetlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="count what a config trains, from the model config alone")
     config_mod.add_flags(p)
-    p.add_argument("--max-rank", action="store_true", help="solve for the largest rank within the budget")
+    p.add_argument("--fill", "--max-rank", dest="fill", action="store_true",
+                   help="solve for the method's largest setting within the budget (lora.r, adalora.init_r, vera.r, "
+                        "loha.r, lokr.r); --max-rank is the same flag")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -129,11 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics of a saved run on its test split or another labelled file")
     p.add_argument("run")
+    add_base_flag(p)
     p.add_argument("--data", default="", help="labelled file (default: the run's test split)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write ID,Label predictions for a file, after re-checking the saved adapter")
     p.add_argument("run")
+    add_base_flag(p)
     p.add_argument("--input", required=True, help="texts to label (.csv/.csv.gz/.parquet/.pkl with a text column)")
     p.add_argument("--output", required=True, help="CSV to write (ID,Label)")
     p.add_argument("--prior-correction", action="store_true",
@@ -144,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("self-train", help="pseudo-label confident unlabelled texts and continue training the "
                                           "run's adapter on train + pseudo-labelled rows (a new run per round)")
     p.add_argument("run")
+    add_base_flag(p)
     p.add_argument("--unlabelled", required=True, help="texts to pseudo-label (.csv/.csv.gz/.parquet/.pkl)")
     p.add_argument("--out", default="runs", help="folder for the new run folders")
     p.add_argument("--rounds", type=int, default=1, help="self-training rounds, each from the previous round's run")
@@ -160,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP service for a run: POST /predict, GET /health, GET /info, /docs")
     p.add_argument("run")
+    add_base_flag(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=64, help="texts per forward pass when merging requests")
@@ -172,11 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip re-checking the adapter against verify.json")
     p.add_argument("--show-paths", action="store_true",
                    help="GET /info shows the run's and base model's full paths on this server (default: names only)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="onnx: serve an `export --onnx` folder (or a run folder holding one in onnx/) on "
+                        "onnxruntime, without torch")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("export", help="merge the adapter into the base and save a plain transformers model folder")
+    p = sub.add_parser("export", help="merge the adapter into the base and save a plain transformers model folder "
+                                      "and/or an ONNX model for onnxruntime")
     p.add_argument("run")
-    p.add_argument("--merged", required=True, metavar="OUT", help="folder to write (must be empty or absent)")
+    add_base_flag(p)
+    out = p.add_argument_group("what to write (one or both)")
+    out.add_argument("--merged", metavar="OUT", help="a transformers model folder (must be empty or absent)")
+    out.add_argument("--onnx", metavar="OUT", help="an ONNX model + tokenizer folder for `serve --backend onnx` "
+                                                  "(needs the onnx extra: pip install 'budgetlora[onnx]')")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |merged - unmerged| logit difference")
     p.set_defaults(func=cmd_export)
@@ -197,20 +217,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errors answered with one line. Each class is looked up only once something was raised, and only in modules
+# already imported (the one that raised it is), so a command that needs no torch (serve --backend onnx) loads none.
+EXPECTED_ERRORS = [("architectures", "ModelNotFound"), ("data", "DataError"), ("export", "ExportError"),
+                   ("model", "AdapterError"), ("predict", "VerificationError")]
+
+
+def _expected_errors() -> tuple:
+    mods = [sys.modules.get(f"{__package__}.{m}") for m, _ in EXPECTED_ERRORS]
+    return (config_mod.ConfigError, FileNotFoundError,
+            *(getattr(mod, name) for mod, (_, name) in zip(mods, EXPECTED_ERRORS) if mod and hasattr(mod, name)))
+
+
 def main(argv=None) -> int:
-    from .architectures import ModelNotFound
-    from .data import DataError
-
     args = build_parser().parse_args(argv)
-    expected = (config_mod.ConfigError, DataError, ModelNotFound, FileNotFoundError)
     try:
-        from .export import ExportError
-        from .model import AdapterError
-        from .predict import VerificationError
-
-        expected += (AdapterError, VerificationError, ExportError)
         return args.func(args)
-    except expected as e:
+    except _expected_errors() as e:
         print(f"budgetlora: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import runs
+from . import methods, runs
 from .data import Tokens, length_grouped_batches
 
 
@@ -32,11 +32,10 @@ class Interrupted(Exception):
 
 
 # -- the pieces of one step ---------------------------------------------------------------------------------------
-def make_optimizer(model, tc) -> torch.optim.Optimizer:
+def make_optimizer(model, tc, b_lr_ratio: float = 1.0) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    # decay matrices (LoRA A/B, head weights), never biases or norms
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # decay matrices (LoRA A/B, head weights), never biases, norms or scaling vectors; LoRA+ gives B its own lr
+    groups = methods.param_groups(model, tc.weight_decay, tc.lr, b_lr_ratio)
     if tc.optimizer == "adamw":
         fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
         return torch.optim.AdamW(groups, lr=tc.lr, fused=fused or None)
@@ -55,33 +54,43 @@ def precision(tc) -> str:
 
 def make_accelerator(tc):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision; runs in one
+    # process (tests, sweeps, benchmarks) each choose their own, so drop the previous run's (the process group stays)
+    AcceleratorState._reset_state(reset_partial_state=False)
     if torch.cuda.is_available():  # TF32 for what autocast leaves in fp32 (loss, head): same speed class as bf16
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Accelerator(mixed_precision=precision(tc), cpu=not torch.cuda.is_available())
 
 
-def prepare_training(acc, model, tc, total_steps: int):
-    """Optimizer, warmup + decay schedule and loss for `total_steps` steps; model and optimizer placed by `acc`."""
+def prepare_training(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0):
+    """Optimizer, warmup + decay schedule and loss for `total_steps` steps; model and optimizer placed by `acc`.
+    b_lr_ratio: LoRA+ (lora.b_lr_ratio), the B matrices' learning rate over the others'."""
     from transformers import get_scheduler
 
-    optimizer = make_optimizer(model, tc)
+    optimizer = make_optimizer(model, tc, b_lr_ratio)
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=int(tc.warmup * total_steps),
                               num_training_steps=total_steps)
     model, optimizer = acc.prepare(model, optimizer)
     return model, optimizer, scheduler, torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
 
 
-def train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, grad_clip: float) -> torch.Tensor:
-    """One optimizer step on one (process-local) batch; returns its loss, still on the device (no sync)."""
+def train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, grad_clip: float,
+               hooks: methods.StepHooks | None = None, step: int = 0) -> torch.Tensor:
+    """One optimizer step on one (process-local) batch; returns its loss, still on the device (no sync).
+    hooks: the adapter method's penalty and post-step work (AdaLoRA); `step` is the 0-based index of this step."""
     with acc.autocast():
         logits = model(**batch).logits
     loss = loss_fn(logits.float(), targets)
-    acc.backward(loss)
+    penalty = hooks.penalty(model) if hooks is not None else None
+    acc.backward(loss if penalty is None else loss + penalty)  # the reported loss stays the task loss
     if grad_clip:
         acc.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+    if hooks is not None:
+        hooks.after_step(model, step)  # before zero_grad: AdaLoRA scores ranks by weight x gradient
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
@@ -140,8 +149,9 @@ def new_state() -> dict:
 
 def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: LoopInputs, state: dict,
         ckpt: Path | None = None, stop_after: int | None = None, on_record: Callable[[dict], None] | None = None,
-        log=print, desc: str = "train") -> dict:
-    """Train until inputs.total_steps or early stop; returns the state (history, best trainable weights, ...)."""
+        log=print, desc: str = "train", hooks: methods.StepHooks | None = None) -> dict:
+    """Train until inputs.total_steps or early stop; returns the state (history, best trainable weights, ...).
+    hooks: what the adapter method adds to each step (methods.step_hooks)."""
     from tqdm.auto import tqdm
 
     main = acc.is_main_process
@@ -175,7 +185,8 @@ def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: 
                 with open(Path(trace) / f"rows.{acc.process_index}.txt", "a") as f:
                     f.write(" ".join(map(str, rows)) + "\n")
             targets = inputs.labels[rows].to(acc.device, non_blocking=True)
-            loss_sum += train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, tc.grad_clip)
+            loss_sum += train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, tc.grad_clip,
+                                   hooks=hooks, step=state["step"])
             loss_n += 1
             state["step"] += 1
             bar.update(1)

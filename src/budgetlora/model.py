@@ -1,4 +1,5 @@
-"""Base model + LoRA (peft) + a fully trained head, built from a config; and loading a saved run back."""
+"""Base model + adapter (peft: LoRA or another method, see `methods`) + a fully trained head, built from a config;
+and loading a saved run back."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from . import budget
+from . import budget, methods
 from .architectures import quiet, load_config, resolve_name
 from .config import Config
 from .runs import ADAPTER_FILES
@@ -32,13 +33,8 @@ def build_base(cfg: Config, config=None) -> torch.nn.Module:
 
 
 def peft_config(cfg: Config, plan: budget.Plan):
-    from peft import LoraConfig, TaskType
-
-    return LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=plan.target_regex, bias=cfg.lora.bias, use_rslora=cfg.lora.rslora, use_dora=cfg.lora.dora,
-        modules_to_save=plan.head_names,
-    )
+    """The peft config of the configured method (see `methods`), on exactly the planned modules."""
+    return methods.peft_config(cfg, plan.target_regex, plan.head_names, plan.feedforward_regex)
 
 
 def count_trainable(model: torch.nn.Module) -> int:
@@ -46,12 +42,13 @@ def count_trainable(model: torch.nn.Module) -> int:
 
 
 def build(cfg: Config):
-    """Plan (refusing over-budget configs before any weight loads), then wrap the base with LoRA."""
+    """Plan (refusing over-budget configs before any weight loads), then wrap the base with the adapter."""
     from peft import get_peft_model
 
     config = load_config(cfg.model.name, cfg.model.num_labels)
     plan = budget.check(budget.plan(cfg, config))
     model = get_peft_model(build_base(cfg, config), peft_config(cfg, plan))
+    methods.remember_initial(model, cfg)  # PiSSA/OLoRA: saving converts against the initial adapter
     trainable = count_trainable(model)
     if trainable != plan.total:  # the planner and peft must agree, or the budget means nothing
         raise RuntimeError(f"planner counted {plan.total:,} trainable parameters but peft trains {trainable:,}")
@@ -64,8 +61,10 @@ def _tail(name_or_path: str) -> str:
     return "/".join(Path(name_or_path).parts[-2:])
 
 
-def load_trained(run: Path, cfg: Config) -> torch.nn.Module:
-    """The base model with the run's saved adapter, via plain `PeftModel.from_pretrained`, in eval mode."""
+def load_trained(run: Path, cfg: Config, moved: bool = False) -> torch.nn.Module:
+    """The base model with the run's saved adapter, via plain `PeftModel.from_pretrained`, in eval mode.
+    moved: the caller named the base's new place, so the name recorded in the adapter is not compared (the
+    verification sample still proves the weights are the same)."""
     from peft import PeftModel
 
     run = Path(run)
@@ -77,7 +76,7 @@ def load_trained(run: Path, cfg: Config) -> torch.nn.Module:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise AdapterError(f"{run}/adapter_config.json is corrupt") from None
     trained_on = saved.get("base_model_name_or_path") or ""
-    if trained_on and not cfg.model.random_init and _tail(trained_on) != _tail(resolve_name(cfg.model.name)):
+    if trained_on and not moved and not cfg.model.random_init and _tail(trained_on) != _tail(resolve_name(cfg.model.name)):
         raise AdapterError(f"{run}: adapter was trained on {trained_on!r}, not on {cfg.model.name!r}")
     base = build_base(cfg)
     try:

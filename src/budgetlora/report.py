@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
 
 from . import runs
-from .evaluate import fit_temperature, metrics, predict_logits
+from .card import CARD, model_card
+from .evaluate import exact_fp32, fit_temperature, metrics, predict_logits
+from .methods import save_adapter
 
 VERIFY_ROWS = 256  # validation rows whose logits are stored, so a reloaded adapter can be checked against them
 CLASS_NAMES = {4: ["World", "Sports", "Business", "Sci/Tech"]}
@@ -35,9 +38,8 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
     val_logits = predict_logits(model, tokenizer, val.texts, ml, bs)
     test_logits = predict_logits(model, tokenizer, test.texts, ml, bs, progress=True)
     val_m, test_m = metrics(val_logits, val.labels, n), metrics(test_logits, test.labels, n)
-    runs.save_adapter(model, out)
-    k = min(VERIFY_ROWS, len(val))
-    runs.write_json(out / runs.VERIFY, {"texts": val.texts[:k], "logits": val_logits[:k].tolist()})
+    save_adapter(model, out)  # PEFT format; PiSSA/OLoRA converted to plain LoRA on the original base
+    runs.write_json(out / runs.VERIFY, verification_sample(model, tokenizer, val.texts[:VERIFY_ROWS], ml))
     runs.write_text(out / runs.HISTORY, history_csv(state["history"]))
     runs.write_json(out / runs.VERSIONS, runs.versions())
     plot_run(out, state["history"], test_m["confusion_matrix"], class_names(n), title=cfg.name or cfg.run_id)
@@ -55,10 +57,20 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         # softmax temperature calibrated on validation; prior correction divides logits by it first
         "temperature": fit_temperature(val_logits, val.labels),
     }
+    # the card is built from the JSON form of the same dict, so its numbers are exactly metrics.json's
+    card = model_card(cfg, json.loads(json.dumps(result, default=runs._jsonable)), plan.as_dict())
+    runs.write_text(out / CARD, card)
     runs.write_json(out / runs.METRICS, result)
     log(f"run {cfg.run_id}: val acc {val_m['accuracy']:.4f}, test acc {test_m['accuracy']:.4f} "
         f"({test_m['n']:,} rows), {plan.total:,} trainable params, {total_time:.0f}s -> {out}")
     return result
+
+
+def verification_sample(model, tokenizer, texts: list[str], max_length: int) -> dict:
+    """Logits a reload must reproduce: plain fp32 (no autocast, no TF32), so any machine can recompute them."""
+    with exact_fp32():
+        logits = predict_logits(model, tokenizer, texts, max_length)
+    return {"texts": texts, "logits": logits.tolist(), "precision": "fp32"}
 
 
 def plot_run(out: Path, history: list[dict], confusion, names: list[str], title: str = "") -> None:

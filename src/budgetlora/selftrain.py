@@ -59,7 +59,7 @@ def _write_pseudo_csv(folder: Path, cfg: Config, texts: list[str], labels: np.nd
 
 def self_train(run: str | Path, unlabelled: str, out: str | Path, rounds: int = 1, threshold: float = 0.9,
                balance: bool = True, max_per_class: int = 0, prior_correction: bool = False,
-               overrides: dict | None = None, log=print) -> list[Path]:
+               overrides: dict | None = None, base: str | None = None, log=print) -> list[Path]:
     """Pseudo-label `unlabelled` with the run's model and continue training its adapter; one new run per round,
     each the parent of the next. `overrides` are dotted config changes for the new runs (e.g. train.epochs,
     train.max_steps, train.lr); the model and LoRA setup are never changed, so the budget plan is the parent's."""
@@ -75,7 +75,7 @@ def self_train(run: str | Path, unlabelled: str, out: str | Path, rounds: int = 
     parent, made = Path(run).resolve(), []
     texts: list[str] | None = None
     for r in range(1, rounds + 1):
-        loaded = load_run(parent)  # reload check: the pseudo labels come from exactly the saved adapter
+        loaded = load_run(parent, base=base if r == 1 else None)  # reload check: the pseudo labels come from exactly the saved adapter
         if texts is None:
             texts = read_unlabelled(unlabelled, loaded.cfg)
         probs, est = corrected_probabilities(loaded, texts, progress=True)

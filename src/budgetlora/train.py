@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import loop, runs
+from . import loop, methods, runs
+from .architectures import is_missing_folder
 from .config import Config, ConfigError
 from .data import Split, Tokens, encode
 from .evaluate import eval_batch_size, logits_for_ids, metrics
@@ -32,7 +33,11 @@ def init_from_run(model, cfg: Config) -> None:
     if not weights.is_file():
         raise ConfigError(f"train.init_from: no finished run with an adapter at {parent}")
     pcfg = runs.load_config(parent)
-    if pcfg.model != cfg.model or pcfg.lora != cfg.lora:  # same plan, or the weights cannot mean the same thing
+    if is_missing_folder(pcfg.model.name):  # the parent's base folder moved: what must match is everything else
+        pcfg = pcfg.replace(**{"model.name": cfg.model.name, "model.tokenizer": cfg.model.tokenizer})
+    same = pcfg.model == cfg.model and pcfg.lora == cfg.lora and pcfg.method == cfg.method and \
+        getattr(pcfg, cfg.method) == getattr(cfg, cfg.method)
+    if not same:  # same plan, or the weights cannot mean the same thing
         raise ConfigError(f"train.init_from: {parent} was trained with a different model or LoRA setup")
     state = load_file(weights)
     result = set_peft_model_state_dict(model, state)
@@ -83,7 +88,8 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
     total_steps = math.ceil(tc.epochs * steps_per_epoch)
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
-    model, optimizer, scheduler, loss_fn = loop.prepare_training(acc, model, tc, total_steps)
+    hooks = methods.step_hooks(model, cfg, total_steps)  # AdaLoRA: its schedule needs the run's length
+    model, optimizer, scheduler, loss_fn = loop.prepare_training(acc, model, tc, total_steps, cfg.lora.b_lr_ratio)
     eval_batch = eval_batch_size(tc.eval_batch_size, acc.device)
     mixed = loop.precision(tc) != "no"
 
@@ -103,13 +109,14 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
     inputs = loop.LoopInputs(epoch_tokens, torch.as_tensor(train_split.labels), evaluate_val, total_steps,
                              steps_per_epoch, tc.eval_every or steps_per_epoch)
     state = loop.run(acc, model, optimizer, scheduler, loss_fn, tc, ml, inputs, state, ckpt=ckpt,
-                     stop_after=stop_after, on_record=on_record, log=log, desc=f"train {cfg.run_id}")
+                     stop_after=stop_after, on_record=on_record, log=log, desc=f"train {cfg.run_id}", hooks=hooks)
 
     # the plain module: accelerate's autocast wrapper removed, so what is evaluated and saved is the fp32 model
     # that a reload anywhere rebuilds
     model = acc.unwrap_model(model, keep_fp32_wrapper=False)
     if state["best"] is not None:
         loop.load_trainable(model, state["best"])
+    hooks.finish(model)
     acc.wait_for_everyone()
     if not main:
         acc.wait_for_everyone()  # return only once the main process has completed the run folder (callers read it)
