@@ -1,62 +1,112 @@
-"""What one GPU does with this project, in one short script.
+"""What one GPU does with this project, measured through the product's own `train` / `predict` / `self-train`.
 
-1. Throughput: the RoBERTa-base architecture with random weights (speed does not depend on the values) plus LoRA
-   r=8 on query/value and the trained head, bf16 autocast, batches of realistic AG News lengths (MiniLM token
-   lengths of the train file, or a fixed log-normal with mean ~54 and p95 ~83 tokens when the file is absent),
-   length-grouped as budgetlora batches them. Prints training samples/s, tokens/s and the model-FLOPs utilisation
-   against the card's bf16 dense peak (--peak-flops, default 989e12: H100 SXM).
+Here, where the shipped data and the embedded model are, make the folder the GPU machine needs (about 54 MB):
 
-   FLOPs per padded token = 4 * N_linear + 2 * N_trainable_linear + 12 * L * S * d
-     N_linear:   weights of every matmul the token goes through (encoder Linear layers, LoRA A/B, pooler, head;
-                 embeddings are lookups and count 0). Forward is 2 * N; the backward still needs activation
-                 gradients through the frozen weights (another 2 * N) but weight gradients (2 * N) only for the
-                 trainable LoRA and head matrices, hence 4 * N + 2 * N_trainable rather than the 6 * N of full
-                 fine-tuning.
-     12*L*S*d:   attention scores and weighted sums (QK^T, AV: 4 * S * d per token per layer forward, x3 with the
-                 backward), S = the padded batch width, L layers, d hidden size.
-   Padded positions are counted because the GPU computes them; the non-padding token rate is printed as well.
+    python benchmarks/gpu_check.py --prepare gpu-carry
 
-2. Accuracy: budgetlora.train.train on the embedded MiniLM (--model-dir: a folder, e.g. an fp16 copy made with
-   --save-fp16 to keep the carried files small; it is widened to fp32 before training) for one epoch on the
-   shipped train split, then the test accuracy.
+It holds minilm-fp16/ (the embedded all-MiniLM-L6-v2 in fp16, widened to fp32 again before training), train.csv.gz
+and test.csv.gz (the shipped AG News split) and competition.csv.gz (the 8,000 competition texts as a text column).
+On the GPU machine, beside the checkout (torch, transformers, peft, accelerate, pandas, pyarrow, matplotlib are
+enough; nothing is installed):
 
-    python benchmarks/gpu_check.py --smoke                      # tiny sizes, runs on CPU in about a minute
-    python benchmarks/gpu_check.py --save-fp16 minilm-fp16      # once, where the embedded model is installed
-    python benchmarks/gpu_check.py --model-dir minilm-fp16      # on the GPU machine
+    PYTHONPATH=src python benchmarks/gpu_check.py --carry gpu-carry --out "$OUT"
+
+Try it on a CPU first with `--smoke` (tiny sizes, a few minutes). Every result lands in --out as soon as it exists
+(results.json rewritten after each step, log.txt line by line), so a run cut short still leaves what finished:
+
+(a) throughput of `train` on RoBERTa-base shapes (random weights: speed does not depend on the values), LoRA r=8 on
+    query/value + head, bf16, AG News lengths, per batch size and with torch.compile: training samples/s over the
+    steps after warm-up, and the model-FLOPs utilisation against --peak-flops (H100 SXM bf16 dense: 989e12).
+    FLOPs per padded row = width * (4 * N_linear + 2 * N_trainable_linear + 12 * L * width * d): forward 2N,
+    activation gradients through frozen weights 2N, weight gradients only for the trainable matrices; attention
+    scores and sums 12 * L * S * d per token with the backward. Widths are the padded ones the loop really ran.
+(b) the embedded MiniLM, one epoch of the full shipped split, at the CPU defaults (batch 32) and at the GPU preset
+    (configs/minilm-gpu.yaml): training time and test accuracy; then `predict` on the competition texts with the
+    better run, plain and after one self-training round (submission_plain.csv, submission_selftrain.csv).
+(c) the speed race (benchmarks/speed.py: the reference HF Trainer recipe vs budgetlora, each in its own process),
+    output in speed.txt.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_MININTERVAL", "5")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-
-def token_lengths(n: int, seed: int, train_file: str | None, tokenizer_dir: str) -> tuple[np.ndarray, str]:
-    """n sampled lengths (special tokens included) of AG News texts under the MiniLM tokenizer."""
-    rng = np.random.default_rng(seed)
-    if train_file and Path(train_file).is_file():
-        import pandas as pd
-        from transformers import AutoTokenizer
-
-        texts = pd.read_csv(train_file, dtype=str, keep_default_na=False)["text"].tolist()
-        texts = [texts[i] for i in rng.choice(len(texts), min(len(texts), 20_000), replace=False)]
-        lens = np.array([len(x) for x in AutoTokenizer.from_pretrained(tokenizer_dir)(texts)["input_ids"]])
-        source = f"MiniLM token lengths of {len(texts):,} texts from {train_file}"
-    else:  # log-normal fitted to those lengths: mean ~54, p95 ~83
-        lens = np.clip(np.round(rng.lognormal(np.log(51.5), 0.3, 20_000)), 8, 512).astype(int)
-        source = "fixed log-normal distribution"
-    out = rng.choice(lens, n)
-    return out, f"{source}: mean {out.mean():.1f}, p95 {np.percentile(out, 95):.0f}, max {out.max()}"
+HERE = Path(__file__).resolve().parent
+QUIET = {"log": lambda *a, **k: None}
 
 
+class Out:
+    """The output folder: results.json rewritten after every step, log.txt appended line by line."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.results: dict = {}
+
+    def log(self, msg: str) -> None:
+        print(msg, flush=True)
+        with open(self.folder / "log.txt", "a") as f:
+            f.write(msg + "\n")
+
+    def put(self, key: str, value) -> None:
+        self.results[key] = value
+        tmp = self.folder / ".results.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=2))
+        os.replace(tmp, self.folder / "results.json")
+
+
+# -- here: the carried folder ---------------------------------------------------------------------------------------
+def prepare(folder: str) -> None:
+    import pandas as pd
+    from transformers import AutoModel, AutoTokenizer
+
+    from budgetlora.architectures import resolve_name
+    from budgetlora.config import Config
+    from budgetlora.data import default_data_dir, load_split
+
+    dest = Path(folder)
+    dest.mkdir(parents=True, exist_ok=True)
+    src = resolve_name("minilm")
+    AutoModel.from_pretrained(src, dtype=torch.float16).save_pretrained(dest / "minilm-fp16")
+    AutoTokenizer.from_pretrained(src).save_pretrained(dest / "minilm-fp16")
+    data = default_data_dir()
+    if data is None:
+        sys.exit("the shipped AG News copy was not found (set BUDGETLORA_DATA)")
+    for name in ("train.csv.gz", "test.csv.gz"):
+        shutil.copyfile(data / name, dest / name)
+    cfg = Config()
+    comp = data.parent / "agnews_kaggle" / "test_unlabelled.pkl"
+    texts = load_split(str(comp), "test", cfg.data, 4, labelled=False).texts  # read through the safe unpickler
+    pd.DataFrame({"text": texts}).to_csv(dest / "competition.csv.gz", index=False)
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    print(f"wrote {dest} ({size / 2**20:.1f} MiB): carry it with the checkout, then run there:\n"
+          f"  PYTHONPATH=src python benchmarks/gpu_check.py --carry {folder} --out \"$OUT\"")
+
+
+def widened(carry: Path) -> str:
+    """The MiniLM in fp32 in a local folder: an fp16 copy would otherwise load, and train, in fp16."""
+    from transformers import AutoModel, AutoTokenizer
+
+    out = Path(tempfile.mkdtemp(prefix="minilm-fp32-"))
+    AutoModel.from_pretrained(carry / "minilm-fp16", dtype=torch.float32).save_pretrained(out)
+    AutoTokenizer.from_pretrained(carry / "minilm-fp16").save_pretrained(out)
+    return str(out)
+
+
+# -- (a) throughput -------------------------------------------------------------------------------------------------
 def linear_params(model) -> tuple[int, int]:
     n = trainable = 0
     for m in model.modules():
@@ -66,161 +116,185 @@ def linear_params(model) -> tuple[int, int]:
     return n, trainable
 
 
-def throughput(args, device) -> None:
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification, RobertaConfig
+def padded_row_flops(cfg, steps: range, n_linear: int, n_train: int, L: int, d: int) -> tuple[float, float, float]:
+    """FLOPs, padded tokens and real tokens of the given steps, from the batches the loop itself draws."""
+    from budgetlora.data import Tokens, encode, length_grouped_batches, load_data, padded_width
+    from budgetlora.loop import resolve_padding
+    from budgetlora.model import load_tokenizer
 
-    from budgetlora.data import length_grouped_batches
-
-    if args.smoke:
-        config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
-                               hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                               num_labels=4)
-    else:  # exactly roberta-base's shapes
-        config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
-                               num_labels=4)
-    torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
-    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
-                                            target_modules=["query", "value"], modules_to_save=["classifier"]))
-    model.to(device).train()
-    n_linear, n_train_linear = linear_params(model)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    L, d = config.num_hidden_layers, config.hidden_size
-
-    steps = args.warmup_steps + args.steps
-    lengths, desc = token_lengths(steps * args.batch_size, args.seed, args.lengths_from, args.tokenizer_dir)
-    lengths = np.minimum(lengths, args.max_length)
-    batches = length_grouped_batches(lengths, args.batch_size, args.seed, 0)[:steps]
-    gen = torch.Generator().manual_seed(args.seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            fused=device.type == "cuda" or None)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    print(f"[throughput] roberta-base architecture{' (smoke: tiny)' if args.smoke else ''}, random weights, "
-          f"LoRA r=8 q,v + head: {n_trainable:,} trainable; {n_linear:,} matmul weights; "
-          f"{'bf16 autocast' if use_bf16 else 'fp32'} on {device}")
-    print(f"[throughput] lengths: {desc}; batch {args.batch_size}, length-grouped, {args.steps} timed steps "
-          f"after {args.warmup_steps} warm-up steps")
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    tokens = padded = flops = 0.0
-    t0 = 0.0
-    for i, rows in enumerate(batches):
-        if i == args.warmup_steps:
-            sync()
-            t0 = time.perf_counter()
-        width = int(lengths[rows].max())
-        ids = torch.randint(3, config.vocab_size, (len(rows), width), generator=gen)
-        mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths[rows])[:, None]).long()
-        ids = ids.masked_fill(mask == 0, config.pad_token_id)
-        labels = torch.randint(0, 4, (len(rows),), generator=gen)
-        ids, mask, labels = ids.to(device, non_blocking=True), mask.to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= args.warmup_steps:
-            tokens += float(lengths[rows].sum())
-            padded += len(rows) * width
-            flops += len(rows) * width * (4 * n_linear + 2 * n_train_linear + 12 * L * width * d)
-    sync()
-    dt = time.perf_counter() - t0
-    samples = args.steps * args.batch_size
-    achieved = flops / dt
-    print(f"[throughput] {samples / dt:,.1f} samples/s, {tokens / dt:,.0f} tokens/s "
-          f"({padded / dt:,.0f} padded tokens/s, padding {1 - tokens / padded:.1%}), {achieved / 1e12:.2f} TFLOP/s")
-    print(f"[throughput] MFU {achieved / args.peak_flops:.2%} of {args.peak_flops / 1e12:.0f} TFLOP/s "
-          f"(FLOPs/token = 4*N_linear + 2*N_trainable_linear + 12*L*S*d, N_linear={n_linear:,}, "
-          f"N_trainable_linear={n_train_linear:,}, L={L}, d={d})")
-    if device.type == "cuda":
-        print(f"[throughput] peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    del model, opt
+    tc, ml = cfg.train, cfg.model.max_length
+    tok = load_tokenizer(cfg)
+    train = load_data(cfg)["train"]
+    lengths = Tokens(encode(tok, train.texts, ml), tok.pad_token_id).lengths
+    per_epoch = math.ceil(len(lengths) / tc.batch_size)
+    padding = resolve_padding(tc.padding, "cuda" if torch.cuda.is_available() else "cpu")
+    flops = padded = real = 0.0
+    for step in steps:  # step s (1-based) ran batch s-1 of its epoch
+        epoch, i = divmod(step - 1, per_epoch)
+        rows = length_grouped_batches(lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length)[i]
+        w = padded_width(int(lengths[rows].max()), padding, ml)
+        flops += len(rows) * w * (4 * n_linear + 2 * n_train + 12 * L * w * d)
+        padded += len(rows) * w
+        real += float(lengths[rows].sum())
+    return flops, padded, real
 
 
-def widened_copy(model_dir: str) -> str:
-    """The model in fp32 in a temporary folder (an fp16 copy would otherwise load, and train, in fp16)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    out = tempfile.mkdtemp(prefix="minilm-fp32-")
-    AutoModel.from_pretrained(model_dir, dtype=torch.float32).save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    return out
-
-
-def accuracy(args) -> None:
+def throughput(out: Out, carry: Path, tokenizer_dir: str, smoke: bool, peak: float) -> None:
     from budgetlora.config import Config
-    from budgetlora.runs import read_json
+    from budgetlora.model import build
     from budgetlora.train import train
 
-    model_dir = widened_copy(args.model_dir)
-    overrides = {"model.name": model_dir, "train.epochs": 1.0, "train.lr": args.lr, "train.warmup": args.warmup,
-                 "train.batch_size": args.train_batch_size, "train.eval_every": args.eval_every}
-    if args.train_file:
-        overrides["data.train"] = args.train_file
-    if args.test_file:
-        overrides["data.test"] = args.test_file
-    if args.smoke:
-        overrides.update({"data.train_limit": 200, "data.test_limit": 100, "train.max_steps": 5,
-                          "model.max_length": 32, "train.eval_every": 5})
-    cfg = Config().replace(**overrides)
-    t = time.perf_counter()
-    run = train(cfg, root=tempfile.mkdtemp(prefix="gpu-check-"), force=True)
-    m = read_json(run / "metrics.json")
-    print(f"[accuracy] embedded MiniLM (all-MiniLM-L6-v2) LoRA, {m['steps']} steps "
-          f"(1 epoch{', smoke: capped' if args.smoke else ''}), lr {cfg.train.lr}, batch {cfg.train.batch_size}: "
-          f"val acc {m['val_accuracy']:.4f}, test acc {m['test_accuracy']:.4f} "
-          f"({sum(map(sum, m['test_confusion_matrix'])):,} rows), train {m['train_time_s']:.0f}s, "
-          f"end to end {time.perf_counter() - t:.0f}s")
+    steps = 6 if smoke else 80
+    plan = [(4, False)] if smoke else [(32, False), (128, False), (256, False), (512, False), (256, True)]
+    rows_out = []
+    for batch, compiled in plan:
+        cfg = Config().replace(**{
+            "name": f"throughput b{batch}{' compiled' if compiled else ''}",
+            "model.name": "roberta-base", "model.random_init": True, "model.tokenizer": tokenizer_dir,
+            "model.max_length": 128, "lora.r": 8, "lora.alpha": 16, "lora.targets": "q,v",
+            "data.train": str(carry / "train.csv.gz"), "data.test": str(carry / "test.csv.gz"),
+            "data.train_limit": batch * steps + 2000, "data.val_fraction": 0.02, "data.test_limit": 200,
+            "train.batch_size": batch, "train.max_steps": steps, "train.eval_every": steps,
+            "train.compile": compiled})
+        records = []
+        t = time.time()
+        try:
+            train(cfg, root=tempfile.mkdtemp(prefix="tp-"), force=True, on_record=records.append, **QUIET)
+        except Exception as e:  # one failed setting must not hide the others
+            out.log(f"[a] batch {batch} compile {compiled}: failed: {e.__class__.__name__}: {str(e)[:300]}")
+            continue
+        wall = time.time() - t
+        logged = [r for r in records if "train_loss" in r]
+        warm = 2 if smoke else (30 if compiled else 10)
+        first = next(r for r in logged if r["step"] >= warm)
+        last = logged[-1]
+        dt = last["elapsed_s"] - first["elapsed_s"]
+        model, _ = build(cfg)
+        n_linear, n_train = linear_params(model)
+        L, d = model.config.num_hidden_layers, model.config.hidden_size
+        del model
+        flops, padded, real = padded_row_flops(cfg, range(first["step"] + 1, last["step"] + 1), n_linear, n_train,
+                                               L, d)
+        sps = (last["step"] - first["step"]) * batch / dt
+        row = {"batch": batch, "compile": compiled, "samples_per_s": round(sps, 1),
+               "tokens_per_s": round(real / dt), "padding_share": round(1 - real / padded, 4),
+               "tflops": round(flops / dt / 1e12, 2), "mfu": round(flops / dt / peak, 4),
+               "timed_steps": last["step"] - first["step"], "first_steps_s": round(first["elapsed_s"], 2),
+               "run_wall_s": round(wall, 1)}
+        if torch.cuda.is_available():
+            row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats()
+        rows_out.append(row)
+        out.log(f"[a] roberta-base shapes, batch {batch}{' compiled' if compiled else ''}: {sps:,.0f} samples/s, "
+                f"MFU {row['mfu']:.2%}, padding {row['padding_share']:.1%}, first {first['step']} steps "
+                f"{first['elapsed_s']:.1f}s")
+        out.put("throughput", rows_out)
+
+
+# -- (b) MiniLM: accuracy, predictions, self-training ---------------------------------------------------------------
+def minilm(out: Out, carry: Path, model_dir: str, smoke: bool) -> None:
+    from budgetlora.config import Config
+    from budgetlora.predict import predict_file
+    from budgetlora.runs import read_json
+    from budgetlora.selftrain import self_train
+    from budgetlora.train import train
+
+    data = {"model.name": model_dir, "data.train": str(carry / "train.csv.gz"),
+            "data.test": str(carry / "test.csv.gz")}
+    if smoke:
+        data.update({"data.train_limit": 400, "data.test_limit": 200, "train.max_steps": 6, "model.max_length": 32})
+    gpu = Config.from_yaml(HERE.parent / "configs" / "minilm-gpu.yaml")
+    presets = {"cpu-default": Config(), "gpu-preset": gpu,
+               "gpu-batch256": gpu.replace(**{"train.batch_size": 256, "train.lr": 4e-3, "train.eval_every": 50})}
+    root = Path(tempfile.mkdtemp(prefix="minilm-"))
+    results, best = {}, None
+    for name, base in presets.items():
+        cfg = base.replace(**data, **({"train.eval_every": 3} if smoke else {}))
+        t = time.time()
+        run = train(cfg, root=root, force=True, **QUIET)
+        m = read_json(run / "metrics.json")
+        results[name] = {"batch": cfg.train.batch_size, "lr": cfg.train.lr, "steps": m["steps"],
+                         "train_time_s": m["train_time_s"], "wall_s": round(time.time() - t, 1),
+                         "val_accuracy": m["val_accuracy"], "test_accuracy": m["test_accuracy"],
+                         "test_rows": sum(map(sum, m["test_confusion_matrix"])), "run": run.name}
+        out.log(f"[b] MiniLM {name} (batch {cfg.train.batch_size}, lr {cfg.train.lr}): {m['steps']} steps, "
+                f"train {m['train_time_s']:.1f}s, val {m['val_accuracy']:.4f}, test {m['test_accuracy']:.4f}")
+        out.put("minilm", results)
+        if best is None or m["val_accuracy"] > results[best]["val_accuracy"]:
+            best = name
+    run = root / results[best]["run"]
+    comp = str(carry / "competition.csv.gz")
+    if smoke:  # the first 200 texts
+        import pandas as pd
+
+        comp = str(root / "competition-head.csv")
+        pd.read_csv(carry / "competition.csv.gz", nrows=200).to_csv(comp, index=False)
+    t = time.time()
+    labels = predict_file(run, comp, out.folder / "submission_plain.csv")
+    results["predict_plain"] = {"run": best, "rows": len(labels), "seconds": round(time.time() - t, 1),
+                                "label_counts": [int((labels == c).sum()) for c in range(4)]}
+    out.log(f"[b] predict ({best}) on {len(labels):,} competition texts: {results['predict_plain']}")
+    out.put("minilm", results)
+    t = time.time()
+    (child,) = self_train(run, comp, root / "self-train", rounds=1, threshold=0.9,
+                          overrides={"train.max_steps": 6} if smoke else None, **QUIET)
+    m = read_json(child / "metrics.json")
+    labels = predict_file(child, comp, out.folder / "submission_selftrain.csv")
+    results["self_train"] = {"seconds": round(time.time() - t, 1), "test_accuracy": m["test_accuracy"],
+                             "val_accuracy": m["val_accuracy"], "steps": m["steps"],
+                             "label_counts": [int((labels == c).sum()) for c in range(4)]}
+    out.log(f"[b] after one self-training round: {results['self_train']}")
+    out.put("minilm", results)
+
+
+# -- (c) the speed race ---------------------------------------------------------------------------------------------
+def race(out: Out, carry: Path, model_dir: str, smoke: bool) -> None:
+    size = ["--train-limit", "300", "--test-limit", "100", "--epochs", "1", "--ref-eval-steps", "0"] if smoke else \
+        ["--train-limit", "4000", "--test-limit", "1000", "--epochs", "2", "--ref-eval-steps", "20"]
+    sets = ["train.lr=2e-3", "train.epochs=1", "train.warmup=0.1", "lora.targets=q,v",
+            f"train.eval_every={4 if smoke else 10}", f"data.train={carry / 'train.csv.gz'}",
+            f"data.test={carry / 'test.csv.gz'}"] + (["train.max_steps=8"] if smoke else [])
+    cmd = [sys.executable, str(HERE / "speed.py"), "--model", model_dir, *size, "--set", *sets]
+    t = time.time()
+    with open(out.folder / "speed.txt", "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"}).returncode
+    lines = (out.folder / "speed.txt").read_text().splitlines()
+    ratios = [x.strip() for x in lines if x.startswith("  ")]
+    out.put("speed_race", {"exit": rc, "seconds": round(time.time() - t, 1), "ratios": ratios})
+    out.log(f"[c] speed race exit {rc} in {time.time() - t:.0f}s: " + "; ".join(ratios))
 
 
 def main(argv=None) -> None:
-    from budgetlora.architectures import resolve_name
-    from budgetlora.data import default_data_dir
-
-    data_dir = default_data_dir()
-    default_train = str(data_dir / "train.csv.gz") if data_dir and (data_dir / "train.csv.gz").is_file() else None
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny model and data, so that the script can be tried on CPU")
+    p.add_argument("--prepare", metavar="DIR", help="write the folder to carry to the GPU machine, then exit")
+    p.add_argument("--carry", metavar="DIR", help="the folder --prepare wrote")
+    p.add_argument("--out", metavar="DIR", help="where results land as they come")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, to try the script on a CPU")
     p.add_argument("--peak-flops", type=float, default=989e12, help="the card's dense bf16 peak (H100 SXM: 989e12)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=100, help="timed steps")
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lengths-from", default=default_train, help="train file whose token lengths are sampled")
-    p.add_argument("--model-dir", default="", help="MiniLM folder (default: the embedded copy)")
-    p.add_argument("--save-fp16", default="", metavar="DIR", help="write an fp16 copy of the MiniLM there and exit")
-    p.add_argument("--train-file", default="", help="train source (default: the shipped split)")
-    p.add_argument("--test-file", default="")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=float, default=0.06)
-    p.add_argument("--train-batch-size", type=int, default=32)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--skip", choices=["throughput", "accuracy"], action="append", default=[])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", choices=["throughput", "minilm", "race"], action="append", default=[])
     args = p.parse_args(argv)
-    args.model_dir = args.model_dir or resolve_name("minilm")
-    args.tokenizer_dir = args.model_dir
-    if args.save_fp16:
-        from transformers import AutoModel, AutoTokenizer
-
-        AutoModel.from_pretrained(args.model_dir, dtype=torch.float16).save_pretrained(args.save_fp16)
-        AutoTokenizer.from_pretrained(args.model_dir).save_pretrained(args.save_fp16)
-        print(f"wrote an fp16 copy of {args.model_dir} to {args.save_fp16}")
-        return
-    if args.smoke:
-        args.steps, args.warmup_steps, args.batch_size = min(args.steps, 3), min(args.warmup_steps, 1), 8
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
-          f"torch {torch.__version__}")
-    if "throughput" not in args.skip:
-        throughput(args, device)
-    if "accuracy" not in args.skip:
-        accuracy(args)
+    if args.prepare:
+        return prepare(args.prepare)
+    if not (args.carry and args.out):
+        p.error("--carry and --out are needed (or --prepare)")
+    out, carry = Out(args.out), Path(args.carry)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    out.put("machine", {"device": device, "torch": torch.__version__, "smoke": args.smoke})
+    out.log(f"device {device}, torch {torch.__version__}{', smoke sizes' if args.smoke else ''}")
+    model_dir = widened(carry)
+    steps = args.only or ["throughput", "minilm", "race"]
+    for name in steps:
+        t = time.time()
+        try:
+            if name == "throughput":
+                throughput(out, carry, model_dir, args.smoke, args.peak_flops)
+            elif name == "minilm":
+                minilm(out, carry, model_dir, args.smoke)
+            else:
+                race(out, carry, model_dir, args.smoke)
+        except Exception as e:  # later steps still run; the failure is on record
+            out.log(f"[{name}] failed after {time.time() - t:.0f}s: {e.__class__.__name__}: {str(e)[:500]}")
+            out.put(f"{name}_error", f"{e.__class__.__name__}: {str(e)[:500]}")
 
 
 if __name__ == "__main__":

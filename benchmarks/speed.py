@@ -1,4 +1,5 @@
-"""Wall-clock race on the same data, encoder and machine, in one process:
+"""Wall-clock race on the same data, encoder and machine, each contender in its own process (one after the other,
+so neither inherits the other's threads, caches or accelerator state):
 
 (a) the reference recipe: HF Trainer + peft LoRA (r=10, alpha=32, query/value, head in modules_to_save), dynamic
     padding with truncation at 512, random batches of 32, lr 2e-4, warmup 0.1, weight decay 0.01, linear decay,
@@ -16,15 +17,18 @@ in eval mode and from a sequential sampler, so it changes neither the weights no
 (b)'s times come from its history.csv (elapsed_s) and do include its own periodic validation.
 
     python benchmarks/speed.py --train-limit 2000 --test-limit 1000 --epochs 2
+    python benchmarks/speed.py --model DIR --set data.train=train.csv.gz data.test=test.csv.gz   # a model folder
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import gc
+import json
 import math
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import threading
@@ -71,6 +75,15 @@ class PeakRSS:
         self._thread.join()
         self.peak = max(self.peak, self.now())
 
+    def as_dict(self) -> dict:
+        return {"peak": self.peak, "start": self.start}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PeakRSS":
+        m = cls()
+        m.peak, m.start = d["peak"], d["start"]
+        return m
+
 
 def first_reaching(points: list[tuple[float, float]], target: float) -> float | None:
     """Earliest time of an evaluation whose accuracy is at least the target (no interpolation)."""
@@ -82,7 +95,6 @@ def first_reaching(points: list[tuple[float, float]], target: float) -> float | 
 
 # -- (a) the reference recipe --------------------------------------------------------------------------------------
 def run_reference(data, args) -> dict:
-    from datasets import Dataset
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainerCallback, TrainingArguments)
@@ -94,9 +106,10 @@ def run_reference(data, args) -> dict:
     path = resolve_name(args.model)
     tok = AutoTokenizer.from_pretrained(path)
 
-    def ds(split):
-        d = Dataset.from_dict({"text": split.texts, "label": split.labels.tolist()})
-        return d.map(lambda b: tok(b["text"], truncation=True, max_length=512), batched=True, remove_columns=["text"])
+    def ds(split):  # a list of feature dicts is a map-style dataset to Trainer: no `datasets` package needed
+        enc = tok(split.texts, truncation=True, max_length=512)
+        return [{"input_ids": i, "attention_mask": m, "label": int(y)}
+                for i, m, y in zip(enc["input_ids"], enc["attention_mask"], split.labels)]
 
     train_ds, val_ds, test_ds = ds(data["train"]), ds(data["val"]), ds(data["test"])
     torch.manual_seed(args.seed)
@@ -219,7 +232,9 @@ def main(argv=None) -> None:
     p.add_argument("--ref-eval-steps", type=int, default=10, help="extra (clock-corrected) reference evaluations every N steps (0 = per epoch only)")
     p.add_argument("--ref-eval-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
-    p.add_argument("--only", choices=["both", "ref", "budgetlora"], default="both")
+    p.add_argument("--only", choices=["both", "ref", "budgetlora"], default="both",
+                   help="both: each contender in a child process of its own, then the comparison")
+    p.add_argument("--result-json", default=None, help=argparse.SUPPRESS)  # where a child process leaves its result
     p.add_argument("--target", type=float, default=None, help="target accuracy when the reference is not run")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="budgetlora config overrides, e.g. train.lr=2e-3 train.eval_every=5")
@@ -231,26 +246,36 @@ def main(argv=None) -> None:
                               "data.test_limit": args.test_limit, "data.val_fraction": args.val_fraction,
                               "train.seed": args.seed})
     cfg = cfg.replace(**dict(kv.split("=", 1) for kv in args.set))
-    data = load_data(cfg)
-    print(f"model {args.model}; train {len(data['train'])} / val {len(data['val'])} / test {len(data['test'])} rows; "
-          f"torch threads {torch.get_num_threads()}; attention {attn_impl(cfg)}", flush=True)
+    data = load_data(cfg) if args.only != "both" else None
+    if data is None:
+        print(f"model {args.model}; each contender in its own process", flush=True)
+    else:
+        print(f"model {args.model}; train {len(data['train'])} / val {len(data['val'])} / test {len(data['test'])} "
+              f"rows; torch threads {torch.get_num_threads()}; attention {attn_impl(cfg)}", flush=True)
     tc, mc = cfg.train, cfg.model
     print(f"budgetlora settings: lr {tc.lr}, schedule {tc.schedule}, warmup {tc.warmup}, batch {tc.batch_size}, "
           f"epochs {tc.epochs}, eval_every {tc.eval_every}, max_length {mc.max_length}, r {cfg.lora.r}, "
           f"alpha {cfg.lora.alpha}, targets {','.join(cfg.lora.targets)}, dropout {cfg.lora.dropout}", flush=True)
 
     res, mem = {}, {}
-    if args.only in ("both", "ref"):
+    if args.only == "both":  # one child process per contender, one after the other
+        for key, only in (("ref", "ref"), ("bl", "budgetlora")):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "result.json"
+                subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+                                "--only", only, "--result-json", str(out)], check=True)
+                got = json.loads(out.read_text())
+            res[key], mem[key] = got["result"], PeakRSS.from_dict(got["memory"])
+            print(f"{'(a) reference' if key == 'ref' else '(b) budgetlora'} done: {res[key]['train_s']:.1f}s",
+                  flush=True)
+    else:
+        key = "ref" if args.only == "ref" else "bl"
         with PeakRSS() as m:
-            res["ref"] = run_reference(data, args)
-        mem["ref"] = m
-        gc.collect()
-        print(f"(a) reference done: {res['ref']['train_s']:.1f}s", flush=True)
-    if args.only in ("both", "budgetlora"):
-        with PeakRSS() as m:
-            res["bl"] = run_budgetlora(data, args, cfg)
-        mem["bl"] = m
-        print(f"(b) budgetlora done: {res['bl']['train_s']:.1f}s", flush=True)
+            res[key] = run_reference(data, args) if key == "ref" else run_budgetlora(data, args, cfg)
+        mem[key] = m
+        if args.result_json:
+            Path(args.result_json).write_text(json.dumps({"result": res[key], "memory": m.as_dict()}))
+            return
 
     target = res["ref"]["final_val"] if "ref" in res else args.target
     rows = []
@@ -287,8 +312,7 @@ def main(argv=None) -> None:
         print(f"  final val accuracy   {b['final_val'] - a['final_val']:+.4f}; test accuracy "
               f"{b['test_acc'] - a['test_acc']:+.4f}")
         rise = {k: mem[k].peak - mem[k].start for k in mem}
-        print(f"  peak RSS rise        x{rise['bl'] / max(1, rise['ref']):.2f} (understated for (b): it reuses memory "
-              "that (a) freed; --only budgetlora measures it alone)")
+        print(f"  peak RSS rise        x{rise['bl'] / max(1, rise['ref']):.2f}")
     sys.stdout.flush()
 
 

@@ -62,7 +62,12 @@ def make_accelerator(tc):
     if torch.cuda.is_available():  # TF32 for what autocast leaves in fp32 (loss, head): same speed class as bf16
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(mixed_precision=precision(tc), cpu=not torch.cuda.is_available())
+    if tc.compile:  # one graph per (batch, width) shape: bucketed widths keep that a handful, under this limit
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+    return Accelerator(mixed_precision=precision(tc), cpu=not torch.cuda.is_available(),
+                       dynamo_backend="inductor" if tc.compile else "no")
 
 
 def prepare_training(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0):

@@ -1,0 +1,66 @@
+"""The loop's GPU hygiene, checked on a CPU: bucketed widths change no logit, batches are slices of one matrix, and
+the loss is read from the device only at logging points."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from budgetlora.data import WIDTH_LADDER, Tokens, padded_width
+from budgetlora.evaluate import logits_for_ids
+from budgetlora.predict import load_run
+from budgetlora.train import train
+
+from .conftest import tiny_config
+
+
+def test_bucketed_widths_are_few_and_bounded():
+    widths = {padded_width(n, "buckets", 128) for n in range(1, 129)}
+    assert widths <= set(WIDTH_LADDER) | {128} and len(widths) <= 7
+    for n in range(1, 129):
+        w = padded_width(n, "buckets", 128)
+        assert n <= w <= max(16, 1.5 * n) and w <= 128
+        assert padded_width(n, "longest", 128) == n
+
+
+def test_tokens_batch_pads_and_masks():
+    ids = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    tokens = Tokens(ids, pad_id=0)
+    b = tokens.batch([2, 0], "longest")
+    assert b["input_ids"].tolist() == [[9, 10, 11, 12, 13], [5, 6, 7, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    b = tokens.batch([1], "buckets", max_length=64)
+    assert b["input_ids"].shape == (1, 16) and b["attention_mask"].sum() == 1
+
+
+def test_bucketed_padding_changes_no_prediction(tiny_run):
+    loaded = load_run(tiny_run, verify=False)
+    texts = ["Stocks fell.", "The striker scored twice in the final minutes of a tense derby.", "New chip."] * 5
+    ids = loaded.tokenizer(texts, truncation=True, max_length=32)["input_ids"]
+    pad = loaded.tokenizer.pad_token_id
+    longest = logits_for_ids(loaded.model, ids, 4, pad, padding="longest")
+    buckets = logits_for_ids(loaded.model, ids, 4, pad, padding="buckets")
+    np.testing.assert_allclose(buckets, longest, atol=1e-5)
+
+
+def test_loop_reads_the_loss_only_at_logging_points(small_csvs, tmp_path, monkeypatch):
+    """20 steps logged every 2: the loop itself moves a value from the device to the host once per logging point
+    (the optimizer's own reads are the library's business and differ between CPU and GPU kernels)."""
+    import budgetlora.loop as loop_module
+
+    reads = {"n": 0}
+    original = torch.Tensor.__float__
+
+    def counted(self):
+        if sys._getframe(1).f_code.co_filename == loop_module.__file__:
+            reads["n"] += 1
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "__float__", counted)
+    records = []
+    cfg = tiny_config(small_csvs, **{"train.max_steps": 20, "train.eval_every": 20, "train.padding": "buckets"})
+    train(cfg, root=tmp_path, on_record=records.append, log=lambda *a, **k: None)
+    logged = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in logged] == list(range(2, 21, 2))
+    assert reads["n"] == len(logged)
