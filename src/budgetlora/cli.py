@@ -24,7 +24,12 @@ def cmd_train(args) -> int:
     from .train import train
 
     cfg = config_mod.from_flags(args)
-    out = train(cfg, root=args.runs, force=args.force)
+    if args.track:
+        from .track import train_tracked
+
+        out = train_tracked(cfg, args.track, root=args.runs, force=args.force)
+    else:
+        out = train(cfg, root=args.runs, force=args.force)
     m = json.loads((out / "metrics.json").read_text())
     print(f"test accuracy {m['test_accuracy']:.4f} ({cfg.model.name}, {m['trainable_params']:,} trainable params) "
           f"-> {out}")
@@ -45,15 +50,18 @@ def cmd_predict(args) -> int:
     from .predict import predict_file
 
     labels = predict_file(args.run, args.input, args.output, prior_correction=args.prior_correction,
-                          base=args.base)
+                          base=args.base, max_length=args.max_length)
     counts = dict(enumerate(np.bincount(labels).tolist()))
     print(f"wrote {len(labels):,} predictions to {args.output} (label counts {counts})")
-    if args.prior_correction:
+    if args.prior_correction != "off":
         from .adapt import priors_path
 
         est = json.loads(priors_path(args.output).read_text())
-        print(f"estimated class priors {est['priors']} (trained under {est['train_priors']}; "
-              f"{est['iterations']} EM iterations) -> {priors_path(args.output)}")
+        d = est["decision"]
+        print(f"estimated class priors {est['priors']} (EM; BBSE {(est['bbse'] or {}).get('priors')}; trained "
+              f"under {est['train_priors']}) -> {priors_path(args.output)}")
+        print(f"prior correction {'applied' if d['apply'] else 'not applied'} ({d['mode']}): "
+              + "; ".join(d["reasons"]))
     return 0
 
 
@@ -62,9 +70,11 @@ def cmd_self_train(args) -> int:
 
     overrides = {k: v for k, v in {"train.epochs": args.epochs, "train.max_steps": args.max_steps,
                                    "train.lr": args.lr}.items() if v is not None}
-    made = self_train(args.run, args.unlabelled, args.out, rounds=args.rounds, threshold=args.threshold, base=args.base,
+    threshold = args.threshold if args.threshold is not None else (0.0 if args.share else 0.9)
+    made = self_train(args.run, args.unlabelled, args.out, rounds=args.rounds, threshold=threshold, base=args.base,
                       balance=args.balance, max_per_class=args.max_per_class,
-                      prior_correction=args.prior_correction, overrides=overrides)
+                      prior_correction=args.prior_correction, overrides=overrides, share=args.share, mix=args.mix,
+                      max_val_drop=args.max_val_drop)
     for path in made:
         m = json.loads((path / "metrics.json").read_text())
         print(f"test accuracy {m['test_accuracy']:.4f} ({m['trainable_params']:,} trainable params) -> {path}")
@@ -112,6 +122,28 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_shift(args) -> int:
+    from .shift import shift_report
+
+    result, files = shift_report(args.run, args.target, args.out or f"{args.run.rstrip('/')}/shift",
+                                 max_length=args.max_length, base=args.base)
+    print("\n".join(result.report["advice"]))
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from .submit import submit
+
+    rep = submit(config_mod.from_flags(args), args.target, args.output, root=args.runs, rounds=args.rounds,
+                 share=args.share, mix=args.mix, steps=args.steps, lr=args.st_lr, max_val_drop=args.max_val_drop,
+                 prior_correction=args.prior_correction, max_length=args.max_length)
+    print("\n".join(rep["summary"]))
+    print(f"report: {args.output}.report.txt / .report.json")
+    return 0
+
+
 def add_base_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, metavar="PATH",
                    help="where the run's base model lives now, if it was trained on a local folder that has moved")
@@ -133,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_mod.add_flags(p)
     p.add_argument("--runs", default="runs", help="folder holding run folders")
     p.add_argument("--force", action="store_true", help="retrain even if this run id already finished")
+    p.add_argument("--track", choices=("tensorboard", "mlflow"), default=None,
+                   help="log train loss, learning rate, validation and final test metrics as the run goes, to "
+                        "RUNS/tensorboard/<run id>/ or the MLflow store RUNS/mlflow.db (does not change the run id)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a saved run on its test split or another labelled file")
@@ -146,9 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_flag(p)
     p.add_argument("--input", required=True, help="texts to label (.csv/.csv.gz/.parquet/.pkl with a text column)")
     p.add_argument("--output", required=True, help="CSV to write (ID,Label)")
-    p.add_argument("--prior-correction", action="store_true",
-                   help="re-estimate the input's class priors (EM) and correct the posteriors; writes "
-                        "OUTPUT.priors.json")
+    p.add_argument("--prior-correction", nargs="?", const="auto", default="off", choices=("auto", "on", "off"),
+                   help="correct the posteriors for the input's class priors: auto (the flag alone) only where EM "
+                        "and BBSE agree and the texts did not move, on = always, off = argmax (default); writes "
+                        "OUTPUT.priors.json with the estimates and the decision")
+    p.add_argument("--max-length", type=int, default=0,
+                   help="tokens read per text (0 = the run's model.max_length; 256 reads long texts further)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("self-train", help="pseudo-label confident unlabelled texts and continue training the "
@@ -158,7 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabelled", required=True, help="texts to pseudo-label (.csv/.csv.gz/.parquet/.pkl)")
     p.add_argument("--out", default="runs", help="folder for the new run folders")
     p.add_argument("--rounds", type=int, default=1, help="self-training rounds, each from the previous round's run")
-    p.add_argument("--threshold", type=float, default=0.9, help="minimum predicted probability to pseudo-label")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="minimum predicted probability to pseudo-label (default 0.9, or 0 with --share)")
+    p.add_argument("--share", type=float, default=0.0,
+                   help="pseudo-label each predicted class's most confident share of rows, e.g. 0.3 (0 = off)")
+    p.add_argument("--mix", type=float, default=0.0,
+                   help="repeat pseudo rows to about this share of the training rows, e.g. 0.3 (0 = as they come)")
+    p.add_argument("--max-val-drop", type=float, default=None,
+                   help="refuse a round whose validation accuracy falls more than this below its parent's "
+                        "(and stop there); default: keep every round")
     p.add_argument("--balance", type=config_mod.parse_bool, default=True, metavar="BOOL",
                    help="same number of pseudo labels per predicted class, most confident first (default true)")
     p.add_argument("--max-per-class", type=int, default=0,
@@ -214,13 +260,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="leaderboard, ablation plots and report.html for a folder of runs")
     p.add_argument("dir", help="a sweep folder or any folder containing run folders")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("shift", help="compare a target file with a run's training data: lengths, vocabulary, "
+                                     "confidence, class shares, separability; PNG + JSON + advice")
+    p.add_argument("run")
+    add_base_flag(p)
+    p.add_argument("--target", required=True, help="texts to compare (.csv/.csv.gz/.parquet/.pkl)")
+    p.add_argument("--out", default="", help="folder for shift.json, shift.png, advice.txt (default RUN/shift)")
+    p.add_argument("--max-length", type=int, default=0, help="tokens read per text (0 = the run's max_length)")
+    p.set_defaults(func=cmd_shift)
+
+    p = sub.add_parser("submit", help="train, adapt to a target file (gated self-training and prior correction), "
+                                      "predict and write ID,Label with a report of what was done")
+    config_mod.add_flags(p)
+    p.add_argument("--target", required=True, help="the texts to label (.csv/.csv.gz/.parquet/.pkl)")
+    p.add_argument("--output", required=True, help="submission CSV to write (ID,Label)")
+    p.add_argument("--runs", default="runs", help="folder holding run folders")
+    p.add_argument("--rounds", type=int, default=1, help="self-training rounds on the target texts (0 = none)")
+    p.add_argument("--share", type=float, default=0.3, help="self-training: top share of each predicted class")
+    p.add_argument("--mix", type=float, default=0.25, help="self-training: pseudo rows' share of the training rows")
+    p.add_argument("--steps", type=int, default=300, help="self-training: optimizer steps per round")
+    p.add_argument("--st-lr", type=float, default=5e-4, help="self-training: learning rate of a round")
+    p.add_argument("--max-val-drop", type=float, default=0.005,
+                   help="self-training round gate: largest validation accuracy loss a kept round may have")
+    p.add_argument("--prior-correction", choices=("auto", "on", "off"), default="auto",
+                   help="auto (default): only where EM and BBSE agree and the texts did not move")
+    p.add_argument("--max-length", type=int, default=0, help="tokens read per target text (0 = the config's)")
+    p.set_defaults(func=cmd_submit)
     return parser
 
 
 # errors answered with one line. Each class is looked up only once something was raised, and only in modules
 # already imported (the one that raised it is), so a command that needs no torch (serve --backend onnx) loads none.
 EXPECTED_ERRORS = [("architectures", "ModelNotFound"), ("data", "DataError"), ("export", "ExportError"),
-                   ("model", "AdapterError"), ("predict", "VerificationError")]
+                   ("model", "AdapterError"), ("predict", "VerificationError"), ("loop", "CheckpointError")]
 
 
 def _expected_errors() -> tuple:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +120,9 @@ def _read_pickle(path: Path):
     if isinstance(obj, pd.DataFrame):
         return obj
     if isinstance(obj, (dict, list)):
-        return pd.DataFrame(obj)
+        with warnings.catch_warnings():  # ragged rows: pandas pads them now and will refuse them later; both fine
+            warnings.simplefilter("ignore")
+            return pd.DataFrame(obj)
     raise DataError(f"{path}: holds a {type(obj).__name__}, not a table (a datasets.Dataset, DataFrame, dict of "
                     "columns or list of rows)")
 
@@ -158,21 +161,21 @@ def _check_swallowed(df, path: Path, encoding: str) -> None:
     """A stray quote that is closed far below makes one field of many lines and the file 'reads' fine with a
     handful of rows. Legitimate texts can span lines, so only a field that swallowed at least half of the file,
     most of its lines looking like CSV rows themselves, is treated as the symptom of an unbalanced quote."""
-    worst, where = 0, None
-    for col in df.columns:
-        counts = df[col].str.count("\n")
+    worst, where = 0, (0, 0)
+    for j in range(df.shape[1]):
+        counts = df.iloc[:, j].astype(str).str.count("\n").to_numpy()
         if len(counts) and counts.max() > worst:
-            worst, where = int(counts.max()), (int(counts.idxmax()), col)
+            worst, where = int(counts.max()), (int(counts.argmax()), j)
     if worst < 2:
         return
     lines = _count_lines(path, encoding)
-    field = str(df.at[where[0], where[1]])
-    inner = field.split("\n")[1:]
+    inner = str(df.iat[where]).split("\n")[1:]
     rowlike = sum("," in line for line in inner)
     if (worst + 1) * 2 >= lines - 1 and rowlike * 2 >= len(inner):
+        column = str(df.columns[where[1]])
         raise DataError(f"{path}: {len(df):,} row(s) read from {lines:,} lines: the field in row {where[0]}, column "
-                        f"{where[1]!r}, runs over {worst + 1:,} lines, most of them rows of their own; an "
-                        "unbalanced quote (\") there has swallowed them")
+                        f"{column!r}, runs over {worst + 1:,} lines, most of them rows of their own; an unbalanced "
+                        "quote (\") there has swallowed them")
 
 
 def _maybe_original_agnews(df, path):
@@ -200,11 +203,24 @@ def _read_hub(name: str, split: str):
 
 def _column(df, name: str, source: str):
     if name not in df.columns:
-        raise DataError(f"{source}: no {name!r} column (columns: {', '.join(map(str, df.columns))})")
+        cols = [repr(str(c))[:60] for c in df.columns[:20]]  # repr: a name holding a newline stays on one line
+        more = f" and {len(df.columns) - 20} more" if len(df.columns) > 20 else ""
+        raise DataError(f"{source}: no {name!r} column (columns: {', '.join(cols)}{more})")
     col = df[name]
     if getattr(col, "ndim", 1) != 1:
         raise DataError(f"{source}: more than one column named {name!r}")
     return col
+
+
+def _as_text(v) -> str:
+    """A cell as text; a missing cell (None, NaN, NA) becomes "" and is then reported as an empty text."""
+    import pandas as pd
+
+    if isinstance(v, str):
+        return v
+    if pd.api.types.is_scalar(v) and pd.isna(v):
+        return ""
+    return str(v)
 
 
 def _as_int_labels(raw, source: str) -> np.ndarray:
@@ -230,7 +246,7 @@ def to_split(df, source: str, text_column: str, label_column: str, num_labels: i
     """Validate a table: at least one row, text column present, texts non-empty, labels integers in
     [0, num_labels). A table with no rows is an error, for training and prediction alike: an empty submission or
     an empty split is never what was meant."""
-    texts = _column(df, text_column, source).astype(str).tolist()
+    texts = [_as_text(v) for v in _column(df, text_column, source).tolist()]
     if not texts:
         raise DataError(f"{source}: no rows (a header only?)")
     empty = [i for i, t in enumerate(texts) if not t.strip() or t == "nan"]

@@ -31,6 +31,10 @@ class Interrupted(Exception):
     """Raised by the `stop_after` hook, to test that a killed run resumes exactly."""
 
 
+class CheckpointError(RuntimeError):
+    """A resume checkpoint that cannot be loaded safely."""
+
+
 # -- the pieces of one step ---------------------------------------------------------------------------------------
 def make_optimizer(model, tc, b_lr_ratio: float = 1.0) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
@@ -229,22 +233,55 @@ def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, model, optimizer, scheduler, state) -> None:
-    blob = {"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "state": state, "torch_rng": torch.get_rng_state(),
+    """Everything a resume needs, in forms `torch.load(weights_only=True)` accepts (tensors, numbers, strings,
+    lists, dicts): a checkpoint is loaded without letting its pickle call anything."""
+    blob = {"trainable": trainable_state(model), "optimizer": _plain(optimizer.state_dict()),
+            "scheduler": _plain(scheduler.state_dict()), "state": _plain(state), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python_rng": random.getstate(), "numpy_rng": np.random.get_state()}
+            "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state()}
     with runs.atomic_path(path) as tmp:
         torch.save(blob, tmp)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    blob = torch.load(path, weights_only=False)
+    import pickle
+
+    try:
+        blob = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a checkpoint this version can load safely ({str(e).splitlines()[0][:200]});"
+                           " delete it to train from the start") from None
     load_trainable(model, blob["trainable"])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     if blob["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
-    random.setstate(blob["python_rng"])
-    np.random.set_state(blob["numpy_rng"])
+    version, internal, gauss = blob["python_rng"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = blob["numpy_rng"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     return blob["state"]
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()  # 625 words of 32 bits: exact in int64
+    return [version, torch.tensor(internal, dtype=torch.int64), gauss]
+
+
+def _numpy_rng_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _plain(obj):
+    """numpy scalars and arrays (metrics, history entries) as Python numbers and tensors; the rest unchanged."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

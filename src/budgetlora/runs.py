@@ -42,10 +42,27 @@ def atomic_path(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes the file 0600; a file written in place would be 0666 less the umask, and so is this one
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the kernel reports it (setting it to read it back
+    would leave other threads a moment of umask 0)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: Path, text: str) -> None:
@@ -69,13 +86,18 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
-def save_adapter(model, path: Path) -> None:
-    """peft's save_pretrained into a temporary folder, then each file renamed into the run folder."""
+def save_adapter(model, path: Path, convert=None) -> None:
+    """peft's save_pretrained into a temporary folder, then each file renamed into the run folder.
+
+    convert: called with the temporary folder before anything is renamed (methods.save_adapter rewrites a
+    PiSSA/OLoRA adapter there into a plain LoRA on the original base)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=path))
     try:
         model.save_pretrained(tmp)
+        if convert is not None:
+            convert(tmp)
         for name in ADAPTER_FILES:
             os.replace(tmp / name, path / name)
     finally:

@@ -8,11 +8,14 @@ merged into the next one, so throughput grows with concurrency instead of queuei
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -22,7 +25,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model, field_validator
 
 from . import runs
-from .api import Classifier
+
+if TYPE_CHECKING:  # only for annotations: the ONNX backend serves without importing torch (which api pulls in)
+    from .api import Classifier
 
 INFO_METRICS = ("val_accuracy", "val_loss", "val_macro_f1", "test_accuracy", "test_loss", "test_macro_f1",
                 "trainable_params", "budget", "steps", "best_step", "train_time_s", "wall_time_s")
@@ -214,16 +219,30 @@ def request_model(limits: Limits) -> type[BaseModel]:
     )
 
 
-def run_info(classifier: Classifier) -> dict:
-    """What /info reports about the run: base model, adapter config, size and metrics."""
+def _public(name_or_path: str | None, show_paths: bool) -> str | None:
+    """A hub id as it is; a local path cut to its last folder, so that clients do not learn the server's layout."""
+    if not name_or_path or show_paths:
+        return name_or_path
+    p = Path(name_or_path)
+    local = p.is_absolute() or p.exists() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    return p.name if local else name_or_path
+
+
+def run_info(classifier: Classifier, show_paths: bool = False) -> dict:
+    """What /info reports about the run: base model, adapter config, size and metrics. Paths on the server are
+    reduced to their last folder's name unless `show_paths` (the operator's choice, `serve --show-paths`)."""
+    if hasattr(classifier, "info"):  # an ONNX export describes itself: it has no adapter_config.json
+        return classifier.info(show_paths)
     path = classifier.path
     adapter = runs.read_json(path / "adapter_config.json")
     metrics = runs.read_json(path / runs.METRICS) if (path / runs.METRICS).is_file() else {}
     cfg = classifier.run.cfg
+    base_path = _public(adapter.get("base_model_name_or_path"), show_paths)
+    adapter = {**adapter, "base_model_name_or_path": base_path}
     return {
-        "run": str(path), "run_id": metrics.get("run_id", cfg.run_id), "name": cfg.name,
-        "base_model": {"name": cfg.model.name, "path": adapter.get("base_model_name_or_path"),
-                       "max_length": cfg.model.max_length},
+        "run": str(path.resolve()) if show_paths else path.resolve().name,
+        "run_id": metrics.get("run_id", cfg.run_id), "name": cfg.name,
+        "base_model": {"name": cfg.model.name, "path": base_path, "max_length": cfg.model.max_length},
         "class_names": classifier.class_names,
         "trainable_params": metrics.get("trainable_params"),
         "metrics": {k: metrics[k] for k in INFO_METRICS if k in metrics},
@@ -246,10 +265,10 @@ def _error_text(errors: list[dict]) -> str:
 
 
 def create_app(classifier: Classifier, max_batch: int = 64, max_texts: int = 256, max_chars: int = 10_000,
-               max_body_bytes: int = 0, batch_wait_ms: float = 2.0) -> FastAPI:
+               max_body_bytes: int = 0, batch_wait_ms: float = 2.0, show_paths: bool = False) -> FastAPI:
     limits = Limits(max_batch, max_texts, max_chars, max_body_bytes, batch_wait_ms)
     PredictRequest = request_model(limits)
-    info = run_info(classifier)
+    info = run_info(classifier, show_paths=show_paths)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -291,15 +310,33 @@ def create_app(classifier: Classifier, max_batch: int = 64, max_texts: int = 256
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, verify: bool = True, log_level: str = "info",
-          **limits) -> None:
+          base: str | None = None, backend: str = "torch", **limits) -> None:
     import uvicorn
 
-    from .api import load
-
     t0 = time.perf_counter()
-    classifier = load(run, verify=verify)
+    if backend == "onnx":  # an `export --onnx` folder on onnxruntime: torch is never imported
+        from .onnx_serve import load_onnx
+
+        classifier = load_onnx(run)
+    else:
+        from .api import load
+
+        classifier = load(run, verify=verify, base=base)
     print(f"loaded {classifier.path} in {time.perf_counter() - t0:.1f}s; serving on http://{host}:{port} "
           f"(docs at /docs)", flush=True)
-    uvicorn.run(create_app(classifier, **limits), host=host, port=port, log_level=log_level)
+    # SIGTERM: uvicorn stops accepting, lets the requests in flight finish, stops the batcher, and then raises the
+    # signal again under the handler in place before it started. This one turns that into a normal exit (status
+    # 0): the stop was clean, and a supervisor should not read it as a crash.
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly) if main else None
+    try:
+        uvicorn.run(create_app(classifier, **limits), host=host, port=port, log_level=log_level)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(sig, frame) -> None:
+    raise SystemExit(0)
 
 

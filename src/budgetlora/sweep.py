@@ -10,6 +10,9 @@ Spec format (YAML)::
     grid:                           # exhaustive: dotted field -> list of values (Optuna's GridSampler)
       lora.r: [4, 8, 16]
       lora.targets: ["q,v", "q,k,v,o"]   # list-valued fields take comma strings
+    variants:                       # optional: named sets of overrides, swept as one more key `variant`
+      vera: {method: vera}          # (crossed with the grid, or one more choice of the search)
+      dora: {lora.dora: true}
     # or
     search:                         # sampled by TPE: dotted field -> a range or a set of choices
       train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}
@@ -17,9 +20,12 @@ Spec format (YAML)::
       lora.targets: {choices: ["q,v", "q,k,v"]}
     n_trials: 20                    # search: how many trials in total; grid: optional cap (default: the grid)
     objective: val_accuracy         # a key of the run's metrics.json; maximised (minimised if it names a loss)
-    max_rank: false                 # true: lora.r becomes the largest rank that fits the budget
+    max_rank: false                 # true: the method's size (lora.r, adalora.init_r, vera.r, loha.r, lokr.r)
+                                    # becomes the largest that fits the budget; `fill:` is the same key
     runs: sweeps/<stem>/runs        # where run folders go (default shown); relative to the working directory
     seed: 0                         # sampler seed
+    heartbeat_s: 10                 # a worker records a heartbeat this often while a trial runs, and a RUNNING
+    grace_s: 60                     # trial silent for grace_s belongs to a dead worker: failed, then retried
 
 Every trial plans its config first: one over the budget is pruned (its planned total kept as the user attribute
 `trainable_params`) before any weight loads. Trials map to run ids, so a config that already finished, in this
@@ -28,6 +34,11 @@ interrupted sweep resumes by rerunning the same command (the study is stored in 
 any SQLAlchemy URL given with `--storage`, so several machines can share one study). A trial that raises is
 recorded FAIL with its error as the user attribute `error`, and the sweep goes on; grid points that failed are
 retried once when the sweep is rerun.
+
+A worker killed mid-trial (SIGKILL, a lost machine) leaves its trial RUNNING with a heartbeat that stops. Any
+worker of the study that is still alive fails it once the heartbeat is `grace_s` old and queues it again (up to
+two retries); a worker with nothing left to draw waits for the RUNNING trials of others instead of leaving, so the
+retry is taken and the sweep completes.
 """
 from __future__ import annotations
 
@@ -51,7 +62,10 @@ from .config import Config, ConfigError
 DEFAULT_ROOT = "sweeps"
 HEARTBEAT_S = 10  # a worker writes a heartbeat this often while a trial runs ...
 GRACE_S = 60  # ... and a RUNNING trial silent for this long belongs to a dead worker: failed, then retried
-SPEC_KEYS = {"base", "set", "grid", "search", "n_trials", "objective", "max_rank", "runs", "seed", "name"}
+VARIANT = "variant"  # the swept key that picks one of the spec's named `variants:`
+SPEC_KEYS = {"base", "set", "grid", "search", "n_trials", "objective", "max_rank", "fill", "variants", "runs", "seed",
+             "name",
+             "heartbeat_s", "grace_s"}
 
 Runner = Callable[[Config, Path], Path]  # (config, runs folder) -> the finished run folder
 
@@ -68,6 +82,9 @@ class Spec:
     runs: Path
     folder: Path  # sweeps/<name>: study.db, report, tracking logs
     seed: int = 0
+    heartbeat_s: int = HEARTBEAT_S
+    grace_s: int = GRACE_S
+    variants: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> dotted overrides
 
     @property
     def direction(self) -> str:
@@ -81,7 +98,8 @@ class Spec:
     def fingerprint(self) -> str:
         """What makes two specs the same study: the space and the base, not the trial count."""
         return json.dumps({"base": self.base.run_id, "grid": self.grid, "search": self.search,
-                           "max_rank": self.max_rank, "objective": self.objective}, sort_keys=True)
+                           "max_rank": self.max_rank, "objective": self.objective,
+                           **({"variants": self.variants} if self.variants else {})}, sort_keys=True)
 
 
 def _resolve(ref: str, spec_dir: Path) -> Path:
@@ -110,9 +128,17 @@ def load_spec(path: str | Path, root: str | Path = DEFAULT_ROOT) -> Spec:
     if d.get("set"):
         cfg = cfg.replace(**d["set"])
     grid, search = d.get("grid") or {}, d.get("search") or {}
+    variants = _variants(d.get("variants"), cfg, path)
+    if variants:  # one more swept key whose values each set several fields (e.g. a method and its options)
+        if search:
+            search = {**search, VARIANT: {"choices": list(variants)}}
+        else:
+            grid = {**grid, VARIANT: list(variants)}
     if bool(grid) == bool(search):
         raise ConfigError(f"{path}: give exactly one of `grid:` or `search:`")
     for key, values in grid.items():
+        if key == VARIANT:
+            continue
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: grid.{key} must be a non-empty list")
         for v in values:
@@ -120,6 +146,8 @@ def load_spec(path: str | Path, root: str | Path = DEFAULT_ROOT) -> Spec:
                 raise ConfigError(f"{path}: grid.{key}: {v!r} is not a scalar (write lists as 'a,b' strings)")
             cfg.replace(**{key: v})  # unknown field or bad value: fail now, not in trial 17
     for key, rng in search.items():
+        if key == VARIANT:
+            continue
         if not isinstance(rng, dict) or not ({"choices"} <= set(rng) or {"low", "high"} <= set(rng)):
             raise ConfigError(f"{path}: search.{key} must be {{low, high[, log, step]}} or {{choices: [...]}}")
         for v in rng.get("choices", [rng.get("low"), rng.get("high")]):
@@ -127,11 +155,31 @@ def load_spec(path: str | Path, root: str | Path = DEFAULT_ROOT) -> Spec:
     n_trials = d.get("n_trials")
     if search and not n_trials:
         raise ConfigError(f"{path}: a search needs n_trials")
+    heartbeat, grace = d.get("heartbeat_s", HEARTBEAT_S), d.get("grace_s", GRACE_S)
+    if not (isinstance(heartbeat, int) and isinstance(grace, int) and 1 <= heartbeat < grace):
+        raise ConfigError(f"{path}: heartbeat_s and grace_s must be whole seconds with 1 <= heartbeat_s < grace_s "
+                          f"(got {heartbeat!r}, {grace!r})")
     name = str(d.get("name") or path.stem)
     folder = Path(root) / name
     return Spec(name=name, base=cfg, grid=grid, search=search, n_trials=int(n_trials) if n_trials else None,
-                objective=str(d.get("objective", "val_accuracy")), max_rank=bool(d.get("max_rank", False)),
-                runs=Path(d["runs"]) if d.get("runs") else folder / "runs", folder=folder, seed=int(d.get("seed", 0)))
+                objective=str(d.get("objective", "val_accuracy")),
+                max_rank=bool(d.get("max_rank", d.get("fill", False))),
+                runs=Path(d["runs"]) if d.get("runs") else folder / "runs", folder=folder, seed=int(d.get("seed", 0)),
+                heartbeat_s=heartbeat, grace_s=grace, variants=variants)
+
+
+def _variants(raw, cfg: Config, path: Path) -> dict[str, dict]:
+    """`variants: {name: {dotted.field: value, ...}}`, each checked against the base now, not in trial 17."""
+    if not raw:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ConfigError(f"{path}: variants must map each name to a mapping of dotted overrides")
+    for name, overrides in raw.items():
+        try:
+            cfg.replace(**overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: variant {name!r}: {e}") from None
+    return {str(k): dict(v) for k, v in raw.items()}
 
 
 # -- storage ---------------------------------------------------------------------------------------------------
@@ -139,9 +187,10 @@ def default_storage(spec: Spec) -> str:
     return f"sqlite:///{(spec.folder / 'study.db').resolve()}"
 
 
-def open_storage(url: str):
-    """An Optuna RDB storage with heartbeats (dead workers' trials are failed and retried) and, for SQLite, a
-    write-ahead log plus a long busy timeout so several local processes can share the file."""
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S):
+    """An Optuna RDB storage (SQLite, PostgreSQL, MySQL...) with heartbeats, so that dead workers' trials are
+    failed and retried, and, for SQLite, a write-ahead log plus a long busy timeout so that several local
+    processes can share the file."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -155,7 +204,7 @@ def open_storage(url: str):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():  # heartbeats are marked experimental; they are the documented way to do this
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=grace_s,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
 
 
@@ -170,7 +219,8 @@ def _sampler(spec: Spec, worker: int):
 def open_study(spec: Spec, storage: str, worker: int = 0):
     import optuna
 
-    study = optuna.create_study(study_name=spec.name, storage=open_storage(storage), sampler=_sampler(spec, worker),
+    study = optuna.create_study(study_name=spec.name, storage=open_storage(storage, spec.heartbeat_s, spec.grace_s),
+                                sampler=_sampler(spec, worker),
                                 direction=spec.direction, load_if_exists=True)
     known = study.user_attrs.get("budgetlora_spec")
     if known is None:
@@ -212,7 +262,10 @@ def trial_config(spec: Spec, trial) -> Config:
         else:
             params[key] = trial.suggest_float(key, float(rng["low"]), float(rng["high"]), step=rng.get("step"),
                                               log=bool(rng.get("log", False)))
-    return spec.base.replace(**params, name=_label(spec, params))
+    overrides = dict(params)
+    if VARIANT in overrides:  # the variant's fields first: a swept field of the same name wins
+        overrides = {**spec.variants[overrides.pop(VARIANT)], **overrides}
+    return spec.base.replace(**overrides, name=_label(spec, params))
 
 
 @contextlib.contextmanager
@@ -237,21 +290,20 @@ def _run_lock(root: Path, run_id: str):
 def _objective(spec: Spec, runner: Runner):
     import optuna
 
-    from .budget import plan
+    from .budget import fill, plan
 
     def objective(trial) -> float:
         try:
             cfg = trial_config(spec, trial)
             p = plan(cfg)  # meta-device shapes only: nothing is loaded for a config we are about to refuse
-            if spec.max_rank:
+            if spec.max_rank and p.setting:  # (IA)3 has no size to fill: it runs as planned
                 r = p.max_rank()
                 if r < 1:
                     trial.set_user_attr("trainable_params", p.fixed_params + p.per_rank)
                     trial.set_user_attr("pruned", "over budget: no rank fits these targets")
                     raise optuna.TrialPruned("no rank fits the budget")
-                cfg = cfg.replace(**{"lora.r": r})
-                p = plan(cfg)
-                trial.set_user_attr("lora.r", r)
+                cfg, p = fill(cfg)
+                trial.set_user_attr(p.setting, r)
             trial.set_user_attr("run_id", cfg.run_id)
             trial.set_user_attr("trainable_params", p.total)
             if not p.fits:
@@ -322,7 +374,6 @@ def _done_count(study, since: int) -> int:
 def _work(spec: Spec, storage: str, worker: int, since: int, n_trials: int | None, runner: Runner,
           tracking: str | None) -> None:
     """One worker: draw and run trials until the grid is covered or the study holds n_trials."""
-    import optuna
     from optuna.trial import TrialState
 
     study = open_study(spec, storage, worker)
@@ -330,14 +381,28 @@ def _work(spec: Spec, storage: str, worker: int, since: int, n_trials: int | Non
     callbacks = [_tracker(spec, tracking)] if tracking else []
     limit = n_trials if n_trials is not None else (None if spec.grid else spec.n_trials)
     while True:
+        _fail_dead_trials(study)  # a dead worker's trial: FAIL, and its retry queued (WAITING) for us to take
         # checked before every trial: GridSampler alone would re-draw a point another worker is still running
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if spec.grid and not waiting and _grid_pending(spec, study, since) == 0:
-            break
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        if limit is not None and _done_count(study, since) + running >= limit and not waiting:
-            break
+        covered = spec.grid and _grid_pending(spec, study, since) == 0
+        enough = limit is not None and _done_count(study, since) + running >= limit
+        if (covered or enough) and not waiting:
+            if not running:
+                break
+            # only other workers' trials are left. Stay until they end: if their worker died, its heartbeat goes
+            # stale, the trial is failed above and retried here; leaving now would leave that point undone.
+            time.sleep(min(spec.heartbeat_s, 2))
+            continue
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+
+
+def _fail_dead_trials(study) -> None:
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def _worker_main(*args) -> None:
@@ -348,12 +413,9 @@ def _worker_main(*args) -> None:
 def _prepare(spec: Spec, study, since: int) -> int:
     """Before workers start: fail trials of dead workers, and queue one retry of every grid point that only
     ever failed (a kill or an error in an earlier sweep). Returns the number queued."""
-    import optuna
     from optuna.trial import TrialState
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    _fail_dead_trials(study)
     if not spec.grid:
         return 0
     by_point: dict[str, list] = {}
@@ -404,7 +466,12 @@ def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials
             for p in procs:
                 p.join()
             raise
-        bad = [p.name for p in procs if p.exitcode != 0]
+        # a worker killed by a signal lost at most its current trial, which the others failed and retried
+        # (heartbeat); the summary shows what that left. A worker that exited with an error is a bug: raise.
+        for p in procs:
+            if p.exitcode is not None and p.exitcode < 0:
+                log(f"{p.name} was killed (signal {-p.exitcode}); its trial was failed and queued again")
+        bad = [p.name for p in procs if p.exitcode is not None and p.exitcode > 0]
         if bad:
             raise RuntimeError(f"sweep worker(s) exited with an error: {', '.join(bad)}")
     return summary(spec, storage)
@@ -413,7 +480,7 @@ def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials
 def summary(spec: Spec, storage: str) -> dict:
     import optuna
 
-    study = optuna.load_study(study_name=spec.name, storage=open_storage(storage))
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(storage, spec.heartbeat_s, spec.grace_s))
     trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = {}
     for t in trials:

@@ -1,0 +1,162 @@
+"""Sweeps on a real database server (PostgreSQL): two workers share one study without losing or repeating a
+trial, and a worker killed with SIGKILL mid-trial is found by its stopped heartbeat, its trial failed and run
+again by the surviving worker, and the sweep completes; `budgetlora report` then reads what the study produced.
+The kill is also tried on the default SQLite storage.
+
+The server comes from `.ci/setup-postgres.sh` (scripts/test.sh exports its URL as BUDGETLORA_TEST_PG). Without a
+URL these tests fail, unless BUDGETLORA_TEST_NO_PG=1 says on purpose that there is no database server here.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from budgetlora.cli import main
+from budgetlora.sweep import default_storage, load_spec, run_sweep, summary
+from tests.test_sweep import GRID, calls, fake_runner, write_spec
+
+SLOW_POINT = {"lora.r": 4, "lora.alpha": 8}
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> str:
+    url = os.environ.get("BUDGETLORA_TEST_PG", "")
+    if not url:
+        if os.environ.get("BUDGETLORA_TEST_NO_PG") == "1":
+            pytest.skip("BUDGETLORA_TEST_NO_PG=1: no PostgreSQL server for the sweep database tests")
+        pytest.fail("BUDGETLORA_TEST_PG is not set: start a server with `bash .ci/setup-postgres.sh` and export the "
+                    "URL it prints (scripts/test.sh does both), or set BUDGETLORA_TEST_NO_PG=1 to leave these out")
+    import sqlalchemy
+
+    try:
+        with sqlalchemy.create_engine(url).connect() as con:
+            con.execute(sqlalchemy.text("SELECT 1"))
+    except Exception as e:
+        pytest.fail(f"cannot reach the PostgreSQL server at {url}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    return url
+
+
+def slow_once_runner(cfg, root):
+    """The fake runner, except that the first run of SLOW_POINT sleeps for two minutes (long enough to be killed
+    in), after writing its worker's pid for the test to find."""
+    root = Path(root)
+    if cfg.lora.r == SLOW_POINT["lora.r"] and cfg.lora.alpha == SLOW_POINT["lora.alpha"]:
+        try:
+            fd = os.open(root.parent / "slow.pid", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass  # the retry: run normally
+        else:
+            (root.parent / "calls").mkdir(parents=True, exist_ok=True)
+            (root.parent / "calls" / f"{cfg.run_id}.{os.getpid()}.killed").touch()
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            time.sleep(120)
+    return fake_runner(cfg, root)
+
+
+def _spec(tmp_path, **body):
+    # a fresh study name per test: the database outlives the test run
+    return load_spec(write_spec(tmp_path, name=f"pg-{uuid.uuid4().hex[:10]}", grid=GRID, **body),
+                     root=tmp_path / "sweeps")
+
+
+def _trials(spec, url):
+    return optuna.load_study(study_name=spec.name, storage=url).get_trials()
+
+
+def test_two_workers_share_one_postgres_study(tmp_path, monkeypatch, pg_url):
+    monkeypatch.setenv("FAKE_RUN_S", "0.5")  # inherited by the spawned workers: trials overlap
+    spec = _spec(tmp_path)
+    s = run_sweep(spec, storage=pg_url, workers=2, runner=fake_runner, log=lambda *a: None)
+    assert s["storage"] == pg_url and s["states"] == {"COMPLETE": 8}, s
+    done = [t for t in _trials(spec, pg_url) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(tuple(sorted(t.params.items())) for t in done) == \
+        sorted({tuple(sorted(t.params.items())) for t in done}) and len(done) == 8  # every point, once
+    c = calls(spec)
+    assert len(c) == len(set(c)) == 8, c  # no config trained twice, none lost
+    pids = {p.name.split(".")[1] for p in (spec.runs.parent / "calls").iterdir()}
+    assert len(pids) == 2, "both workers should have taken trials"
+    assert s["best"]["params"] == {"lora.r": 8, "lora.alpha": 16}
+    again = run_sweep(spec, storage=pg_url, workers=1, runner=fake_runner, log=lambda *a: None)
+    assert again["trials"] == 8 and calls(spec) == c  # resumed: nothing left, nothing rerun
+    optuna.delete_study(study_name=spec.name, storage=pg_url)
+
+
+def test_a_worker_killed_mid_trial_is_failed_retried_and_the_sweep_completes(tmp_path, monkeypatch, pg_url):
+    _kill_one_worker(tmp_path, monkeypatch, pg_url)
+
+
+def test_the_same_on_sqlite(tmp_path, monkeypatch):
+    """Heartbeats work on any RDB storage: the default SQLite file behaves the same."""
+    _kill_one_worker(tmp_path, monkeypatch, None)
+
+
+def _kill_one_worker(tmp_path, monkeypatch, url):
+    monkeypatch.setenv("FAKE_RUN_S", "0.3")
+    spec = _spec(tmp_path, heartbeat_s=1, grace_s=3)
+    url = url or default_storage(spec)
+    logs: list[str] = []
+    result: dict = {}
+
+    def sweep():
+        result["summary"] = run_sweep(spec, storage=url, workers=2, runner=slow_once_runner, log=logs.append)
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    marker = spec.runs.parent / "slow.pid"
+    deadline = time.monotonic() + 120
+    while not (marker.is_file() and marker.read_text()):
+        assert thread.is_alive() and time.monotonic() < deadline, f"the slow trial never started: {logs}"
+        time.sleep(0.1)
+    pid = int(marker.read_text())
+    time.sleep(1.5)  # mid-trial: its heartbeat has been recorded
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    thread.join(timeout=180)
+    assert not thread.is_alive(), "the sweep did not complete after a worker was killed"
+
+    s = result["summary"]
+    assert s["states"] == {"COMPLETE": 8, "FAIL": 1}, s
+    assert s["failed"] == {}, "the killed trial's point was retried and finished, so no failure stands"
+    trials = _trials(spec, url)
+    (dead,) = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert dead.params == SLOW_POINT
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == SLOW_POINT
+    assert retry.datetime_start.timestamp() >= killed_at + 3 - 1, "retried before the grace period ran out"
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len({tuple(sorted(t.params.items())) for t in done}) == len(done) == 8  # none lost, none twice
+    per_config = collections.Counter(calls(spec))
+    slow_id = retry.user_attrs["run_id"]
+    assert per_config.pop(slow_id) == 2  # the killed run and its retry
+    assert len(per_config) == 7 and set(per_config.values()) == {1}  # every other config trained once
+    after_kill = [p for p in (spec.runs.parent / "calls").iterdir() if p.name.split(".")[1] == str(pid)
+                  and not p.name.endswith(".killed") and p.stat().st_mtime > killed_at]
+    assert after_kill == [], "the killed worker took trials after its death"
+    assert any(f"killed (signal {signal.SIGKILL.value})" in line for line in logs), logs
+
+    # `budgetlora report` reads what the study produced: one row per grid point, the retried one included
+    assert main(["report", str(spec.folder)]) == 0
+    rows = (spec.folder / "leaderboard.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 8
+    assert summary(spec, url)["states"] == s["states"]  # a fresh reader of the database sees the same study
+    optuna.delete_study(study_name=spec.name, storage=url)
+
+
+def test_heartbeat_settings_are_checked(tmp_path):
+    from budgetlora.config import ConfigError
+
+    with pytest.raises(ConfigError, match="heartbeat_s"):
+        load_spec(write_spec(tmp_path, grid=GRID, heartbeat_s=5, grace_s=5))
+    spec = load_spec(write_spec(tmp_path, grid=GRID, heartbeat_s=2, grace_s=7))
+    assert (spec.heartbeat_s, spec.grace_s) == (2, 7)
+    default = load_spec(write_spec(tmp_path, grid=GRID))
+    assert (default.heartbeat_s, default.grace_s) == (10, 60)
