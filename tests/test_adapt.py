@@ -1,5 +1,6 @@
 """Prior correction (EM), pseudo-label selection, the noisy-label filter wiring and a self-training round."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,7 +9,7 @@ import torch
 
 from budgetlora import runs
 from budgetlora.adapt import estimate_priors, train_priors
-from budgetlora.selftrain import select_pseudo_labels, self_train
+from budgetlora.selftrain import mix_repeats, select_pseudo_labels, self_train
 from budgetlora.budget import plan
 from budgetlora.cartography import record_points, training_probabilities
 from budgetlora.cli import main
@@ -73,6 +74,34 @@ def test_select_pseudo_labels():
     assert len(select_pseudo_labels(probs, threshold=0.999)[0]) == 0
 
 
+def test_select_pseudo_labels_by_share():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.3, 1.0, size=100)
+    pred = np.repeat([0, 1, 2, 3], [40, 30, 20, 10])
+    probs = np.zeros((100, 4))
+    probs[np.arange(100), pred] = conf
+    probs[np.arange(100), (pred + 1) % 4] = 1 - conf  # argmax stays pred for conf > 0.5 ...
+    low = conf < 0.5
+    probs[low, pred[low]], probs[low, (pred[low] + 1) % 4] = 0.51, 0.49  # ... and is forced for the rest
+    rows, labels = select_pseudo_labels(probs, threshold=0.0, balance=False, share=0.3)
+    assert np.bincount(labels, minlength=4).tolist() == [12, 9, 6, 3]  # ceil(30%) of 40, 30, 20, 10
+    for c in range(4):  # each class's most confident rows, none of its others above them
+        taken, left = rows[labels == c], np.setdiff1d(np.flatnonzero(pred == c), rows)
+        assert probs[taken].max(1).min() >= probs[left].max(1).max()
+    rows, labels = select_pseudo_labels(probs, threshold=0.0, balance=True, share=0.3)
+    assert np.bincount(labels, minlength=4).tolist() == [3, 3, 3, 3]  # cut to the smallest class's share
+    with pytest.raises(ConfigError, match="share"):
+        select_pseudo_labels(probs, share=1.5)
+
+
+def test_mix_repeats():
+    assert mix_repeats(3000, 300, 0.0) == 1
+    assert mix_repeats(3000, 300, 0.25) == round(0.25 / 0.75 * 10)  # 3 copies: 900 of 3,900 rows
+    assert mix_repeats(100, 1000, 0.3) == 1  # never fewer than one copy
+    with pytest.raises(ConfigError, match="mix"):
+        mix_repeats(100, 10, 1.0)
+
+
 # -- noisy filter ---------------------------------------------------------------------------------------------------
 def test_record_points():
     cfg = tiny_config(("x", "y"), **{"train.max_steps": 0, "train.eval_every": 0, "train.epochs": 3.0,
@@ -120,18 +149,37 @@ def unlabelled(tmp_path_factory, small_csvs):
 def test_predict_with_prior_correction(noisy_run, unlabelled, tmp_path, capsys):
     out = tmp_path / "sub.csv"
     assert main(["predict", str(noisy_run), "--input", str(unlabelled), "--output", str(out),
-                 "--prior-correction"]) == 0
+                 "--prior-correction"]) == 0  # the flag alone is the gated mode
     est = json.loads((tmp_path / "sub.csv.priors.json").read_text())
     assert abs(sum(est["priors"]) - 1) < 1e-5 and len(est["priors"]) == 4  # six decimals each
     assert np.allclose(est["train_priors"], train_priors(noisy_run, 4))  # from metrics.json train_class_counts
     assert sum(est["label_counts_corrected"]) == 100 == len(pd.read_csv(out))
-    assert "estimated class priors" in capsys.readouterr().out
+    assert abs(sum(est["bbse"]["priors"]) - 1) < 1e-5  # from metrics.json val_confusion_matrix
+    d = est["decision"]
+    assert d["mode"] == "auto" and d["reasons"] and 0 <= est["separability"]["auc_label_adjusted"] <= 1
+    written = np.bincount(pd.read_csv(out)["Label"], minlength=4).tolist()
+    assert written == est["label_counts_written"]
+    assert written == est["label_counts_corrected" if d["apply"] else "label_counts_uncorrected"]
+    printed = capsys.readouterr().out
+    assert "estimated class priors" in printed and "prior correction" in printed
+    # forced on: the corrected labels are written whatever the checks say
+    assert main(["predict", str(noisy_run), "--input", str(unlabelled), "--output", str(out),
+                 "--prior-correction", "on"]) == 0
+    est = json.loads((tmp_path / "sub.csv.priors.json").read_text())
+    assert est["decision"]["apply"] and est["label_counts_written"] == est["label_counts_corrected"]
 
 
 def test_self_train_round(noisy_run, unlabelled, tmp_path):
     parent_m = runs.read_json(noisy_run / runs.METRICS)
-    (child,) = self_train(noisy_run, str(unlabelled), tmp_path / "st", threshold=0.3, max_per_class=10,
-                          overrides={"train.max_steps": 4, "filter.noisy_fraction": 0.0}, **QUIET)
+    records = []
+    # a gate no round can pass (validation accuracy must rise by a whole point): the round runs, is refused,
+    # and is not returned
+    made = self_train(noisy_run, str(unlabelled), tmp_path / "st", threshold=0.3, max_per_class=10,
+                      overrides={"train.max_steps": 4, "filter.noisy_fraction": 0.0}, max_val_drop=-1.0,
+                      records=records, **QUIET)
+    assert made == [] and len(records) == 1 and not records[0]["accepted"]
+    assert records[0]["val_accuracy_parent"] == parent_m["val_accuracy"]
+    child = Path(records[0]["run"])
     cfg = runs.load_config(child)
     assert cfg.train.init_from == str(noisy_run.resolve())
     assert cfg.data.unlabelled == str(unlabelled.resolve())

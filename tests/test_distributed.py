@@ -46,9 +46,9 @@ ENTRY = textwrap.dedent("""
         with atomic(path, *a, **k) as tmp:
             yield tmp
 
-    def traced_save(model, path):
+    def traced_save(model, path, *a, **k):
         record(path)
-        return save(model, path)
+        return save(model, path, *a, **k)
 
     runs.atomic_path, runs.save_adapter = traced_atomic, traced_save
     from budgetlora.cli import main

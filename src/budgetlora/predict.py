@@ -110,27 +110,39 @@ def write_submission(path: str | Path, labels: np.ndarray) -> None:
     runs.write_text(Path(path), buf.getvalue())
 
 
-def predict_file(run: str | Path, source: str, output: str | Path, prior_correction: bool = False,
-                 base: str | None = None) -> np.ndarray:
+def predict_file(run: str | Path, source: str, output: str | Path, prior_correction: str | bool = "off",
+                 base: str | None = None, max_length: int = 0) -> np.ndarray:
     """Labels for every row of `source`, in row order, written as ID,Label after the reload check passed.
 
-    prior_correction: re-estimate the class priors of `source` by EM and predict from the corrected posteriors;
-    the estimate is written to `<output>.priors.json` (see adapt.estimate_priors).
+    prior_correction: 'off' (argmax), 'auto' (EM-corrected posteriors only where adapt.decide lets them: EM and
+    BBSE agree and the texts did not move) or 'on' (always; True/False mean on/off). Except for 'off', the
+    estimates, the separability and the decision are written to `<output>.priors.json`.
+    max_length: tokens read per text (0 = the run's model.max_length); longer reads long texts past the training cut.
     """
+    mode = {True: "on", False: "off"}.get(prior_correction, prior_correction)
     loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
+    loaded.max_length = max_length
     texts = read_unlabelled(source, loaded.cfg)
-    if not prior_correction:
+    if mode == "off":
         labels = loaded.logits(texts, progress=True).argmax(1)
         write_submission(output, labels)
         return labels
-    from .adapt import corrected_probabilities, priors_path
+    from .shift import analyse
 
-    probs, est = corrected_probabilities(loaded, texts, progress=True)
-    labels = est.posteriors.argmax(1)
-    n = loaded.cfg.model.num_labels
+    return write_adapted(output, analyse(loaded, texts, mode=mode, progress=True), source)
+
+
+def write_adapted(output: str | Path, result, source: str) -> np.ndarray:
+    """The labels a shift.ShiftResult decided on, written as ID,Label, with `<output>.priors.json` beside them."""
+    from .adapt import priors_path
+
+    labels, n = result.labels, result.probs.shape[1]
     runs.write_json(priors_path(output), {
-        **est.as_dict(), "source": str(source), "rows": len(texts),
-        "label_counts_uncorrected": np.bincount(probs.argmax(1), minlength=n).tolist(),
-        "label_counts_corrected": np.bincount(labels, minlength=n).tolist()})
+        **result.em.as_dict(), "bbse": None if result.bbse is None else result.bbse.as_dict(),
+        "source": str(source), "rows": len(labels), "read_length": result.report["read_length"],
+        "decision": result.decision.as_dict(), "separability": result.report["separability"],
+        "label_counts_uncorrected": np.bincount(result.probs.argmax(1), minlength=n).tolist(),
+        "label_counts_corrected": np.bincount(result.em.posteriors.argmax(1), minlength=n).tolist(),
+        "label_counts_written": np.bincount(labels, minlength=n).tolist()})
     write_submission(output, labels)
     return labels
