@@ -123,7 +123,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_shift(args) -> int:
-    from .shift import shift_report
+    from .submit import shift_report
 
     result, files = shift_report(args.run, args.target, args.out or f"{args.run.rstrip('/')}/shift",
                                  max_length=args.max_length, base=args.base)

@@ -114,7 +114,7 @@ def _read_pickle(path: Path):
     import pandas as pd
 
     with open(path, "rb") as f:
-        obj = safepickle.load(f)
+        obj = safepickle.restricted_load(f)
     if hasattr(obj, "to_pandas"):
         obj = obj.to_pandas()
     if isinstance(obj, pd.DataFrame):

@@ -60,6 +60,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def load(fh: BinaryIO):
+def restricted_load(fh: BinaryIO):
     """`pickle.load`, but only the allow-listed globals may be imported or called."""
     return RestrictedUnpickler(fh).load()

@@ -337,18 +337,5 @@ def plot(result: ShiftResult, path: Path) -> None:
     plt.close(fig)
 
 
-def shift_report(run: str | Path, target: str, out: str | Path, mode: str = "auto", max_length: int = 0,
-                 base: str | None = None, log=print) -> tuple[ShiftResult, dict[str, Path]]:
-    """`budgetlora shift`: load and verify the run, read the target texts, analyse, write the report."""
-    from .predict import load_run, read_unlabelled
-
-    loaded = load_run(run, base=base)
-    loaded.max_length = max_length
-    texts = read_unlabelled(target, loaded.cfg)
-    result = analyse(loaded, texts, mode=mode, progress=True, log=log)
-    result.report["target"] = str(target)
-    return result, write_report(result, out)
-
-
-__all__ = ["analyse", "shift_report", "write_report", "domain_auc", "weighted_auc", "vocab_overlap",
+__all__ = ["analyse", "write_report", "domain_auc", "weighted_auc", "vocab_overlap",
            "token_lengths", "total_variation"]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from . import runs
 from .config import Config, ConfigError
+from .predict import load_run, read_unlabelled
+from .shift import analyse, write_report
 
 
 def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs.DEFAULT_ROOT, rounds: int = 0,
@@ -24,7 +26,6 @@ def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs
            prior_correction: str = "auto", max_length: int = 0, log=print) -> dict:
     from .predict import predict_file, write_adapted
     from .selftrain import self_train
-    from .shift import shift_report
     from .train import train
 
     if rounds < 0:
@@ -99,3 +100,14 @@ def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs
     runs.write_json(Path(f"{output}.report.json"), report)
     runs.write_text(Path(f"{output}.report.txt"), "\n".join(lines) + "\n")
     return report
+
+
+def shift_report(run: str | Path, target: str, out: str | Path, mode: str = "auto", max_length: int = 0,
+                 base: str | None = None, log=print) -> tuple:
+    """`budgetlora shift`: load and verify the run, read the target texts, analyse, write the report."""
+    loaded = load_run(run, base=base)
+    loaded.max_length = max_length
+    texts = read_unlabelled(target, loaded.cfg)
+    result = analyse(loaded, texts, mode=mode, progress=True, log=log)
+    result.report["target"] = str(target)
+    return result, write_report(result, out)
