@@ -85,7 +85,7 @@ def test_sweep_spec_expands(path, tmp_path):
         points = spec.points()
         assert len(points) >= 2
         for point in points:  # every grid point is a valid config that plans
-            plan(spec.base.replace(**point))
+            plan(spec.config(point))
     else:
         assert spec.n_trials and spec.search
 

@@ -7,6 +7,7 @@ to metrics.json beside it, so the two cannot disagree.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -32,7 +33,7 @@ def dataset_id(source: str) -> str:
 
 
 def header(cfg, m: dict) -> dict:
-    dataset = dataset_id(cfg.data.test or cfg.data.train)
+    dataset = dataset_id(cfg.data.test)  # '' is the default test split, not the train source
     results = [
         {"type": "accuracy", "value": m["test_accuracy"], "name": "Test accuracy"},
         {"type": "f1", "value": m["test_macro_f1"], "name": "Test macro-F1", "args": {"average": "macro"}},
@@ -42,7 +43,8 @@ def header(cfg, m: dict) -> dict:
         "base_model": base_model_id(cfg),
         "library_name": "peft",
         "pipeline_tag": "text-classification",
-        "tags": ["lora", "budgetlora", "text-classification"] + (["random-init"] if cfg.model.random_init else []),
+        "tags": [getattr(cfg, "method", "lora"), "budgetlora", "text-classification"]
+        + (["random-init"] if cfg.model.random_init else []),
         "datasets": sorted({dataset_id(cfg.data.train), dataset}),
         "metrics": ["accuracy", "f1"],
         "model-index": [{
@@ -54,6 +56,22 @@ def header(cfg, m: dict) -> dict:
             }],
         }],
     }
+
+
+METHOD_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "vera": "VeRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)3"}
+
+
+def _method(cfg) -> tuple[str, str]:
+    """The adapter method's display name and its settings, e.g. ('LoRA', 'r=8, alpha=16')."""
+    method = getattr(cfg, "method", "lora")
+    name = METHOD_NAMES.get(method, method)
+    if method == "lora":
+        lc = cfg.lora
+        parts = [f"r={lc.r}", f"alpha={lc.alpha:g}"] + (["rslora"] if lc.rslora else [])
+        return ("DoRA" if lc.dora else name), ", ".join(parts)
+    section = getattr(cfg, method, None)
+    fields = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
+    return name, ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
 
 
 def _table(head: list[str], rows: list[list]) -> list[str]:
@@ -99,10 +117,11 @@ def model_card(cfg, m: dict, plan: dict | None = None) -> str:
     trainable, budget = m["trainable_params"], m["budget"]
     title = m.get("name") or f"budgetlora run {m['run_id']}"
     tc, lc = cfg.train, cfg.lora
+    method, settings = _method(cfg)
     body = [
         f"# {title}",
         "",
-        f"A LoRA adapter with a fully trained classification head on **{base_model_id(cfg)}** for "
+        f"A {method} adapter with a fully trained classification head on **{base_model_id(cfg)}** for "
         f"{cfg.model.num_labels}-class text classification ({', '.join(names)}), trained by budgetlora under a hard "
         f"budget of **{budget:,} trainable parameters**: it trains **{trainable:,}** "
         f"({100 * trainable / budget:.1f}% of the budget), head included. Run id `{m['run_id']}`.",
@@ -113,12 +132,12 @@ def model_card(cfg, m: dict, plan: dict | None = None) -> str:
         "## Parameter plan",
         "",
         *_table(["part", "trainable parameters"], [
-            [f"LoRA r={lc.r}, alpha={lc.alpha:g} on {', '.join(map(str, lc.targets))}"
+            [f"{method} ({settings}) on {', '.join(map(str, lc.targets))}"
              + (f" (layers {', '.join(map(str, lc.layers))})" if lc.layers else " (all layers)")
              + f", {len(plan.get('modules', {})) or '?'} modules", f"{plan['lora']:,}" if "lora" in plan else "?"],
             ["classification head (trained in full)", f"{plan['head']:,}" if "head" in plan else "?"],
             ["biases", f"{plan.get('bias', 0):,}"],
-            ["DoRA magnitudes", f"{plan.get('dora', 0):,}"],
+            *([["DoRA magnitudes", f"{plan['dora']:,}"]] if plan.get("dora") else []),
             ["**total**", f"**{trainable:,}**"],
             ["budget", f"{budget:,}"],
         ]),
@@ -151,7 +170,7 @@ def model_card(cfg, m: dict, plan: dict | None = None) -> str:
             ["schedule, warmup", f"{tc.schedule}, {tc.warmup:g} of the steps"],
             ["weight decay, label smoothing, grad clip", f"{tc.weight_decay:g}, {tc.label_smoothing:g}, "
                                                          f"{tc.grad_clip:g}"],
-            ["LoRA dropout", f"{lc.dropout:g}"],
+            *([["LoRA dropout", f"{lc.dropout:g}"]] if method in ("LoRA", "DoRA") else []),
             ["max length (tokens)", cfg.model.max_length],
             ["precision, seed", f"{tc.precision}, {tc.seed}"],
             ["training time", f"{m['train_time_s']:.0f} s (wall {m['wall_time_s']:.0f} s)"],

@@ -29,6 +29,20 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def preset_path(name: str | Path) -> Path | None:
+    """A shipped preset by name ('minilm-quick', 'sweeps/minilm-mini'): configs/*.yaml of the checkout, installed as
+    budgetlora/presets/ by the wheel. None when there is no such preset."""
+    name = Path(name)
+    if name.is_absolute() or ".." in name.parts:
+        return None
+    here = Path(__file__).resolve().parent
+    for folder in (here / "presets", here.parents[1] / "configs"):  # installed package; source checkout
+        for cand in (folder / name, folder / f"{name}.yaml"):
+            if cand.is_file():
+                return cand
+    return None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _f("minilm", "base model: 'minilm' (the embedded all-MiniLM-L6-v2), a hub id or a local folder")
@@ -226,6 +240,8 @@ class Config:
     def from_yaml(cls, path: str | Path) -> "Config":
         path = Path(path)
         if not path.is_file():
+            path = preset_path(path) or path
+        if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
             d = yaml.safe_load(path.read_text())
@@ -422,7 +438,8 @@ def _leaves(cls=Config, prefix=""):
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """Add `--config FILE` and one `--section.field` flag per config leaf, each with its help and default."""
-    parser.add_argument("--config", help="YAML config or preset (flags override it)")
+    parser.add_argument("--config", help="YAML config file, or a shipped preset by name: minilm-default, "
+                                         "minilm-quick, roberta-m3, ... (flags override it)")
     group = parser.add_argument_group("config fields (override the YAML)")
     for key, t, default, help in _leaves():
         kind = "list" if (t is list or typing.get_origin(t) is list) else getattr(t, "__name__", str(t))

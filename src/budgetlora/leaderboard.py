@@ -12,10 +12,12 @@ import html
 import io
 from pathlib import Path
 
-from . import runs
+from . import methods, runs
 
+# r and alpha are the method's own size and scale (lora.r, adalora.init_r, vera.r, ...; empty for (IA)3)
 COLUMNS = ["run_id", "name", "model", "r", "alpha", "targets", "layers", "dropout", "label_smoothing", "lr",
-           "trainable_params", "val_accuracy", "test_accuracy", "val_loss", "wall_time_s"]
+           "trainable_params", "val_accuracy", "test_accuracy", "val_loss", "wall_time_s", "method", "setting",
+           "train_time_s"]
 PLOTS = ("acc_vs_rank", "acc_vs_alpha", "acc_by_targets", "pareto")
 
 
@@ -26,8 +28,10 @@ def collect(folder: str | Path) -> list[dict]:
         cfg = runs.load_config(path)
         m = runs.read_json(path / runs.METRICS)
         rows.append({
-            "run_id": cfg.run_id, "name": cfg.name, "model": cfg.model.name, "r": cfg.lora.r,
-            "alpha": cfg.lora.alpha, "targets": ",".join(map(str, cfg.lora.targets)),
+            "run_id": cfg.run_id, "name": cfg.name, "model": cfg.model.name, "r": methods.size(cfg)[0],
+            "alpha": methods.size(cfg)[1], "targets": ",".join(map(str, cfg.lora.targets)),
+            "method": methods.label(cfg), "setting": methods.get(cfg.method).rank_field or "",
+            "train_time_s": m.get("train_time_s"),
             "layers": ",".join(map(str, cfg.lora.layers)) or "all", "dropout": cfg.lora.dropout,
             "label_smoothing": cfg.train.label_smoothing, "lr": cfg.train.lr,
             "trainable_params": m.get("trainable_params"), "val_accuracy": m.get("val_accuracy"),
@@ -51,7 +55,7 @@ def _fmt(v, column: str = "") -> str:
     if isinstance(v, float):
         if column in ("val_accuracy", "test_accuracy", "val_loss"):
             return f"{v:.4f}"
-        return f"{v:.1f}" if column == "wall_time_s" else f"{v:g}"
+        return f"{v:.1f}" if column in ("wall_time_s", "train_time_s") else f"{v:g}"
     if isinstance(v, int) and not isinstance(v, bool) and v >= 10_000:
         return f"{v:,}"
     return "" if v is None else str(v)
@@ -91,7 +95,9 @@ def _figures(rows: list[dict]) -> dict[str, bytes]:
     for name, field, label in (("acc_vs_rank", "r", "LoRA rank r"), ("acc_vs_alpha", "alpha", "LoRA alpha")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for targets in sorted({r["targets"] for r in rows}):
-            group = sorted((r for r in rows if r["targets"] == targets), key=lambda r: r[field])
+            # (IA)3 has no rank and VeRA no alpha: those runs are left out of that plot
+            group = sorted((r for r in rows if r["targets"] == targets and r[field] is not None),
+                           key=lambda r: r[field])
             ax.plot([r[field] for r in group], [r["val_accuracy"] for r in group], "o", label=f"{targets} (val)")
             ax.plot([r[field] for r in group], [r["test_accuracy"] for r in group], "x", color="gray")
         ax.set(xlabel=label, ylabel="accuracy (o val, x test)", title=f"accuracy vs {label}")
@@ -111,14 +117,22 @@ def _figures(rows: list[dict]) -> dict[str, bytes]:
     ax.set(ylabel="best val accuracy", title="accuracy by target set", ylim=(max(0.0, lo - 0.05), 1.0))
     finish("acc_by_targets", fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([r["trainable_params"] for r in rows], [r["val_accuracy"] for r in rows], color="lightgray",
-               label="runs")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = sorted({r["method"] for r in rows})
+    colours = plt.get_cmap("tab20").colors
+    for i, method in enumerate(labels):  # one colour and marker per method: the front shows which spend best
+        group = [r for r in rows if r["method"] == method]
+        ax.scatter([r["trainable_params"] for r in group], [r["val_accuracy"] for r in group],
+                   color=colours[i % len(colours)] if len(labels) > 1 else "lightgray", marker="osD^v<>ph*X"[i % 11],
+                   label=method if len(labels) > 1 else "runs", zorder=3)
     front = pareto_front(rows)
-    ax.plot([r["trainable_params"] for r in front], [r["val_accuracy"] for r in front], "o-", color="C3",
-            label="Pareto front")
+    ax.plot([r["trainable_params"] for r in front], [r["val_accuracy"] for r in front], "--", color="black",
+            label="Pareto front", zorder=2)
+    params = [r["trainable_params"] for r in rows if r["trainable_params"]]
+    if params and max(params) > 10 * min(params):  # methods differ by orders of magnitude in what they train
+        ax.set_xscale("log")
     ax.set(xlabel="trainable parameters", ylabel="val accuracy", title="parameters vs accuracy")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     finish("pareto", fig)
     return out
 
@@ -159,7 +173,7 @@ window.addEventListener("load", function () {{
 
 def to_html(rows: list[dict], pngs: dict[str, bytes], title: str) -> str:
     front = {r["run_id"] for r in pareto_front(rows)} if rows else set()
-    text_cols = {"run_id", "name", "model", "targets", "layers"}
+    text_cols = {"run_id", "name", "model", "targets", "layers", "method", "setting"}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "\n".join(
         f'<tr class="run{" pareto" if r["run_id"] in front else ""}"><td>{i}</td>'

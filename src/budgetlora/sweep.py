@@ -95,6 +95,14 @@ class Spec:
         keys = sorted(self.grid)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
 
+    def config(self, params: dict[str, Any], name: str = "") -> Config:
+        """The base with one point's values (a `variant` stands for its overrides; a swept field of the same
+        name wins over the variant's)."""
+        overrides = dict(params)
+        if VARIANT in overrides:
+            overrides = {**self.variants[overrides.pop(VARIANT)], **overrides}
+        return self.base.replace(**overrides, name=name or self.base.name)
+
     def fingerprint(self) -> str:
         """What makes two specs the same study: the space and the base, not the trial count."""
         return json.dumps({"base": self.base.run_id, "grid": self.grid, "search": self.search,
@@ -262,10 +270,7 @@ def trial_config(spec: Spec, trial) -> Config:
         else:
             params[key] = trial.suggest_float(key, float(rng["low"]), float(rng["high"]), step=rng.get("step"),
                                               log=bool(rng.get("log", False)))
-    overrides = dict(params)
-    if VARIANT in overrides:  # the variant's fields first: a swept field of the same name wins
-        overrides = {**spec.variants[overrides.pop(VARIANT)], **overrides}
-    return spec.base.replace(**overrides, name=_label(spec, params))
+    return spec.config(params, name=_label(spec, params))
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ def init_from_run(model, cfg: Config) -> None:
         raise ConfigError(f"train.init_from: {parent} was trained with a different model or LoRA setup")
     state = load_file(weights)
     result = set_peft_model_state_dict(model, state)
-    loaded = sum(t.numel() for t in state.values())
+    loaded = sum(t.numel() for k, t in state.items() if not methods.frozen_in_file(k))
     if result.unexpected_keys or loaded != count_trainable(model):
         raise ConfigError(f"train.init_from: {parent} holds {loaded:,} adapter values, the model trains "
                           f"{count_trainable(model):,}")
