@@ -79,6 +79,7 @@ def prepare_training(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0):
     b_lr_ratio: LoRA+ (lora.b_lr_ratio), the B matrices' learning rate over the others'."""
     from transformers import get_scheduler
 
+    model.to(acc.device)  # first, so that the optimizer sees device tensors (fused AdamW needs them on the GPU)
     optimizer = make_optimizer(model, tc, b_lr_ratio)
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=int(tc.warmup * total_steps),
                               num_training_steps=total_steps)
@@ -116,13 +117,15 @@ def load_trainable(model, state) -> None:
             params[n].copy_(t.to(params[n].device))
 
 
-def device_batches(tokens: Tokens, batches, device, padding: str, max_length: int):
-    """Yield (rows, batch on device) one ahead: the next copy is queued before the current step runs."""
+def device_batches(tokens: Tokens, labels: torch.Tensor, batches, device, padding: str, max_length: int):
+    """Yield (rows, batch on device, targets on device) one ahead: the next copy is queued before the current step
+    runs, from pinned memory so that it does not block."""
     pin = device.type == "cuda"
 
     def put(rows):
-        b = tokens.batch(rows, padding, max_length)
-        return rows, {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in b.items()}
+        b = {**tokens.batch(rows, padding, max_length), "targets": labels[rows]}
+        b = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in b.items()}
+        return rows, b, b.pop("targets")
 
     it = iter(batches)
     nxt = next(it, None)
@@ -189,11 +192,10 @@ def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: 
         tokens = inputs.epoch_tokens(epoch)
         batches = length_grouped_batches(tokens.lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length)
         local = [rows[acc.process_index::acc.num_processes] for rows in batches[in_epoch:]]  # disjoint shards
-        for rows, batch in device_batches(tokens, local, acc.device, padding, max_length):
+        for rows, batch, targets in device_batches(tokens, inputs.labels, local, acc.device, padding, max_length):
             if trace:
                 with open(Path(trace) / f"rows.{acc.process_index}.txt", "a") as f:
                     f.write(" ".join(map(str, rows)) + "\n")
-            targets = inputs.labels[rows].to(acc.device, non_blocking=True)
             loss_sum += train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, tc.grad_clip,
                                    hooks=hooks, step=state["step"])
             loss_n += 1
