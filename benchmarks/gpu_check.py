@@ -129,9 +129,12 @@ def padded_row_flops(cfg, steps: range, n_linear: int, n_train: int, L: int, d: 
     per_epoch = math.ceil(len(lengths) / tc.batch_size)
     padding = resolve_padding(tc.padding, "cuda" if torch.cuda.is_available() else "cpu")
     flops = padded = real = 0.0
+    epochs: dict[int, list] = {}  # each epoch's batches, drawn once
     for step in steps:  # step s (1-based) ran batch s-1 of its epoch
         epoch, i = divmod(step - 1, per_epoch)
-        rows = length_grouped_batches(lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length)[i]
+        if epoch not in epochs:
+            epochs[epoch] = length_grouped_batches(lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length)
+        rows = epochs[epoch][i]
         w = padded_width(int(lengths[rows].max()), padding, ml)
         flops += len(rows) * w * (4 * n_linear + 2 * n_train + 12 * L * w * d)
         padded += len(rows) * w

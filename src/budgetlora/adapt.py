@@ -83,13 +83,8 @@ def priors_path(output: str | Path) -> Path:
 
 def corrected_probabilities(loaded, texts: list[str], progress: bool = False) -> tuple[np.ndarray, PriorEstimate]:
     """Raw and prior-corrected posteriors of a loaded run (predict.LoadedRun) on unlabelled texts."""
-    from .evaluate import softmax
-
-    n = loaded.cfg.model.num_labels
-    metrics_path = loaded.path / runs.METRICS
-    t = runs.read_json(metrics_path).get("temperature") if metrics_path.is_file() else None
-    probs = softmax(loaded.logits(texts, progress=progress) / (t or 1.0))  # calibrated first: EM assumes it
-    return probs, estimate_priors(probs, train_priors(loaded.path, n))
+    probs = calibrated_probabilities(loaded.path, loaded.logits(texts, progress=progress))
+    return probs, estimate_priors(probs, train_priors(loaded.path, loaded.cfg.model.num_labels))
 
 
 # -- a second estimate, and the gate ----------------------------------------------------------------------------------

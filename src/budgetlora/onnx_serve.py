@@ -37,7 +37,7 @@ def find_export(path: str | Path) -> Path:
     raise OnnxModelError(f"no ONNX export in {path} ({MODEL_FILE} and {INFO_FILE}); write one with `{hint}`")
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:  # evaluate.softmax's twin: importing evaluate would import torch
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
