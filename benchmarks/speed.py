@@ -4,7 +4,8 @@ so neither inherits the other's threads, caches or accelerator state):
 (a) the reference recipe: HF Trainer + peft LoRA (r=10, alpha=32, query/value, head in modules_to_save), dynamic
     padding with truncation at 512, random batches of 32, lr 2e-4, warmup 0.1, weight decay 0.01, linear decay,
     evaluation once per epoch;
-(b) budgetlora's fast path, `budgetlora.train.train(cfg)`, with the settings passed on the command line.
+(b) budgetlora's fast path, `budgetlora.train.train(cfg)`: the main job's preset (--config), with the race's data
+    sizes and any --set overrides.
 
 Printed for each: training samples/s (evaluation time excluded), evaluation samples/s (on the test split), time to
 reach the reference's final validation accuracy, final validation / test accuracy and peak resident memory; the
@@ -14,9 +15,14 @@ Timing (a) at a finer grain than once per epoch without distorting it: (a) is al
 --ref-eval-steps steps, and the run time of every such extra evaluation is subtracted from the wall clock of the
 later points, so the reported times are those of the once-per-epoch recipe. Evaluation runs without gradients,
 in eval mode and from a sequential sampler, so it changes neither the weights nor the random batch order.
-(b)'s times come from its history.csv (elapsed_s) and do include its own periodic validation.
+(b) is validated at the same grain (train.eval_every = --ref-eval-steps unless --set says otherwise) and its times
+come from its history.csv's train_s, the clock less its own validation, so both sides are timed alike.
 
-    python benchmarks/speed.py --train-limit 2000 --test-limit 1000 --epochs 2
+Each repeat runs both contenders with the seed --seed + repeat; the ratios are printed per repeat, then their
+median and range.
+
+    python benchmarks/speed.py                                   # 4,000 train / 1,000 val / 1,000 test, 3 repeats
+    python benchmarks/speed.py --repeats 1 --train-limit 2000 --test-limit 500
     python benchmarks/speed.py --model DIR --set data.train=train.csv.gz data.test=test.csv.gz   # a model folder
 """
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -199,7 +206,7 @@ def run_budgetlora(data, args, cfg: Config) -> dict:
     m = read_json(run / "metrics.json")
     with open(run / "history.csv") as f:
         hist = [r for r in csv.DictReader(f) if r["val_accuracy"]]
-    points = [(float(r["elapsed_s"]), float(r["val_accuracy"])) for r in hist]
+    points = [(float(r["train_s"]), float(r["val_accuracy"])) for r in hist]  # validation off the clock
     loaded = load_run(run, verify=False)
     t = time.perf_counter()
     logits = predict_logits(loaded.model, loaded.tokenizer, data["test"].texts, cfg.model.max_length,
@@ -224,12 +231,16 @@ def run_budgetlora(data, args, cfg: Config) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm")
-    p.add_argument("--train-limit", type=int, default=2000)
+    p.add_argument("--config", default="minilm-default", help="budgetlora's settings: the main job's preset (its "
+                   "data sizes replaced by the race's)")
+    p.add_argument("--train-limit", type=int, default=5000, help="rows drawn from train, validation included")
     p.add_argument("--test-limit", type=int, default=1000)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share held out of the train rows")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share held out of the train rows")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--epochs", type=int, default=2, help="reference epochs")
-    p.add_argument("--ref-eval-steps", type=int, default=10, help="extra (clock-corrected) reference evaluations every N steps (0 = per epoch only)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of the whole race, seeds --seed, --seed + 1, ...")
+    p.add_argument("--epochs", type=int, default=1, help="reference epochs")
+    p.add_argument("--ref-eval-steps", type=int, default=10, help="validation every N steps on both sides, taken "
+                   "off the clock (the reference's once-per-epoch evaluation stays on it)")
     p.add_argument("--ref-eval-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch default)")
     p.add_argument("--only", choices=["both", "ref", "budgetlora"], default="both",
@@ -242,9 +253,11 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = Config().replace(**{"model.name": args.model, "data.train_limit": args.train_limit,
+    if args.only == "both" and args.result_json is None and args.repeats > 1:
+        return repeat_races(args, argv if argv is not None else sys.argv[1:])
+    cfg = Config.from_yaml(args.config).replace(**{"model.name": args.model, "data.train_limit": args.train_limit,
                               "data.test_limit": args.test_limit, "data.val_fraction": args.val_fraction,
-                              "train.seed": args.seed})
+                              "train.seed": args.seed, "train.eval_every": args.ref_eval_steps})
     cfg = cfg.replace(**dict(kv.split("=", 1) for kv in args.set))
     data = load_data(cfg) if args.only != "both" else None
     if data is None:
@@ -314,6 +327,36 @@ def main(argv=None) -> None:
         rise = {k: mem[k].peak - mem[k].start for k in mem}
         print(f"  peak RSS rise        x{rise['bl'] / max(1, rise['ref']):.2f}")
     sys.stdout.flush()
+
+
+RATIO_LINES = ("training samples/s", "evaluation samples/s", "time to target", "total train time",
+               "final val accuracy", "peak RSS rise")
+
+
+def repeat_races(args, argv: list[str]) -> None:
+    """The whole race once per seed, each in a child process; then every ratio's median and range."""
+    got: dict[str, list[str]] = {k: [] for k in RATIO_LINES}
+    times: list[float] = []
+    rest = [a for i, a in enumerate(argv) if a != "--repeats" and (i == 0 or argv[i - 1] != "--repeats")]
+    rest = [a for i, a in enumerate(rest) if a != "--seed" and (i == 0 or rest[i - 1] != "--seed")]
+    for r in range(args.repeats):
+        seed = args.seed + r
+        print(f"\n=== repeat {r + 1}/{args.repeats}, seed {seed} ===", flush=True)
+        out = subprocess.run([sys.executable, __file__, *rest, "--repeats", "1", "--seed", str(seed)],
+                             check=True, capture_output=True, text=True).stdout
+        print(out, flush=True)
+        for line in out.splitlines():
+            key = next((k for k in RATIO_LINES if line.strip().startswith(k)), None)
+            if key:
+                got[key].append(line.strip()[len(key):].strip())
+            if line.strip().startswith("time to target") and "sooner" in line:
+                times.append(float(line.split("x", 1)[1].split()[0]))
+    print(f"\n=== {args.repeats} repeats ===")
+    for key, vals in got.items():
+        print(f"  {key:22} " + " | ".join(vals))
+    if times:
+        print(f"  time to target: median x{statistics.median(times):.2f} sooner, range x{min(times):.2f}-"
+              f"x{max(times):.2f} over {len(times)} of {args.repeats} repeats that reached it")
 
 
 def attn_impl(cfg: Config) -> str:

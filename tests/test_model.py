@@ -90,3 +90,26 @@ def test_tampered_weights_fail_verification(tiny_run, tmp_path):
     save_file(w, str(run / "adapter_model.safetensors"))
     with pytest.raises(VerificationError, match="disagrees"):
         load_run(run)
+
+
+def test_base_dropout_sets_the_encoders_dropout_and_keeps_ids_at_its_default(small_csvs):
+    from budgetlora.config import Config, ConfigError
+    from budgetlora.model import build
+
+    cfg = Config()
+    assert cfg.replace(**{"train.base_dropout": -1}).run_id == cfg.run_id  # the default: ids as before
+    assert cfg.replace(**{"train.base_dropout": 0}).run_id != cfg.run_id
+    with pytest.raises(ConfigError, match="base_dropout"):
+        cfg.replace(**{"train.base_dropout": 1.5})
+    kept = build_base(cfg).config
+    assert kept.hidden_dropout_prob == kept.attention_probs_dropout_prob == 0.1  # the checkpoint's own
+    model, _ = build(cfg.replace(**{"train.base_dropout": 0.0, "lora.dropout": 0.0}))
+    base = model.base_model.model
+    assert base.config.hidden_dropout_prob == base.config.attention_probs_dropout_prob == 0.0
+    assert all(m.p == 0.0 for n, m in base.named_modules() if isinstance(m, torch.nn.Dropout) and "lora" not in n)
+    model.train()  # with no dropout anywhere, training mode computes what eval mode does
+    ids = torch.tensor([[101, 2000, 2001, 102]])
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        model.eval()
+        assert torch.allclose(a, model(input_ids=ids).logits, atol=1e-6)

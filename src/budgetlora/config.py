@@ -139,12 +139,17 @@ class TrainConfig:
     weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
-    precision: str = _f("auto", "auto (bf16 on a capable GPU, else fp32), fp32, bf16 or fp16")
+    precision: str = _f("auto", "auto (bf16 on a GPU that has it and on a CPU with native bf16 (AVX512-BF16 or "
+                                "AMX), else fp32), fp32, bf16 or fp16; evaluation and prediction follow it")
+    threads: int = _f(0, "CPU threads for torch (0 = the cores not already busy); not part of the run id")
+    base_dropout: float = _f(-1.0, "dropout inside the frozen base while training (hidden states and attention); "
+                                   "-1 keeps the checkpoint's own (0.1 for BERT types); 0 lets attention run as one "
+                                   "fused kernel: faster steps and less memory")
     eval_every: int = _f(200, "evaluate on validation every N steps (0 = once per epoch)")
     patience: int = _f(0, "early stopping: evaluations without val-loss improvement before stopping (0 = off)")
     group_by_length: bool = _f(True, "batch texts of similar length together (less padding)")
     padding: str = _f("auto", "batch width: longest (each batch's longest row), buckets (a few fixed widths, so a GPU "
-                              "reuses shapes), auto (buckets on a GPU, longest on a CPU)")
+                              "reuses shapes and a CPU keeps fewer kernels in memory), auto (= buckets)")
     compile: bool = _f(False, "torch.compile the model for training (pays off on a GPU with padding=buckets)")
     seed: int = _f(42, "seed for splits, batches, dropout and init")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit)")
@@ -273,6 +278,8 @@ def _identity(d: dict) -> dict:
     """What makes two configs the same training: the name and the sections of methods not in use do not count, and
     a plain LoRA config (method lora, LoRA-only fields at their defaults) hashes as it did before methods existed."""
     d = {k: v for k, v in d.items() if k != "name" and not (k in METHODS and k not in ("lora", d["method"]))}
+    # threads: how fast, not what is trained; base_dropout at its default (-1, the checkpoint's own): ids as before
+    d["train"] = {k: v for k, v in d["train"].items() if k != "threads" and not (k == "base_dropout" and v == -1)}
     if d["method"] == "lora":
         d.pop("method")
         d["lora"] = {k: v for k, v in d["lora"].items() if not (k in _LORA_ONLY and v == _LORA_ONLY[k])}
@@ -381,6 +388,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs > 0, "train.epochs must be > 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.eval_batch_size >= 0, "train.eval_batch_size must be >= 0 (0 = auto)"),
+        (cfg.train.threads >= 0, "train.threads must be >= 0 (0 = auto)"),
+        (cfg.train.base_dropout == -1 or 0 <= cfg.train.base_dropout < 1,
+         "train.base_dropout must be -1 (the checkpoint's own) or in [0, 1)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (0 <= cfg.train.warmup < 1, "train.warmup must be in [0, 1)"),
         (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),

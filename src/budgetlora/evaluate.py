@@ -16,8 +16,9 @@ def eval_batch_size(requested: int, device) -> int:
 
 @torch.inference_mode()
 def logits_for_ids(model, ids, batch_size: int, pad_id: int, device=None, rows=None, progress: bool = False,
-                   mixed: bool = False, padding: str = "longest") -> np.ndarray:
-    """Logits in input order (fp32; `mixed` allows bf16 autocast on a GPU for speed). `ids` is a list of token id
+                   dtype: torch.dtype | None = None, padding: str = "buckets") -> np.ndarray:
+    """Logits in input order, as fp32 numbers; `dtype` (hardware.inference_dtype) runs the forward under that
+    autocast for speed, None in plain fp32. `ids` is a list of token id
     lists or a `Tokens`; batch_size 0 picks one for the device; `rows` restricts to those batch indices (used to
     shard across processes)."""
     from tqdm.auto import tqdm
@@ -33,7 +34,7 @@ def logits_for_ids(model, ids, batch_size: int, pad_id: int, device=None, rows=N
     out = np.zeros((len(tokens), model.config.num_labels), dtype=np.float32)
     for b in tqdm(batches, desc="eval", leave=False, disable=not progress):
         batch = {k: v.to(device) for k, v in tokens.batch(b, padding).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out[b] = model(**batch).logits.float().cpu().numpy()
     model.train(was_training)
     return out
@@ -54,9 +55,9 @@ def exact_fp32():
 
 
 def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 0,
-                   progress: bool = False) -> np.ndarray:
+                   progress: bool = False, dtype: torch.dtype | None = None) -> np.ndarray:
     return logits_for_ids(model, encode(tokenizer, texts, max_length), batch_size, tokenizer.pad_token_id,
-                          progress=progress)
+                          progress=progress, dtype=dtype)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

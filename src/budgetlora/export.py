@@ -111,7 +111,7 @@ def _merged_run(run, out: Path, force: bool, base: str | None = None):
     loaded = load_run(run, verify=True, base=base)
     cfg = loaded.cfg
     texts = runs.read_json(loaded.path / runs.VERIFY)["texts"]
-    unmerged = loaded.logits(texts)  # before merging: merge_and_unload changes the base weights in place
+    unmerged = loaded.logits(texts, exact=True)  # fp32, before merging: merge_and_unload changes the base weights in place
 
     merged = merge(loaded)
     names = class_names(cfg.model.num_labels)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import methods, runs
+from .hardware import resolve_precision
 from .data import Tokens, length_grouped_batches
 
 
@@ -51,9 +52,9 @@ def make_optimizer(model, tc, b_lr_ratio: float = 1.0) -> torch.optim.Optimizer:
 
 
 def precision(tc) -> str:
-    if tc.precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"fp32": "no"}.get(tc.precision, tc.precision)
+    """accelerate's mixed_precision for train.precision on this machine ('no' = fp32)."""
+    resolved = resolve_precision(tc.precision)
+    return "no" if resolved == "fp32" else resolved
 
 
 def make_accelerator(tc):
@@ -138,10 +139,10 @@ def device_batches(tokens: Tokens, labels: torch.Tensor, batches, device, paddin
 
 
 def resolve_padding(padding: str, device) -> str:
-    """'auto': a few bucketed widths on a GPU (shapes repeat), each batch's own longest row on a CPU (least work)."""
-    if padding != "auto":
-        return padding
-    return "buckets" if torch.device(device).type == "cuda" else "longest"
+    """'auto': a few bucketed widths everywhere. A GPU reuses its kernels and graphs; a CPU's oneDNN keeps
+    primitives per shape, so one width per batch costs ~600 MB more memory over a run for no speed (measured:
+    benchmarks/cpu_levers.py and the main job)."""
+    return "buckets" if padding == "auto" else padding
 
 
 # -- the loop -----------------------------------------------------------------------------------------------------
@@ -156,7 +157,8 @@ class LoopInputs:
 
 
 def new_state() -> dict:
-    return {"step": 0, "history": [], "best": None, "best_loss": math.inf, "bad_evals": 0, "elapsed": 0.0}
+    return {"step": 0, "history": [], "best": None, "best_loss": math.inf, "bad_evals": 0, "elapsed": 0.0,
+            "eval_time": 0.0}
 
 
 def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: LoopInputs, state: dict,
@@ -173,11 +175,13 @@ def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: 
     if state["step"] == 0:  # dropout draws from here on; a resumed run restores the saved generator instead
         torch.manual_seed(tc.seed)
     t0 = time.time() - state["elapsed"]
+    state.setdefault("eval_time", 0.0)  # a checkpoint from before validation time was kept
     loss_sum, loss_n = torch.zeros((), device=acc.device), 0
 
     def record(entry: dict) -> None:
+        elapsed = time.time() - t0  # train_s: the same clock without validation, the time training itself took
         entry = {"step": state["step"], "epoch": round(state["step"] / per_epoch, 4), **entry,
-                 "elapsed_s": round(time.time() - t0, 2)}
+                 "elapsed_s": round(elapsed, 2), "train_s": round(elapsed - state["eval_time"], 2)}
         state["history"].append(entry)
         if on_record is not None and main:
             on_record(entry)
@@ -208,7 +212,9 @@ def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: 
                 loss_sum.zero_()
                 loss_n = 0
             if state["step"] % eval_every == 0 or state["step"] == total:
+                t_eval = time.time()
                 m = inputs.evaluate()
+                state["eval_time"] += time.time() - t_eval
                 record({"val_loss": m["loss"], "val_accuracy": m["accuracy"]})
                 log(f"step {state['step']}/{total}: val loss {m['loss']:.4f}, acc {m['accuracy']:.4f}")
                 if m["loss"] < state["best_loss"]:

@@ -22,9 +22,25 @@ def load_tokenizer(cfg: Config):
     return AutoTokenizer.from_pretrained(resolve_name(cfg.model.tokenizer or cfg.model.name))
 
 
+# the dropout settings of the encoder families we adapt (BERT/RoBERTa/ELECTRA, DistilBERT, DeBERTa, ...); the head's
+# own classifier_dropout is left alone
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
+                  "hidden_dropout", "attention_probs_dropout")
+
+
+def set_base_dropout(config, p: float):
+    """train.base_dropout onto the base's config: -1 keeps the checkpoint's values. Evaluation never drops anything,
+    so this changes how a run trains, not what a reload computes."""
+    if p >= 0:
+        for name in DROPOUT_FIELDS:
+            if isinstance(getattr(config, name, None), float):
+                setattr(config, name, p)
+    return config
+
+
 def build_base(cfg: Config, config=None) -> torch.nn.Module:
     """The frozen base with a fresh head. Seeded, so random-weight bases and heads are reproducible."""
-    config = config or load_config(cfg.model.name, cfg.model.num_labels)
+    config = set_base_dropout(config or load_config(cfg.model.name, cfg.model.num_labels), cfg.train.base_dropout)
     torch.manual_seed(cfg.train.seed)
     with quiet():  # "some weights were newly initialised" is expected: that is the head we train
         if cfg.model.random_init:

@@ -12,6 +12,7 @@ from . import runs
 from .config import Config
 from .data import load_split
 from .evaluate import exact_fp32, metrics, predict_logits
+from .hardware import inference_dtype
 from .architectures import ModelNotFound, is_missing_folder
 from .model import load_tokenizer, load_trained
 
@@ -36,9 +37,12 @@ class LoadedRun:
     def read_length(self) -> int:
         return self.max_length or self.cfg.model.max_length
 
-    def logits(self, texts: list[str], progress: bool = False) -> np.ndarray:
+    def logits(self, texts: list[str], progress: bool = False, exact: bool = False) -> np.ndarray:
+        """Logits under the run's precision on this machine (bf16 where it trained so and the hardware has it), or
+        with `exact` in plain fp32, for the checks that compare against stored or merged logits."""
+        dtype = None if exact else inference_dtype(self.cfg.train.precision, next(self.model.parameters()).device)
         return predict_logits(self.model, self.tokenizer, texts, self.read_length,
-                              self.cfg.train.eval_batch_size, progress=progress)
+                              self.cfg.train.eval_batch_size, progress=progress, dtype=dtype)
 
 
 def load_run(run: str | Path, verify: bool = True, base: str | None = None) -> LoadedRun:
@@ -74,7 +78,7 @@ def verify_reload(loaded: LoadedRun) -> float:
     except (ValueError, KeyError, TypeError):
         raise VerificationError(f"{path} is corrupt; cannot check the reloaded adapter") from None
     with exact_fp32():
-        got = loaded.logits(texts)
+        got = loaded.logits(texts, exact=True)
     if got.shape != expected.shape:
         raise VerificationError(f"reloaded adapter gives logits of shape {got.shape}, expected {expected.shape}")
     if not len(got):

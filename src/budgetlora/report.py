@@ -11,6 +11,7 @@ import numpy as np
 from . import runs
 from .card import CARD, model_card
 from .evaluate import exact_fp32, fit_temperature, metrics, predict_logits
+from .hardware import inference_dtype
 from .methods import save_adapter
 
 VERIFY_ROWS = 256  # validation rows whose logits are stored, so a reloaded adapter can be checked against them
@@ -22,7 +23,7 @@ def class_names(num_labels: int) -> list[str]:
 
 
 def history_csv(history: list[dict]) -> str:
-    cols = ["step", "epoch", "train_loss", "lr", "val_loss", "val_accuracy", "elapsed_s"]
+    cols = ["step", "epoch", "train_loss", "lr", "val_loss", "val_accuracy", "elapsed_s", "train_s"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
@@ -32,11 +33,13 @@ def history_csv(history: list[dict]) -> str:
 
 def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan, filter_report,
                         train_time: float, total_time: float, log=print,
-                        train_class_counts: list[int] | None = None) -> dict:
+                        train_class_counts: list[int] | None = None, cost: dict | None = None,
+                        memory=None) -> dict:
     """Evaluate the best state on val and test, then write every artifact; metrics.json last marks completion."""
     n, ml, bs = cfg.model.num_labels, cfg.model.max_length, cfg.train.eval_batch_size
-    val_logits = predict_logits(model, tokenizer, val.texts, ml, bs)
-    test_logits = predict_logits(model, tokenizer, test.texts, ml, bs, progress=True)
+    dtype = inference_dtype(cfg.train.precision, next(model.parameters()).device)  # as `evaluate` will score it
+    val_logits = predict_logits(model, tokenizer, val.texts, ml, bs, dtype=dtype)
+    test_logits = predict_logits(model, tokenizer, test.texts, ml, bs, progress=True, dtype=dtype)
     val_m, test_m = metrics(val_logits, val.labels, n), metrics(test_logits, test.labels, n)
     save_adapter(model, out)  # PEFT format; PiSSA/OLoRA converted to plain LoRA on the original base
     runs.write_json(out / runs.VERIFY, verification_sample(model, tokenizer, val.texts[:VERIFY_ROWS], ml))
@@ -56,6 +59,8 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         "train_class_counts": train_class_counts,
         # softmax temperature calibrated on validation; prior correction divides logits by it first
         "temperature": fit_temperature(val_logits, val.labels),
+        # what the run cost: precision, threads, validation time inside train_time_s, peak memory (MiB)
+        **(cost or {}), **(memory.as_dict() if memory is not None else {}),
     }
     # the card is built from the JSON form of the same dict, so its numbers are exactly metrics.json's
     card = model_card(cfg, json.loads(json.dumps(result, default=runs._jsonable)), plan.as_dict())

@@ -48,6 +48,7 @@ import itertools
 import json
 import logging
 import multiprocessing
+import os
 import sqlite3
 import time
 import warnings
@@ -436,6 +437,22 @@ def _prepare(spec: Spec, study, since: int) -> int:
     return queued
 
 
+@contextlib.contextmanager
+def _threads_per_worker(workers: int):
+    """OMP_NUM_THREADS for the workers started inside: the free cores shared out (their torch reads it at start).
+    Workers that each took every core would spin against each other and run several times slower."""
+    from .hardware import free_cores
+
+    before = os.environ.get("OMP_NUM_THREADS")
+    if before is None:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, free_cores() // workers))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+
+
 def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials: int | None = None,
               runner: Runner = train_runner, tracking: str | None = None, log=print) -> dict:
     """Run (or resume) a sweep; returns {"study": name, "storage": url, "states": {state: count}, ...}."""
@@ -459,9 +476,10 @@ def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch threads or DB handles
         procs = [ctx.Process(target=_worker_main, args=(spec, storage, i, since, n_trials, runner, tracking),
                              name=f"sweep-worker-{i}") for i in range(workers)]
-        for p in procs:
-            p.start()
-            time.sleep(0.5)  # stagger start-up so the workers do not all create their first trial at once
+        with _threads_per_worker(workers):
+            for p in procs:
+                p.start()
+                time.sleep(0.5)  # stagger start-up so the workers do not all create their first trial at once
         try:
             for p in procs:
                 p.join()

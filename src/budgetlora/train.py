@@ -18,6 +18,7 @@ from .architectures import is_missing_folder
 from .config import Config, ConfigError
 from .data import Split, Tokens, encode
 from .evaluate import eval_batch_size, logits_for_ids, metrics
+from .hardware import PeakMemory, inference_dtype, set_threads, trim_memory
 from .loop import Interrupted  # noqa: F401  (re-exported: callers stop a run with it in tests)
 from .model import build, count_trainable, load_tokenizer
 from .prepare import prepare
@@ -57,7 +58,13 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
     if runs.is_finished(out) and not force:
         log(f"run {cfg.run_id} already finished: {out}")
         return out
+    with PeakMemory() as memory:  # the run's own peak, even when several runs share a process
+        return _train(cfg, out, memory, data, force, stop_after, on_record, log)
+
+
+def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, stop_after, on_record, log) -> Path:
     tc = cfg.train
+    threads = set_threads(tc.threads)
     acc = loop.make_accelerator(tc)
     main = acc.is_main_process
     log = log if main else (lambda *a, **k: None)
@@ -70,7 +77,8 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
     data, filter_report = prepare(cfg, tokenizer, data, log)
     train_split, val, test = data["train"], data["val"], data["test"]
     log(f"run {cfg.run_id}: {plan.total:,} trainable params (budget {plan.max_params:,}); "
-        f"train {len(train_split):,} / val {len(val):,} / test {len(test):,} rows; device {acc.device}")
+        f"train {len(train_split):,} / val {len(val):,} / test {len(test):,} rows; device {acc.device}, "
+        f"{loop.precision(tc).replace('no', 'fp32')}, {threads} thread(s)")
     if main:
         runs.write_text(out / runs.CONFIG, cfg.to_yaml())
 
@@ -91,12 +99,12 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
     hooks = methods.step_hooks(model, cfg, total_steps)  # AdaLoRA: its schedule needs the run's length
     model, optimizer, scheduler, loss_fn = loop.prepare_training(acc, model, tc, total_steps, cfg.lora.b_lr_ratio)
     eval_batch = eval_batch_size(tc.eval_batch_size, acc.device)
-    mixed = loop.precision(tc) != "no"
+    infer_dtype = inference_dtype(tc.precision, acc.device)  # validation under the training precision
 
     def evaluate_val() -> dict:
         shard = list(range(acc.process_index, math.ceil(len(val_tokens) / eval_batch), acc.num_processes))
         logits = logits_for_ids(acc.unwrap_model(model), val_tokens, eval_batch, pad, acc.device, rows=shard,
-                                mixed=mixed, padding=loop.resolve_padding(tc.padding, acc.device))
+                                dtype=infer_dtype, padding=loop.resolve_padding(tc.padding, acc.device))
         if acc.num_processes > 1:  # every process computed its share of rows; sum the zero-padded arrays
             logits = acc.reduce(torch.as_tensor(logits, device=acc.device), "sum").cpu().numpy()
         return metrics(logits, val.labels, cfg.model.num_labels)
@@ -111,6 +119,7 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
     state = loop.run(acc, model, optimizer, scheduler, loss_fn, tc, ml, inputs, state, ckpt=ckpt,
                      stop_after=stop_after, on_record=on_record, log=log, desc=f"train {cfg.run_id}", hooks=hooks)
 
+    trim_memory()  # the loop's freed activations back to the OS before evaluation and saving
     # the plain module: accelerate's autocast wrapper removed, so what is evaluated and saved is the fp32 model
     # that a reload anywhere rebuilds
     model = acc.unwrap_model(model, keep_fp32_wrapper=False)
@@ -125,6 +134,8 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
 
     write_run_artifacts(out, cfg, model, tokenizer, val, test, state, plan, filter_report,
                         train_time=state["train_time"], total_time=time.time() - t_start, log=log,
+                        memory=memory, cost={"precision": loop.precision(tc).replace("no", "fp32"),
+                                             "threads": threads, "val_time_s": round(state["eval_time"], 2)},
                         train_class_counts=np.bincount(train_split.labels, minlength=cfg.model.num_labels).tolist())
     shutil.rmtree(out / runs.CHECKPOINT, ignore_errors=True)
     acc.wait_for_everyone()
