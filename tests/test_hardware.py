@@ -116,3 +116,15 @@ def test_a_run_records_what_it_cost(tiny_run):
     assert hist[0].endswith("elapsed_s,train_s")
     last = hist[-1].split(",")
     assert float(last[-1]) <= float(last[-2])  # training time never exceeds the clock that includes validation
+
+
+def test_the_card_states_the_cost(tiny_run):
+    from budgetlora.card import CARD, model_card
+
+    m = runs.read_json(tiny_run / runs.METRICS)
+    from budgetlora.budget import plan
+
+    cfg = runs.load_config(tiny_run)
+    card = model_card(cfg, m, plan(cfg).as_dict())
+    assert f"(ran {m['precision']})" in card and "MiB resident" in card and f"{m['threads']} thread(s)" in card
+    assert (tiny_run / CARD).is_file()

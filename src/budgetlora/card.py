@@ -172,8 +172,13 @@ def model_card(cfg, m: dict, plan: dict | None = None) -> str:
                                                          f"{tc.grad_clip:g}"],
             *([["LoRA dropout", f"{lc.dropout:g}"]] if method in ("LoRA", "DoRA") else []),
             ["max length (tokens)", cfg.model.max_length],
-            ["precision, seed", f"{tc.precision}, {tc.seed}"],
-            ["training time", f"{m['train_time_s']:.0f} s (wall {m['wall_time_s']:.0f} s)"],
+            ["precision, seed", f"{tc.precision}" + (f" (ran {m['precision']})" if m.get("precision") else "")
+                                + f", {tc.seed}"],
+            ["training time", f"{m['train_time_s']:.0f} s (wall {m['wall_time_s']:.0f} s)"
+                              + (f", {m['threads']} thread(s)" if m.get("threads") else "")],
+            *([["peak memory", f"{m['peak_rss_mb']:,.0f} MiB resident"
+                               + (f", {m['peak_gpu_mb']:,.0f} MiB on the GPU" if m.get("peak_gpu_mb") else "")]]
+              if m.get("peak_rss_mb") else []),
         ]),
         "",
         "The full configuration is in `config.yaml`; package versions and device in `versions.json`; the loss "
