@@ -90,3 +90,11 @@ def test_cli_train_evaluate_predict(tmp_path, small_csvs, tiny_run):
 
     assert sub["Label"].tolist() == load_run(tiny_run).logits(texts).argmax(1).tolist()
     assert main(["evaluate", str(tiny_run), "--data", str(test_csv)]) == 0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", float("nan")])
+def test_float_fields_refuse_nan_and_infinity(value):
+    from budgetlora.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lora.alpha: cannot read"):
+        Config().replace(**{"lora.alpha": value})

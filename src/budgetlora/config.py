@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,6 +344,8 @@ def _coerce(value: Any, t, key: str):
                 raise ValueError
             return int(float(value)) if isinstance(value, str) else int(value)
         if t is float:
+            if not math.isfinite(float(value)):  # nan or inf would train to chance accuracy
+                raise ValueError
             return float(value)
         if t is str:
             return "" if value is None else str(value)
