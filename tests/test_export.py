@@ -59,7 +59,7 @@ def test_merged_logits_match_unmerged(exported, tiny_run):
 def test_export_loads_without_peft(exported, tiny_run):
     out, _ = exported
     texts = runs.read_json(tiny_run / runs.VERIFY)["texts"][:12]
-    unmerged = load_run(tiny_run, verify=False).logits(texts)
+    unmerged = load_run(tiny_run, verify=False).logits(texts, exact=True)  # fp32, as exported
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-c", NO_PEFT_LOADER, str(out)], input=json.dumps(texts),
                           capture_output=True, text=True, env=env, timeout=300)

@@ -128,3 +128,17 @@ def test_the_card_states_the_cost(tiny_run):
     card = model_card(cfg, m, plan(cfg).as_dict())
     assert f"(ran {m['precision']})" in card and "MiB resident" in card and f"{m['threads']} thread(s)" in card
     assert (tiny_run / CARD).is_file()
+
+
+def test_the_api_answers_a_text_the_same_whatever_shares_its_batch(tiny_run):
+    """budgetlora.load (and serve, which batches requests) runs plain fp32: under bf16 a text's probabilities move
+    with its batch's composition; bulk predict follows the run's precision."""
+    import numpy as np
+
+    import budgetlora
+
+    texts = runs.read_json(tiny_run / runs.VERIFY)["texts"][:24]
+    clf = budgetlora.load(tiny_run, verify=False)
+    together = clf.predict_proba(texts)
+    alone = np.concatenate([clf.predict_proba([t]) for t in texts[:6]])
+    assert np.abs(together[:6] - alone).max() < 1e-5

@@ -30,7 +30,9 @@ class Classifier:
         texts = _check_texts(texts)
         if not texts:  # nothing to batch; keep the (0, num_labels) shape callers index into
             return np.zeros((0, self.num_labels), dtype=np.float32)
-        return self.run.logits(texts)
+        # plain fp32, unlike bulk `predict`: under bf16 a text's probabilities move by up to ~0.004 with whatever
+        # else shares its batch, and an answer here (or from `serve`, which batches requests) must not
+        return self.run.logits(texts, exact=True)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         return softmax(self.logits(texts))
