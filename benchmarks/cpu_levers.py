@@ -1,6 +1,6 @@
 """The CPU levers, each measured as a ratio inside one process, contenders interleaved round by round so that a
 shared machine's noise falls on both sides alike. Real AG News batches (length-grouped as the loop draws them),
-the embedded MiniLM with the main job's adapter (LoRA r=8 on every linear layer plus the head).
+the embedded MiniLM with LoRA r=8 on every linear layer plus the head (BASELINE below).
 
     python benchmarks/cpu_levers.py                      # every lever, ~6 minutes on 2 cores
     python benchmarks/cpu_levers.py --only precision threads --rounds 5
@@ -31,9 +31,14 @@ from budgetlora.hardware import cpu_has_native_bf16  # noqa: E402
 from budgetlora.model import build, load_tokenizer  # noqa: E402
 
 
+# the adapter every lever is measured on, unless it is the lever: r=8 on every linear layer of all six layers, the
+# checkpoint's dropout (the main job before it adopted the levers)
+BASELINE = {"data.train_limit": 4000, "data.test_limit": 2000, "lora.r": 8, "lora.alpha": 16, "lora.layers": [],
+            "lora.dropout": 0.1, "train.base_dropout": -1}
+
+
 def setup(args, **overrides):
-    cfg = Config.from_yaml("minilm-default").replace(**{"data.train_limit": 4000, "data.test_limit": 2000,
-                                                         **overrides})
+    cfg = Config.from_yaml("minilm-default").replace(**{**BASELINE, **overrides})
     model, _ = build(cfg)
     return cfg, model
 
@@ -181,36 +186,33 @@ def lever_eval(args, data, tok):
     print(f"  sorted over input order (bf16):   {ratio(res, 'bf16 b64 sorted', 'bf16 b64 input order')}")
 
 
-def lever_layers(args, data, tok):
-    cfg_all, all_layers = setup(args)
-    cfg_top, top = setup(args, **{"lora.layers": [3, 4, 5]})
-    tokens, order = batches_for(cfg_all, tok, data["train"].texts, args.steps)
-    labels = torch.as_tensor(data["train"].labels)
-    dtype = torch.bfloat16 if cpu_has_native_bf16() else None
-    steps = {"adapters on all 6 layers": make_step(all_layers, dtype), "adapters on top 3 layers": make_step(top, dtype)}
-    contenders = {k: (lambda s=s: time_steps(s, tokens, labels, order, "longest", 128)) for k, s in steps.items()}
-    for c in contenders.values():
-        c()
-    res = interleaved(contenders, args.rounds)
-    print("adapters only on the top layers (autograd then never enters the frozen bottom half)")
-    summary(res)
-    print(f"  top 3 over all 6: {ratio(res, 'adapters on all 6 layers', 'adapters on top 3 layers')}")
-
-
-def lever_dropout(args, data, tok):
-    cfg, with_dropout = setup(args)
-    _, without = setup(args, **{"lora.dropout": 0.0})
+def two_models(args, data, tok, title: str, a: tuple[str, dict], b: tuple[str, dict]) -> None:
+    """Step time of the same batches through two adapter setups (a is the slower one expected)."""
+    (name_a, over_a), (name_b, over_b) = a, b
+    cfg, model_a = setup(args, **over_a)
+    _, model_b = setup(args, **over_b)
     tokens, order = batches_for(cfg, tok, data["train"].texts, args.steps)
     labels = torch.as_tensor(data["train"].labels)
     dtype = torch.bfloat16 if cpu_has_native_bf16() else None
-    steps = {"lora.dropout 0.1": make_step(with_dropout, dtype), "lora.dropout 0": make_step(without, dtype)}
-    contenders = {k: (lambda s=s: time_steps(s, tokens, labels, order, "longest", 128)) for k, s in steps.items()}
+    steps = {name_a: make_step(model_a, dtype), name_b: make_step(model_b, dtype)}
+    contenders = {k: (lambda s=s: time_steps(s, tokens, labels, order, "buckets", 128)) for k, s in steps.items()}
     for c in contenders.values():
         c()
     res = interleaved(contenders, args.rounds)
-    print("LoRA input dropout (0 lets peft skip the dropout copy of every adapted module's input)")
+    print(title)
     summary(res)
-    print(f"  dropout 0 over 0.1: {ratio(res, 'lora.dropout 0.1', 'lora.dropout 0')}")
+    print(f"  {name_b} over {name_a}: {ratio(res, name_a, name_b)}")
+
+
+def lever_layers(args, data, tok):
+    two_models(args, data, tok, "adapters only on the top layers (autograd then never enters the frozen bottom half)",
+               ("all 6 layers", {"lora.layers": []}), ("top 3 layers", {"lora.layers": [3, 4, 5]}))
+
+
+def lever_dropout(args, data, tok):
+    two_models(args, data, tok, "dropout (none lets attention run as one fused kernel)",
+               ("dropout 0.1", {"lora.dropout": 0.1, "train.base_dropout": -1}),
+               ("no dropout", {"lora.dropout": 0.0, "train.base_dropout": 0.0}))
 
 
 def lever_compile(args, data, tok):
@@ -250,7 +252,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6, help="training batches per measurement")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds per lever")
     args = p.parse_args(argv)
-    cfg = Config.from_yaml("minilm-default").replace(**{"data.train_limit": 4000, "data.test_limit": 2000})
+    cfg = Config.from_yaml("minilm-default").replace(**BASELINE)
     data, tok = load_data(cfg), load_tokenizer(cfg)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16 {cpu_has_native_bf16()}",
           flush=True)
