@@ -93,7 +93,10 @@ def test_two_cpu_processes_match_one(tmp_path, monkeypatch):
     _table(40, 1).to_csv(tmp_path / "test.csv", index=False)
     overrides = {"model.name": str(_minilm_without_dropout(tmp_path / "minilm")), "model.max_length": 32, "data.train": str(tmp_path / "train.csv"),
                  "data.test": str(tmp_path / "test.csv"), "lora.dropout": 0.0, "train.batch_size": 16,
-                 "train.max_steps": 6, "train.eval_every": 3, "train.lr": 2e-3, "train.warmup": 0.0}
+                 "train.max_steps": 6, "train.eval_every": 3, "train.lr": 2e-3, "train.warmup": 0.0,
+                 # fp32: the two half-batch gradients are summed in another order, which bf16 rounding would
+                 # magnify past the tolerance; one thread, as each launched process runs
+                 "train.precision": "fp32", "train.threads": 1}
     cfg = Config().replace(**overrides)
 
     single_trace = tmp_path / "trace1"

@@ -142,3 +142,19 @@ def test_the_api_answers_a_text_the_same_whatever_shares_its_batch(tiny_run):
     together = clf.predict_proba(texts)
     alone = np.concatenate([clf.predict_proba([t]) for t in texts[:6]])
     assert np.abs(together[:6] - alone).max() < 1e-5
+
+
+def test_train_threads_hold_for_the_run_only(small_csvs, tmp_path):
+    from budgetlora.train import train
+
+    from .conftest import tiny_config
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the caller's own setting, which the run's single thread must not outlive
+    try:
+        run = train(tiny_config(small_csvs, **{"train.max_steps": 2, "train.threads": 1}), root=tmp_path,
+                    log=lambda *a, **k: None)
+        assert runs.read_json(run / runs.METRICS)["threads"] == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

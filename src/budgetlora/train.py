@@ -58,8 +58,12 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
     if runs.is_finished(out) and not force:
         log(f"run {cfg.run_id} already finished: {out}")
         return out
-    with PeakMemory() as memory:  # the run's own peak, even when several runs share a process
-        return _train(cfg, out, memory, data, force, stop_after, on_record, log)
+    threads = torch.get_num_threads()
+    try:
+        with PeakMemory() as memory:  # the run's own peak, even when several runs share a process
+            return _train(cfg, out, memory, data, force, stop_after, on_record, log)
+    finally:
+        torch.set_num_threads(threads)  # train.threads holds for the run, not for the caller's process after it
 
 
 def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, stop_after, on_record, log) -> Path:
