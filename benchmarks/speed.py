@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import json
 import math
 import os
@@ -38,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -50,37 +48,12 @@ import torch  # noqa: E402
 
 from budgetlora.config import Config  # noqa: E402
 from budgetlora.data import load_data  # noqa: E402
+from budgetlora.hardware import PeakMemory  # noqa: E402
 
 
-# -- memory: a sampling thread, so each contender gets its own peak inside one process -------------------------------
-class PeakRSS:
-    """Peak resident set size while the block runs, read from /proc/self/statm every 20 ms."""
-
-    def __init__(self, every: float = 0.02):
-        self.every, self.peak, self.start = every, 0, 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def now() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            time.sleep(self.every)
-
-    def __enter__(self):
-        gc.collect()
-        self.start = self.peak = self.now()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
+# -- memory: the product's own sampler, so each contender gets its own peak inside one process ----------------------
+class PeakRSS(PeakMemory):
+    """hardware.PeakMemory, carried between processes as bytes."""
 
     def as_dict(self) -> dict:
         return {"peak": self.peak, "start": self.start}
