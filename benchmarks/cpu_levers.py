@@ -24,12 +24,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from budgetlora.adapters.model import build, load_tokenizer  # noqa: E402
 from budgetlora.config import Config  # noqa: E402
-from budgetlora.data import Tokens, encode, length_grouped_batches, load_data, sorted_batches  # noqa: E402
-from budgetlora.evaluate import logits_for_ids  # noqa: E402
+from budgetlora.data.readers import load_data  # noqa: E402
+from budgetlora.data.tokens import Tokens, encode, length_grouped_batches
 from budgetlora.hardware import cpu_has_native_bf16  # noqa: E402
-from budgetlora.model import build, load_tokenizer  # noqa: E402
-
+from budgetlora.training.evaluate import logits_for_ids  # noqa: E402
 
 # the adapter every lever is measured on, unless it is the lever: r=8 on every linear layer of all six layers, the
 # checkpoint's dropout (the main job before it adopted the levers)

@@ -17,11 +17,12 @@ import numpy as np
 import pandas as pd
 
 from budgetlora import runs
-from budgetlora.adapt import corrected_probabilities
-from budgetlora.selftrain import self_train
 from budgetlora.config import Config
-from budgetlora.predict import load_run, read_unlabelled
-from budgetlora.train import train
+from budgetlora.inference.load import load_run
+from budgetlora.inference.predict import read_unlabelled
+from budgetlora.shift.priors import corrected_probabilities
+from budgetlora.shift.selftrain import self_train
+from budgetlora.training.train import train
 
 # LoRA on q,v only and one validation pass per epoch: a cheap common setup, pinned so results stay comparable
 COMMON = {"data.train_limit": 3000, "data.test_limit": 2000, "model.max_length": 64, "train.epochs": 1.0,

@@ -10,7 +10,7 @@ import time
 
 from budgetlora import config as config_mod
 from budgetlora.runs import versions
-from budgetlora.train import train
+from budgetlora.training.train import train
 
 
 def main():

@@ -73,9 +73,9 @@ def prepare(folder: str) -> None:
     import pandas as pd
     from transformers import AutoModel, AutoTokenizer
 
-    from budgetlora.architectures import resolve_name
+    from budgetlora.adapters.architectures import resolve_name
     from budgetlora.config import Config
-    from budgetlora.data import default_data_dir, load_split
+    from budgetlora.data.readers import default_data_dir, load_split
 
     dest = Path(folder)
     dest.mkdir(parents=True, exist_ok=True)
@@ -118,9 +118,10 @@ def linear_params(model) -> tuple[int, int]:
 
 def padded_row_flops(cfg, steps: range, n_linear: int, n_train: int, L: int, d: int) -> tuple[float, float, float]:
     """FLOPs, padded tokens and real tokens of the given steps, from the batches the loop itself draws."""
-    from budgetlora.data import Tokens, encode, length_grouped_batches, load_data, padded_width
-    from budgetlora.loop import resolve_padding
-    from budgetlora.model import load_tokenizer
+    from budgetlora.adapters.model import load_tokenizer
+    from budgetlora.data.readers import load_data
+    from budgetlora.data.tokens import Tokens, encode, length_grouped_batches, padded_width
+    from budgetlora.training.loop import resolve_padding
 
     tc, ml = cfg.train, cfg.model.max_length
     tok = load_tokenizer(cfg)
@@ -143,9 +144,9 @@ def padded_row_flops(cfg, steps: range, n_linear: int, n_train: int, L: int, d: 
 
 
 def throughput(out: Out, carry: Path, tokenizer_dir: str, smoke: bool, peak: float) -> None:
+    from budgetlora.adapters.model import build
     from budgetlora.config import Config
-    from budgetlora.model import build
-    from budgetlora.train import train
+    from budgetlora.training.train import train
 
     steps = 6 if smoke else 80
     plan = [(4, False)] if smoke else [(32, False), (128, False), (256, False), (512, False), (256, True)]
@@ -197,10 +198,10 @@ def throughput(out: Out, carry: Path, tokenizer_dir: str, smoke: bool, peak: flo
 # -- (b) MiniLM: accuracy, predictions, self-training ---------------------------------------------------------------
 def minilm(out: Out, carry: Path, model_dir: str, smoke: bool) -> None:
     from budgetlora.config import Config
-    from budgetlora.predict import predict_file
+    from budgetlora.inference.predict import predict_file
     from budgetlora.runs import read_json
-    from budgetlora.selftrain import self_train
-    from budgetlora.train import train
+    from budgetlora.shift.selftrain import self_train
+    from budgetlora.training.train import train
 
     data = {"model.name": model_dir, "data.train": str(carry / "train.csv.gz"),
             "data.test": str(carry / "test.csv.gz")}

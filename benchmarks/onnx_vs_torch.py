@@ -59,8 +59,8 @@ def main() -> None:
     import torch
 
     import budgetlora
-    from budgetlora.export import export_onnx
-    from budgetlora.onnx_serve import OnnxClassifier
+    from budgetlora.inference.export import export_onnx
+    from budgetlora.inference.onnx_serve import OnnxClassifier
 
     onnx_dir = args.onnx
     tmp = None

@@ -29,7 +29,7 @@ def sample_texts(n: int, seed: int = 0) -> list[str]:
     try:
         import pandas as pd
 
-        from budgetlora.data import default_data_dir
+        from budgetlora.data.readers import default_data_dir
 
         folder = default_data_dir()
         texts = pd.read_csv(folder / "test.csv.gz")["text"].astype(str).tolist()

@@ -61,7 +61,7 @@ def balanced(test: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def build_sets(test: pd.DataFrame, rows: int, skew: list[float], seed: int) -> dict[str, pd.DataFrame]:
-    from budgetlora.augment import Augmenter
+    from budgetlora.data.augment import Augmenter
 
     sets = {"none": balanced(test, rows, seed)}
     counts = np.round(np.asarray(skew) / sum(skew) * rows).astype(int)
@@ -111,11 +111,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from budgetlora.data import default_data_dir
-    from budgetlora.predict import load_run
-    from budgetlora.selftrain import self_train
-    from budgetlora.shift import analyse
-    from budgetlora.train import train
+    from budgetlora.data.readers import default_data_dir
+    from budgetlora.inference.load import load_run
+    from budgetlora.shift.analysis import analyse
+    from budgetlora.shift.selftrain import self_train
+    from budgetlora.training.train import train
 
     out = Path(args.out)
     quiet = lambda *a, **k: None  # noqa: E731

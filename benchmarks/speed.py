@@ -4,7 +4,7 @@ so neither inherits the other's threads, caches or accelerator state):
 (a) the reference recipe: HF Trainer + peft LoRA (r=10, alpha=32, query/value, head in modules_to_save), dynamic
     padding with truncation at 512, random batches of 32, lr 2e-4, warmup 0.1, weight decay 0.01, linear decay,
     evaluation once per epoch;
-(b) budgetlora's fast path, `budgetlora.train.train(cfg)`: the main job's preset (--config), with the race's data
+(b) budgetlora's fast path, `budgetlora.training.train.train(cfg)`: the main job's preset (--config), with the race's data
     sizes and any --set overrides.
 
 Printed for each: training samples/s (evaluation time excluded), evaluation samples/s (on the test split), time to
@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from budgetlora.config import Config  # noqa: E402
-from budgetlora.data import load_data  # noqa: E402
+from budgetlora.data.readers import load_data  # noqa: E402
 from budgetlora.hardware import PeakMemory  # noqa: E402
 
 
@@ -76,11 +76,17 @@ def first_reaching(points: list[tuple[float, float]], target: float) -> float | 
 # -- (a) the reference recipe --------------------------------------------------------------------------------------
 def run_reference(data, args) -> dict:
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
     from transformers.utils import logging as hf_logging
 
-    from budgetlora.architectures import resolve_name
+    from budgetlora.adapters.architectures import resolve_name
 
     hf_logging.set_verbosity_error()
     path = resolve_name(args.model)
@@ -156,10 +162,10 @@ def run_reference(data, args) -> dict:
 
 # -- (b) budgetlora -----------------------------------------------------------------------------------------------
 def run_budgetlora(data, args, cfg: Config) -> dict:
-    import budgetlora.train as bt
-    from budgetlora.evaluate import predict_logits
-    from budgetlora.predict import load_run
+    import budgetlora.training.train as bt
+    from budgetlora.inference.load import load_run
     from budgetlora.runs import read_json
+    from budgetlora.training.evaluate import predict_logits
 
     spent = {"s": 0.0}
     inner = bt.logits_for_ids
@@ -333,7 +339,7 @@ def repeat_races(args, argv: list[str]) -> None:
 
 
 def attn_impl(cfg: Config) -> str:
-    from budgetlora.architectures import load_config, skeleton
+    from budgetlora.adapters.architectures import load_config, skeleton
 
     return str(skeleton(load_config(cfg.model.name, cfg.model.num_labels)).config._attn_implementation)
 

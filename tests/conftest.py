@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from budgetlora.config import Config
-from budgetlora.data import default_data_dir
+from budgetlora.data.readers import default_data_dir
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -43,6 +43,6 @@ def tiny_config(small_csvs, **overrides) -> Config:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, small_csvs) -> Path:
     """One small trained run of the embedded model (seconds on a CPU), shared by the tests that only read it."""
-    from budgetlora.train import train
+    from budgetlora.training.train import train
 
     return train(tiny_config(small_csvs), root=tmp_path_factory.mktemp("runs"), log=lambda *a, **k: None)

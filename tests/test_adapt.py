@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from budgetlora import runs
-from budgetlora.adapt import estimate_priors, train_priors
-from budgetlora.selftrain import mix_repeats, select_pseudo_labels, self_train
-from budgetlora.budget import plan
-from budgetlora.cartography import record_points, training_probabilities
+from budgetlora.adapters.budget import plan
 from budgetlora.cli import main
 from budgetlora.config import ConfigError
-from budgetlora.data import load_data
+from budgetlora.data.readers import load_data
+from budgetlora.shift.priors import estimate_priors, train_priors
+from budgetlora.shift.selftrain import mix_repeats, select_pseudo_labels, self_train
+from budgetlora.training.noisy import record_points, training_probabilities
 
 from .conftest import tiny_config
 
@@ -113,7 +113,7 @@ def test_record_points():
 @pytest.fixture(scope="module")
 def noisy_run(tmp_path_factory, small_csvs):
     """A tiny run trained with the noisy-label filter: 222 rows -> 22 validation + 200 training rows."""
-    from budgetlora.train import train
+    from budgetlora.training.train import train
 
     cfg = tiny_config(small_csvs, **{"data.train_limit": 222, "data.test_limit": 40, "train.max_steps": 6,
                                      "filter.noisy_fraction": 0.05})
@@ -196,8 +196,8 @@ def test_init_from_loads_parent_weights_and_refuses_other_setups(noisy_run):
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from budgetlora.model import build
-    from budgetlora.train import init_from_run
+    from budgetlora.adapters.model import build
+    from budgetlora.training.train import init_from_run
 
     cfg = runs.load_config(noisy_run).replace(**{"train.init_from": str(noisy_run)})
     model, _ = build(cfg)
@@ -214,7 +214,7 @@ def test_init_from_loads_parent_weights_and_refuses_other_setups(noisy_run):
 
 def test_temperature_scaling_recovers_a_known_temperature():
     """Calibrated logits flattened by a factor 4: the fit must sharpen them back (T about 1/4)."""
-    from budgetlora.evaluate import fit_temperature, softmax
+    from budgetlora.training.evaluate import fit_temperature, softmax
 
     rng = np.random.default_rng(0)
     true_logits = rng.normal(0, 3, size=(4000, 4))

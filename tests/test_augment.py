@@ -3,17 +3,9 @@ import random
 import numpy as np
 import pytest
 
-from budgetlora.augment import (
-    AugmentConfig,
-    FilterConfig,
-    Augmenter,
-    apply_filters,
-    augment_texts,
-    cartography_select,
-    near_duplicates,
-    synonyms,
-    wordnet_dir,
-)
+from budgetlora.config import AugmentConfig, FilterConfig
+from budgetlora.data.augment import Augmenter, augment_texts, synonyms, wordnet_dir
+from budgetlora.data.filters import apply_filters, cartography_select, near_duplicates
 
 
 def _has_wordnet() -> bool:

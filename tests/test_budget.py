@@ -1,7 +1,7 @@
 """The planner's counts are exact, agree with peft's own count, and show what each target name matches."""
 import pytest
 
-from budgetlora.budget import BudgetError, check, plan
+from budgetlora.adapters.budget import BudgetError, check, plan
 from budgetlora.config import Config, ConfigError
 
 ROBERTA = Config().replace(**{"model.name": "roberta-base", "model.random_init": True, "model.tokenizer": "minilm",
@@ -26,7 +26,7 @@ def test_roberta_base_counts(r, targets, total):
 
 def test_counts_match_peft():
     """Build the real (random-weight) model for two configs and let peft count."""
-    from budgetlora.model import build, count_trainable
+    from budgetlora.adapters.model import build, count_trainable
 
     for r, targets, total in (EXPECTED[1], EXPECTED[5]):
         model, p = build(ROBERTA.replace(**{"lora.r": r, "lora.targets": targets}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from budgetlora import runs
-from budgetlora.card import CARD, model_card, read_header
+from budgetlora.training.card import CARD, model_card, read_header
 
 
 def _card(run):

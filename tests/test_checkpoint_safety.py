@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from budgetlora.loop import load_checkpoint, save_checkpoint
+from budgetlora.training.loop import load_checkpoint, save_checkpoint
 
 
 def _parts():

@@ -86,7 +86,7 @@ def test_cli_train_evaluate_predict(tmp_path, small_csvs, tiny_run):
     sub = pd.read_csv(out)
     assert list(sub.columns) == ["ID", "Label"] and sub["ID"].tolist() == list(range(40))
     assert sub["Label"].between(0, 3).all()
-    from budgetlora.predict import load_run
+    from budgetlora.inference.load import load_run
 
     assert sub["Label"].tolist() == load_run(tiny_run).logits(texts).argmax(1).tolist()
     assert main(["evaluate", str(tiny_run), "--data", str(test_csv)]) == 0

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from budgetlora.config import Config
-from budgetlora.data import DataError, length_grouped_batches, load_data, load_split, stratified_indices
+from budgetlora.data.readers import DataError, load_data, load_split, stratified_indices
+from budgetlora.data.tokens import length_grouped_batches
 
 CFG = Config()
 

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from budgetlora import runs
-from budgetlora.architectures import resolve_name
+from budgetlora.adapters.architectures import resolve_name
 from budgetlora.config import Config
-from budgetlora.train import train
+from budgetlora.training.train import train
 
 WORDS = [["election", "minister", "war", "president", "troops", "talks"],
          ["match", "goal", "team", "season", "coach", "cup"],

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from budgetlora import runs
-from budgetlora.export import EXPORT_INFO, TOLERANCE, ExportError, _publish, export_merged, merge
-from budgetlora.predict import load_run
+from budgetlora.inference.export import EXPORT_INFO, TOLERANCE, ExportError, _publish, export_merged, merge
+from budgetlora.inference.load import load_run
 
 # Runs with peft made unimportable: `sys.modules[name] = None` makes both `import peft` and
 # importlib.util.find_spec("peft") (what transformers uses to detect it) behave as if it were not installed.

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from budgetlora import hardware, loop, runs
+from budgetlora import hardware, runs
 from budgetlora.config import Config
+from budgetlora.training import loop
 
 
 @pytest.fixture
@@ -119,10 +120,10 @@ def test_a_run_records_what_it_cost(tiny_run):
 
 
 def test_the_card_states_the_cost(tiny_run):
-    from budgetlora.card import CARD, model_card
+    from budgetlora.training.card import CARD, model_card
 
     m = runs.read_json(tiny_run / runs.METRICS)
-    from budgetlora.budget import plan
+    from budgetlora.adapters.budget import plan
 
     cfg = runs.load_config(tiny_run)
     card = model_card(cfg, m, plan(cfg).as_dict())
@@ -145,7 +146,7 @@ def test_the_api_answers_a_text_the_same_whatever_shares_its_batch(tiny_run):
 
 
 def test_train_threads_hold_for_the_run_only(small_csvs, tmp_path):
-    from budgetlora.train import train
+    from budgetlora.training.train import train
 
     from .conftest import tiny_config
 

@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import torch
 
-from budgetlora.data import WIDTH_LADDER, Tokens, padded_width
-from budgetlora.evaluate import logits_for_ids
-from budgetlora.predict import load_run
-from budgetlora.train import train
+from budgetlora.data.tokens import WIDTH_LADDER, Tokens, padded_width
+from budgetlora.inference.load import load_run
+from budgetlora.training.evaluate import logits_for_ids
+from budgetlora.training.train import train
 
 from .conftest import tiny_config
 
@@ -47,7 +47,7 @@ def test_bucketed_padding_changes_no_prediction(tiny_run):
 def test_loop_reads_the_loss_only_at_logging_points(small_csvs, tmp_path, monkeypatch):
     """20 steps logged every 2: the loop itself moves a value from the device to the host once per logging point
     (the optimizer's own reads are the library's business and differ between CPU and GPU kernels)."""
-    import budgetlora.loop as loop_module
+    import budgetlora.training.loop as loop_module
 
     reads = {"n": 0}
     original = torch.Tensor.__float__

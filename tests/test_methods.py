@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from budgetlora import cli, methods
-from budgetlora.budget import BudgetError, fill, plan
+from budgetlora import cli
+from budgetlora.adapters import methods
+from budgetlora.adapters.budget import BudgetError, fill, plan
 from budgetlora.config import Config, ConfigError
 
 from .conftest import tiny_config
@@ -46,7 +47,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_planner_matches_peft(case):
     """The plan (meta device, no weights) equals the hand count and peft's own count on the built model."""
-    from budgetlora.model import build, count_trainable
+    from budgetlora.adapters.model import build, count_trainable
 
     base, overrides, total = CASES[case]
     cfg = base.replace(**overrides)
@@ -104,7 +105,7 @@ def test_adalora_budget_counts_the_initial_rank():
     cfg = ROBERTA.replace(**{"method": "adalora", "adalora.init_r": 12, "adalora.target_r": 2})
     p = plan(cfg)
     assert p.total == 24 * (12 * 1536 + 12) + ROBERTA_HEAD > 1_000_000 and not p.fits
-    from budgetlora.model import build
+    from budgetlora.adapters.model import build
 
     with pytest.raises(BudgetError, match="adalora.init_r that fits these targets is 11"):
         build(cfg)
@@ -140,7 +141,7 @@ def test_config_errors_and_run_ids():
 
 
 def test_lora_plus_param_groups():
-    from budgetlora.model import build
+    from budgetlora.adapters.model import build
 
     model, _ = build(Config().replace(**{"lora.targets": "q,v", "lora.r": 2}))
     groups = methods.param_groups(model, 0.01, 1e-3, b_lr_ratio=16)
@@ -171,9 +172,9 @@ def test_tiny_run_reloads_and_merges(name, small_csvs, tmp_path):
     from safetensors.torch import load_file
 
     from budgetlora import runs
-    from budgetlora.export import export_merged
-    from budgetlora.predict import load_run
-    from budgetlora.train import train
+    from budgetlora.inference.export import export_merged
+    from budgetlora.inference.load import load_run
+    from budgetlora.training.train import train
 
     cfg = tiny_config(small_csvs, **RUNS[name])
     out = train(cfg, root=tmp_path / "runs", log=lambda *a, **k: None)
@@ -210,7 +211,7 @@ def test_export_refuses_a_method_that_cannot_merge(tmp_path, monkeypatch):
     import dataclasses
 
     from budgetlora import runs
-    from budgetlora.export import ExportError, export_merged
+    from budgetlora.inference.export import ExportError, export_merged
 
     monkeypatch.setitem(methods.METHODS, "ia3", dataclasses.replace(methods.METHODS["ia3"], mergeable=False))
     run = tmp_path / "run"
@@ -225,8 +226,9 @@ def test_methods_sweep_one_trial_per_variant_at_its_filled_setting(tmp_path):
     from pathlib import Path
 
     from budgetlora import runs
-    from budgetlora.leaderboard import collect, write_report
-    from budgetlora.sweep import load_spec, run_sweep
+    from budgetlora.experiments.leaderboard import collect, write_report
+    from budgetlora.experiments.spec import load_spec
+    from budgetlora.experiments.sweep import run_sweep
 
     from .test_sweep import fake_runner
 

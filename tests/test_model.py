@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from budgetlora import runs
-from budgetlora.model import AdapterError, build_base, load_tokenizer, load_trained
-from budgetlora.predict import VerificationError, load_run, verify_reload
+from budgetlora.adapters.model import AdapterError, build_base, load_tokenizer, load_trained
+from budgetlora.inference.load import VerificationError, load_run, verify_reload
 
 TEXTS = ["Stocks rallied as oil prices fell.", "The striker scored twice in the final.",
          "A new chip promises faster phones.", "Leaders met to discuss the ceasefire."]
@@ -21,7 +21,7 @@ def test_run_folder_contents(tiny_run):
         assert (tiny_run / name).is_file(), name
     assert not (tiny_run / runs.CHECKPOINT).exists()
     m = runs.read_json(tiny_run / runs.METRICS)
-    from budgetlora.budget import plan
+    from budgetlora.adapters.budget import plan
 
     assert m["trainable_params"] == plan(runs.load_config(tiny_run)).total and 0 <= m["test_accuracy"] <= 1
     assert np.asarray(m["test_confusion_matrix"]).sum() == 120
@@ -93,8 +93,8 @@ def test_tampered_weights_fail_verification(tiny_run, tmp_path):
 
 
 def test_base_dropout_sets_the_encoders_dropout_and_keeps_ids_at_its_default(small_csvs):
+    from budgetlora.adapters.model import build
     from budgetlora.config import Config, ConfigError
-    from budgetlora.model import build
 
     cfg = Config()
     assert cfg.replace(**{"train.base_dropout": -1}).run_id == cfg.run_id  # the default: ids as before

@@ -19,8 +19,8 @@ import pytest
 import budgetlora
 from budgetlora import runs
 from budgetlora.cli import main
-from budgetlora.export import ONNX_TOLERANCE, ExportError, export_onnx
-from budgetlora.onnx_serve import INFO_FILE, MODEL_FILE, OnnxClassifier
+from budgetlora.inference.export import ONNX_TOLERANCE, ExportError, export_onnx
+from budgetlora.inference.onnx_serve import INFO_FILE, MODEL_FILE, OnnxClassifier
 
 # `sys.modules[name] = None` makes every `import name` raise ImportError: the code below can only pass if nothing
 # on the ONNX path imports torch or transformers
@@ -29,8 +29,8 @@ NO_TORCH = 'import sys\nsys.modules["torch"] = None\nsys.modules["transformers"]
 APP_WITHOUT_TORCH = NO_TORCH + r"""
 import json
 from fastapi.testclient import TestClient
-from budgetlora.onnx_serve import load_onnx
-from budgetlora.serve import create_app
+from budgetlora.inference.onnx_serve import load_onnx
+from budgetlora.inference.serve import create_app
 texts = json.loads(sys.stdin.read())
 with TestClient(create_app(load_onnx(sys.argv[1]))) as client:
     r = client.post("/predict", json={"texts": texts})

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from budgetlora.budget import plan
+from budgetlora.adapters.budget import plan
 from budgetlora.config import Config, ConfigError
-from budgetlora.sweep import load_spec
+from budgetlora.experiments.spec import load_spec
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ALL = sorted(CONFIGS.glob("**/*.yaml"))

@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from budgetlora.cli import main
 from budgetlora.config import Config
-from budgetlora.data import DataError, load_data, load_split
+from budgetlora.data.readers import DataError, load_data, load_split
 
 CFG = Config()
 KAGGLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "agnews_kaggle" / "test_unlabelled.pkl"

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 import budgetlora
-from budgetlora.hardware import inference_dtype
 from budgetlora import runs
-from budgetlora.architectures import ModelNotFound, resolve_name
+from budgetlora.adapters.architectures import ModelNotFound, resolve_name
 from budgetlora.cli import main
-from budgetlora.predict import LOGIT_TOLERANCE, VerificationError, load_run, predict_file, verify_reload
-from budgetlora.train import train
+from budgetlora.hardware import inference_dtype
+from budgetlora.inference.load import LOGIT_TOLERANCE, VerificationError, load_run, verify_reload
+from budgetlora.inference.predict import predict_file
+from budgetlora.training.train import train
 
 from .conftest import tiny_config
 
@@ -47,8 +48,8 @@ def test_bf16_run_stores_plain_fp32_logits(bf16_run):
 def test_bf16_run_predicts_loads_serves_and_exports(bf16_run, small_csvs, tmp_path):
     from fastapi.testclient import TestClient
 
-    from budgetlora.export import export_merged
-    from budgetlora.serve import create_app
+    from budgetlora.inference.export import export_merged
+    from budgetlora.inference.serve import create_app
 
     _, test_csv = small_csvs
     labels = predict_file(bf16_run, str(test_csv), tmp_path / "sub.csv")

@@ -14,7 +14,7 @@ import uvicorn
 
 import budgetlora
 from budgetlora import runs
-from budgetlora.serve import MicroBatcher, create_app
+from budgetlora.inference.serve import MicroBatcher, create_app
 
 MAX_TEXTS, MAX_CHARS, MAX_BODY = 8, 300, 8_000
 TEXTS = ["Stocks fell sharply as oil prices climbed to a record high.",

@@ -22,7 +22,7 @@ import pytest
 import budgetlora
 from budgetlora import runs
 from budgetlora.cli import build_parser
-from budgetlora.serve import run_info
+from budgetlora.inference.serve import run_info
 from tests.test_serve import BAD_BODIES, MAX_BODY, MAX_CHARS, MAX_TEXTS, TEXTS
 
 CONCURRENCY = 32

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from budgetlora.adapt import bbse_priors, decide, estimate_priors, total_variation
 from budgetlora.cli import main
-from budgetlora.shift import domain_auc, vocab_overlap, weighted_auc
+from budgetlora.shift.analysis import domain_auc, vocab_overlap, weighted_auc
+from budgetlora.shift.priors import bbse_priors, decide, estimate_priors, total_variation
 
 # p(ŷ | y): rows true class, columns predicted; a classifier that is right 70-90% of the time
 P_PRED = np.array([[0.80, 0.10, 0.05, 0.05],

@@ -15,10 +15,11 @@ import pytest
 import yaml
 
 from budgetlora import runs
-from budgetlora.budget import plan
+from budgetlora.adapters.budget import plan
 from budgetlora.config import ConfigError
-from budgetlora.leaderboard import collect, pareto_front, write_report
-from budgetlora.sweep import load_spec, run_sweep
+from budgetlora.experiments.leaderboard import collect, pareto_front, write_report
+from budgetlora.experiments.spec import load_spec
+from budgetlora.experiments.sweep import run_sweep
 
 
 def fake_runner(cfg, root):
@@ -107,13 +108,13 @@ def test_killed_sweep_resumes_without_retraining(tmp_path):
 
 
 def test_over_budget_is_pruned_before_loading_and_failures_are_recorded(tmp_path, monkeypatch):
-    import budgetlora.model
+    import budgetlora.adapters.model
 
     def no_weights(*a, **k):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(budgetlora.model, "build", no_weights)
-    monkeypatch.setattr(budgetlora.model, "build_base", no_weights)
+    monkeypatch.setattr(budgetlora.adapters.model, "build", no_weights)
+    monkeypatch.setattr(budgetlora.adapters.model, "build_base", no_weights)
 
     def runner(cfg, root):
         assert cfg.lora.r != 2048, "the over-budget config reached the runner"

@@ -20,7 +20,8 @@ import optuna
 import pytest
 
 from budgetlora.cli import main
-from budgetlora.sweep import default_storage, load_spec, run_sweep, summary
+from budgetlora.experiments.spec import load_spec
+from budgetlora.experiments.sweep import default_storage, run_sweep, summary
 from tests.test_sweep import GRID, calls, fake_runner, write_spec
 
 SLOW_POINT = {"lora.r": 4, "lora.alpha": 8}

@@ -10,7 +10,7 @@ import pytest
 from budgetlora import runs
 from budgetlora.cli import main
 from budgetlora.config import ConfigError
-from budgetlora.track import FINAL_TAGS, check, open_tracker, record_values
+from budgetlora.training.track import FINAL_TAGS, check, open_tracker, record_values
 
 from .conftest import tiny_config
 

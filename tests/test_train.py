@@ -4,9 +4,9 @@ import pytest
 from safetensors.torch import load_file
 
 from budgetlora import runs
-from budgetlora.budget import BudgetError
+from budgetlora.adapters.budget import BudgetError
 from budgetlora.config import Config
-from budgetlora.train import Interrupted, train
+from budgetlora.training.train import Interrupted, train
 
 from .conftest import tiny_config
 

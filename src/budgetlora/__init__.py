@@ -7,14 +7,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .api import Classifier, load
+    from budgetlora.api import Classifier, load
 
 __all__ = ["Classifier", "load"]
 
 
 def __getattr__(name: str):
     if name in ("load", "Classifier"):
-        from . import api
+        from budgetlora import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'budgetlora' has no attribute {name!r}")

@@ -6,13 +6,15 @@ import json
 import os
 import sys
 
-from . import config as config_mod
+from budgetlora import config as config_mod
+from budgetlora.config.flags import parse_bool
+from budgetlora.errors import BudgetloraError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenise in one call per split; no fork warnings
 
 
 def cmd_plan(args) -> int:
-    from .budget import fill, format_plan, plan
+    from budgetlora.adapters.budget import fill, format_plan, plan
 
     cfg = config_mod.from_flags(args)
     p = fill(cfg)[1] if args.fill else plan(cfg)
@@ -21,11 +23,11 @@ def cmd_plan(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from budgetlora.training.train import train
 
     cfg = config_mod.from_flags(args)
     if args.track:
-        from .track import train_tracked
+        from budgetlora.training.track import train_tracked
 
         out = train_tracked(cfg, args.track, root=args.runs, force=args.force)
     else:
@@ -37,7 +39,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .predict import evaluate_run
+    from budgetlora.inference.predict import evaluate_run
 
     m = evaluate_run(args.run, args.data, base=args.base)
     print(json.dumps({k: m[k] for k in ("accuracy", "loss", "macro_f1", "per_class_accuracy", "n")}, indent=2))
@@ -47,14 +49,19 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     import numpy as np
 
-    from .predict import predict_file
+    if args.prior_correction == "off":
+        from .inference.predict import predict_file
 
-    labels = predict_file(args.run, args.input, args.output, prior_correction=args.prior_correction,
-                          base=args.base, max_length=args.max_length)
+        labels = predict_file(args.run, args.input, args.output, base=args.base, max_length=args.max_length)
+    else:
+        from .shift.predict import predict_adapted
+
+        labels = predict_adapted(args.run, args.input, args.output, mode=args.prior_correction, base=args.base,
+                                 max_length=args.max_length)
     counts = dict(enumerate(np.bincount(labels).tolist()))
     print(f"wrote {len(labels):,} predictions to {args.output} (label counts {counts})")
     if args.prior_correction != "off":
-        from .adapt import priors_path
+        from budgetlora.shift.priors import priors_path
 
         est = json.loads(priors_path(args.output).read_text())
         d = est["decision"]
@@ -66,7 +73,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_self_train(args) -> int:
-    from .selftrain import self_train
+    from budgetlora.shift.selftrain import self_train
 
     overrides = {k: v for k, v in {"train.epochs": args.epochs, "train.max_steps": args.max_steps,
                                    "train.lr": args.lr}.items() if v is not None}
@@ -82,7 +89,7 @@ def cmd_self_train(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import serve
+    from budgetlora.inference.serve import serve
 
     serve(args.run, host=args.host, port=args.port, verify=not args.no_verify, base=args.base, max_batch=args.max_batch,
           max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
@@ -91,7 +98,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_merged, export_onnx
+    from budgetlora.inference.export import export_merged, export_onnx
 
     if not (args.merged or args.onnx):
         raise config_mod.ConfigError("export: say what to write: --merged OUT, --onnx OUT, or both")
@@ -103,8 +110,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .leaderboard import write_report
-    from .sweep import format_summary, load_spec, run_sweep
+    from budgetlora.experiments.leaderboard import write_report
+    from budgetlora.experiments.spec import load_spec
+    from budgetlora.experiments.sweep import format_summary, run_sweep
 
     spec = load_spec(args.spec, root=args.root)
     s = run_sweep(spec, storage=args.storage, workers=args.workers, n_trials=args.n_trials, tracking=args.tracking)
@@ -115,7 +123,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .leaderboard import write_report
+    from budgetlora.experiments.leaderboard import write_report
 
     for kind, path in write_report(args.dir).items():
         print(f"{kind}: {path}")
@@ -123,7 +131,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_shift(args) -> int:
-    from .submit import shift_report
+    from budgetlora.shift.submit import shift_report
 
     result, files = shift_report(args.run, args.target, args.out or f"{args.run.rstrip('/')}/shift",
                                  max_length=args.max_length, base=args.base)
@@ -134,7 +142,7 @@ def cmd_shift(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from .submit import submit
+    from budgetlora.shift.submit import submit
 
     rep = submit(config_mod.from_flags(args), args.target, args.output, root=args.runs, rounds=args.rounds,
                  share=args.share, mix=args.mix, steps=args.steps, lr=args.st_lr, max_val_drop=args.max_val_drop,
@@ -205,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-val-drop", type=float, default=None,
                    help="refuse a round whose validation accuracy falls more than this below its parent's "
                         "(and stop there); default: keep every round")
-    p.add_argument("--balance", type=config_mod.parse_bool, default=True, metavar="BOOL",
+    p.add_argument("--balance", type=parse_bool, default=True, metavar="BOOL",
                    help="same number of pseudo labels per predicted class, most confident first (default true)")
     p.add_argument("--max-per-class", type=int, default=0,
                    help="at most this many pseudo labels per class (0 = no cap)")
@@ -247,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |merged - unmerged| logit difference")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("sweep", help="run or resume an Optuna sweep from a spec YAML (see budgetlora.sweep)")
+    p = sub.add_parser("sweep", help="run or resume an Optuna sweep from a spec YAML (see budgetlora.experiments.spec)")
     p.add_argument("spec", help="sweep spec YAML (grid: or search:)")
     p.add_argument("--storage", default=None, help="study storage URL (default: sqlite under sweeps/<name>/)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
@@ -292,23 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# errors answered with one line. Each class is looked up only once something was raised, and only in modules
-# already imported (the one that raised it is), so a command that needs no torch (serve --backend onnx) loads none.
-EXPECTED_ERRORS = [("architectures", "ModelNotFound"), ("data", "DataError"), ("export", "ExportError"),
-                   ("model", "AdapterError"), ("predict", "VerificationError"), ("loop", "CheckpointError")]
-
-
-def _expected_errors() -> tuple:
-    mods = [sys.modules.get(f"{__package__}.{m}") for m, _ in EXPECTED_ERRORS]
-    return (config_mod.ConfigError, FileNotFoundError,
-            *(getattr(mod, name) for mod, (_, name) in zip(mods, EXPECTED_ERRORS) if mod and hasattr(mod, name)))
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _expected_errors() as e:
+    except (BudgetloraError, FileNotFoundError) as e:  # expected: one line, never a traceback
         print(f"budgetlora: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import Config
+from budgetlora.config import Config
 
 DEFAULT_ROOT = "runs"
 CONFIG = "config.yaml"

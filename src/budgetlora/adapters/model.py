@@ -1,0 +1,106 @@
+"""Base model + adapter (peft: LoRA or another method, see `methods`) + a fully trained head, built from a config;
+and loading a saved run back."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from budgetlora.adapters import budget, methods
+from budgetlora.adapters.architectures import load_config, quiet, resolve_name
+from budgetlora.config import Config
+from budgetlora.errors import BudgetloraError
+from budgetlora.runs import ADAPTER_FILES
+
+
+class AdapterError(BudgetloraError, ValueError):
+    """A saved adapter that cannot be loaded onto the configured base model."""
+
+
+def load_tokenizer(cfg: Config):
+    return AutoTokenizer.from_pretrained(resolve_name(cfg.model.tokenizer or cfg.model.name))
+
+
+# the dropout settings of the encoder families we adapt (BERT/RoBERTa/ELECTRA, DistilBERT, DeBERTa, ...); the head's
+# own classifier_dropout is left alone
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
+                  "hidden_dropout", "attention_probs_dropout")
+
+
+def set_base_dropout(config, p: float):
+    """train.base_dropout onto the base's config: -1 keeps the checkpoint's values. Evaluation never drops anything,
+    so this changes how a run trains, not what a reload computes."""
+    if p >= 0:
+        for name in DROPOUT_FIELDS:
+            if isinstance(getattr(config, name, None), float):
+                setattr(config, name, p)
+    return config
+
+
+def build_base(cfg: Config, config=None) -> torch.nn.Module:
+    """The frozen base with a fresh head. Seeded, so random-weight bases and heads are reproducible."""
+    config = set_base_dropout(config or load_config(cfg.model.name, cfg.model.num_labels), cfg.train.base_dropout)
+    torch.manual_seed(cfg.train.seed)
+    with quiet():  # "some weights were newly initialised" is expected: that is the head we train
+        if cfg.model.random_init:
+            return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForSequenceClassification.from_pretrained(resolve_name(cfg.model.name), config=config)
+
+
+def peft_config(cfg: Config, plan: budget.Plan):
+    """The peft config of the configured method (see `methods`), on exactly the planned modules."""
+    return methods.peft_config(cfg, plan.target_regex, plan.head_names, plan.feedforward_regex)
+
+
+def count_trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build(cfg: Config):
+    """Plan (refusing over-budget configs before any weight loads), then wrap the base with the adapter."""
+    from peft import get_peft_model
+
+    config = load_config(cfg.model.name, cfg.model.num_labels)
+    plan = budget.check(budget.plan(cfg, config))
+    model = get_peft_model(build_base(cfg, config), peft_config(cfg, plan))
+    methods.remember_initial(model, cfg)  # PiSSA/OLoRA: saving converts against the initial adapter
+    trainable = count_trainable(model)
+    if trainable != plan.total:  # the planner and peft must agree, or the budget means nothing
+        raise RuntimeError(f"planner counted {plan.total:,} trainable parameters but peft trains {trainable:,}")
+    return model, plan
+
+
+def _tail(name_or_path: str) -> str:
+    """'org/name' of a hub id or the last two folders of a path: a run folder copied to another machine, where the
+    embedded model sits in another virtual environment, still matches its base."""
+    return "/".join(Path(name_or_path).parts[-2:])
+
+
+def load_trained(run: Path, cfg: Config, moved: bool = False) -> torch.nn.Module:
+    """The base model with the run's saved adapter, via plain `PeftModel.from_pretrained`, in eval mode.
+    moved: the caller named the base's new place, so the name recorded in the adapter is not compared (the
+    verification sample still proves the weights are the same)."""
+    from peft import PeftModel
+
+    run = Path(run)
+    missing = [f for f in ADAPTER_FILES if not (run / f).is_file()]
+    if missing:
+        raise AdapterError(f"{run}: no adapter ({', '.join(missing)} missing)")
+    try:
+        saved = json.loads((run / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdapterError(f"{run}/adapter_config.json is corrupt") from None
+    trained_on = saved.get("base_model_name_or_path") or ""
+    if trained_on and not moved and not cfg.model.random_init and _tail(trained_on) != _tail(resolve_name(cfg.model.name)):
+        raise AdapterError(f"{run}: adapter was trained on {trained_on!r}, not on {cfg.model.name!r}")
+    base = build_base(cfg)
+    try:
+        with quiet():
+            model = PeftModel.from_pretrained(base, str(run))
+    except Exception as e:  # safetensors header errors, size mismatches (wrong num_labels or base), ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise AdapterError(f"{run}: adapter does not load onto {cfg.model.name!r} with {cfg.model.num_labels} "
+                           f"labels: {first[:300]}") from None
+    return model.eval()

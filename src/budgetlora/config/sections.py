@@ -1,0 +1,176 @@
+"""The sections of the config tree, one frozen dataclass each; every field carries its help text."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from budgetlora.config.flags import field_ as _f
+from budgetlora.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("minilm", "base model: 'minilm' (the embedded all-MiniLM-L6-v2), a hub id or a local folder")
+    tokenizer: str = _f("", "tokenizer to use if not the model's own (a hub id, folder or 'minilm')")
+    random_init: bool = _f(False, "build the architecture from its config with random weights (speed/param tests)")
+    num_labels: int = _f(4, "number of classes")
+    max_length: int = _f(128, "truncate texts to this many tokens")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = _f("", "train source: a hub dataset name, a .csv/.csv.gz/.parquet/.pkl file, or '' for the default")
+    test: str = _f("", "test source, same forms as train; '' for the default")
+    val_fraction: float = _f(0.05, "stratified, seeded hold-out from train used for model selection")
+    train_limit: int = _f(0, "keep a stratified sample of this many training rows (0 = all)")
+    test_limit: int = _f(0, "keep a stratified sample of this many test rows (0 = all)")
+    text_column: str = _f("text", "column holding the text")
+    label_column: str = _f("label", "column holding the integer label")
+    pseudo_labels: str = _f("", "CSV of pseudo-labelled rows (text,label written by self-train) added to train")
+    unlabelled: str = _f("", "the unlabelled source the pseudo labels were predicted from (a record)")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _f(8, "LoRA rank")
+    alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora)")
+    dropout: float = _f(0.1, "dropout on the LoRA input")
+    targets: list = _f(["q", "k", "v", "o", "ffn_in", "ffn_out"], "modules to adapt: short names q,k,v,o,ffn_in,ffn_out (or exact module suffixes)")
+    layers: list = _f([], "layer indices to adapt (empty = all); negative counts from the top")
+    bias: str = _f("none", "which biases train: none, lora_only, all")
+    rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
+    dora: bool = _f(False, "weight-decomposed LoRA (adds one magnitude vector per module)")
+    init: str = _f("default", "LoRA init: default (B = 0), gaussian, pissa (principal singular vectors of W; the "
+                              "base keeps the residual), olora (QR of W); method lora only")
+    b_lr_ratio: float = _f(1.0, "LoRA+: the B matrices learn at train.lr x this (1 = plain LoRA, 16 in the LoRA+ "
+                                "paper); method lora only")
+
+
+# -- one section per adapter method besides LoRA; lora.targets, lora.layers (and lora.dropout and lora.alpha where a
+# method has an input dropout or a scale) say where and how every method adapts, so a method switch keeps targets
+@dataclass(frozen=True)
+class AdaLoraConfig:
+    init_r: int = _f(12, "AdaLoRA: rank every module starts with (the budget counts this peak, not the final rank)")
+    target_r: int = _f(8, "AdaLoRA: average rank per module left after pruning")
+    tinit: float = _f(0.1, "AdaLoRA: share of the steps trained at init_r before pruning starts")
+    tfinal: float = _f(0.2, "AdaLoRA: share of the last steps trained at the final ranks")
+    delta_t: int = _f(10, "AdaLoRA: steps between two rank reallocations")
+    beta1: float = _f(0.85, "AdaLoRA: EMA factor of the importance sensitivity")
+    beta2: float = _f(0.85, "AdaLoRA: EMA factor of the importance uncertainty")
+    orth_reg_weight: float = _f(0.5, "AdaLoRA: weight of the orthogonality penalty on A and B")
+
+
+@dataclass(frozen=True)
+class VeraConfig:
+    r: int = _f(256, "VeRA rank of the shared frozen random matrices (the trained vectors grow by one per module "
+                     "per rank)")
+    d_initial: float = _f(0.1, "VeRA: initial value of the trained d vectors")
+    prng_key: int = _f(0, "VeRA: seed of the shared frozen random matrices (saved with the adapter)")
+
+
+@dataclass(frozen=True)
+class LohaConfig:
+    r: int = _f(8, "LoHa rank (each module trains two rank-r pairs: 2r(in + out))")
+    alpha: float = _f(16.0, "LoHa alpha (scale = alpha / r)")
+    rank_dropout: float = _f(0.0, "LoHa: dropout on the ranks during training")
+    module_dropout: float = _f(0.0, "LoHa: probability of skipping a whole module during training")
+
+
+@dataclass(frozen=True)
+class LokrConfig:
+    r: int = _f(8, "LoKr rank of the second Kronecker factor (a factor becomes full once r >= its larger side / 2)")
+    alpha: float = _f(16.0, "LoKr alpha (scale = alpha / r)")
+    decompose_both: bool = _f(False, "LoKr: also decompose the first Kronecker factor into rank r")
+    factor: int = _f(-1, "LoKr: Kronecker factorisation divisor (-1 = near the square root of each dimension)")
+    rank_dropout: float = _f(0.0, "LoKr: dropout on the ranks during training")
+    module_dropout: float = _f(0.0, "LoKr: probability of skipping a whole module during training")
+
+
+@dataclass(frozen=True)
+class Ia3Config:
+    feedforward: list = _f(["ffn_out"], "(IA)3: targets whose input (not output) is scaled, as for the FFN's second "
+                                        "layer; each must be one of lora.targets")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = _f(1.0, "passes over the training set (fractions allowed)")
+    batch_size: int = _f(32, "training batch size")
+    eval_batch_size: int = _f(0, "evaluation batch size; 0 = auto: 64 on a CPU (less padding, cache-sized), 512 on a GPU")
+    lr: float = _f(2e-3, "peak learning rate")
+    optimizer: str = _f("adamw", "adamw, rmsprop, adagrad or sgd (with momentum 0.9)")
+    schedule: str = _f("linear", "linear, cosine or constant, after warmup")
+    warmup: float = _f(0.06, "warmup as a fraction of all steps")
+    weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
+    precision: str = _f("auto", "auto (bf16 on a GPU that has it and on a CPU with native bf16 (AVX512-BF16 or "
+                                "AMX), else fp32), fp32, bf16 or fp16; evaluation and prediction follow it")
+    threads: int = _f(0, "CPU threads for torch (0 = the cores not already busy); not part of the run id")
+    base_dropout: float = _f(-1.0, "dropout inside the frozen base while training (hidden states and attention); "
+                                   "-1 keeps the checkpoint's own (0.1 for BERT types); 0 lets attention run as one "
+                                   "fused kernel: faster steps and less memory")
+    eval_every: int = _f(200, "evaluate on validation every N steps (0 = once per epoch)")
+    patience: int = _f(0, "early stopping: evaluations without val-loss improvement before stopping (0 = off)")
+    group_by_length: bool = _f(True, "batch texts of similar length together (less padding)")
+    padding: str = _f("auto", "batch width: longest (each batch's longest row), buckets (a few fixed widths, so a GPU "
+                              "reuses shapes and a CPU keeps fewer kernels in memory), auto (= buckets)")
+    compile: bool = _f(False, "torch.compile the model for training (pays off on a GPU with padding=buckets)")
+    seed: int = _f(42, "seed for splits, batches, dropout and init")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit)")
+    init_from: str = _f("", "start from this run folder's adapter weights (same model and LoRA setup)")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Train-time text edits, redrawn every epoch; each a probability, 0 disables it."""
+
+    synonym: float = _f(0.0, "per-word probability of a WordNet synonym replacement")
+    insert: float = _f(0.0, "per-word probability of inserting a synonym of a random word")
+    swap: float = _f(0.0, "per-word probability of swapping with another position")
+    delete: float = _f(0.0, "per-word probability of dropping the word")
+    char_noise: float = _f(0.0, "per-character probability of a typo")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if not 0.0 <= getattr(self, f.name) <= 1.0:
+                raise ConfigError(f"augment.{f.name} must be a probability in [0, 1], got {getattr(self, f.name)}")
+
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(self, f.name) > 0 for f in dataclasses.fields(self))
+
+    @property
+    def needs_wordnet(self) -> bool:
+        return self.synonym > 0 or self.insert > 0
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Training rows to drop before training; defaults keep everything. Filters run in field order."""
+
+    min_words: int = _f(0, "drop training texts with fewer words (0 = off)")
+    max_words: int = _f(0, "drop training texts with more words (0 = off)")
+    min_tokens: int = _f(0, "drop training texts with fewer tokens (0 = off)")
+    max_tokens: int = _f(0, "drop training texts with more tokens (0 = off)")
+    max_non_alnum: float = _f(1.0, "drop texts whose share of non-alphanumeric characters is above this")
+    dedup_exact: bool = _f(False, "drop exact duplicates (after lowercasing and whitespace folding)")
+    dedup_near: float = _f(0.0, "drop near duplicates above this word-3-gram Jaccard similarity (0 = off)")
+    noisy_fraction: float = _f(0.0, "drop this share of rows a first training pass finds least learnable (0 = off)")
+
+    def __post_init__(self):
+        for name in ("min_words", "max_words", "min_tokens", "max_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"filter.{name} must be >= 0")
+        for name in ("max_non_alnum", "dedup_near"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"filter.{name} must be in [0, 1]")
+        if not 0.0 <= self.noisy_fraction < 1.0:
+            raise ConfigError("filter.noisy_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    max_params: int = _f(1_000_000, "hard limit on trainable parameters, head included")
+
+

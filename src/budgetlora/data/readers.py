@@ -1,0 +1,302 @@
+"""Data: sources → validated (texts, labels) → seeded stratified splits → token ids → length-grouped batches.
+
+Sources: a hub dataset name (needs internet), a local .csv/.csv.gz/.parquet with text,label columns, the original
+AG News CSV layout (no header; class 1-4, title, description), a pickled `datasets.Dataset` or DataFrame, or a
+folder holding train/test files. With no source given, the shipped AG News copy is used when it can be found.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from budgetlora.data import safepickle
+from budgetlora.errors import DataError  # noqa: F401 (raised here; importable from here)
+
+DATA_ENV = "BUDGETLORA_DATA"
+HUB_DEFAULT = "ag_news"
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: np.ndarray | None  # None for unlabelled data
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx) -> "Split":
+        idx = np.asarray(idx, dtype=np.int64)
+        return Split([self.texts[i] for i in idx], None if self.labels is None else self.labels[idx])
+
+
+# -- locating and reading sources ---------------------------------------------------------------------------------
+def default_data_dir() -> Path | None:
+    """$BUDGETLORA_DATA, else ../shared/data/ag_news beside the working directory or this checkout."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for root in [Path.cwd(), *here.parents]:
+        cand = root.parent / "shared" / "data" / "ag_news"
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _find_in_dir(folder: Path, split: str) -> Path:
+    for ext in (".csv.gz", ".csv", ".parquet", ".pkl"):
+        p = folder / f"{split}{ext}"
+        if p.is_file():
+            return p
+    raise DataError(f"no {split}.csv(.gz)/.parquet/.pkl in {folder}")
+
+
+def resolve_source(source: str, split: str) -> str:
+    if source:
+        p = Path(source)
+        return str(_find_in_dir(p, split)) if p.is_dir() else source
+    folder = default_data_dir()
+    if folder is not None:
+        return str(_find_in_dir(folder, split))
+    return HUB_DEFAULT
+
+
+def _looks_like_file(source: str) -> bool:
+    """A known file extension or an existing path; anything else (e.g. 'ag_news', 'org/name') is a hub dataset."""
+    return source.endswith((".csv", ".csv.gz", ".parquet", ".pkl", ".pickle")) or Path(source).exists()
+
+
+def read_table(source: str, split: str = "train"):
+    """Read a source into a pandas DataFrame (no validation yet). A file that cannot be read, for whatever reason
+    its bytes give, is one DataError naming it: these files come from outside and are never trusted."""
+    import pandas as pd
+
+    if not _looks_like_file(source):
+        return _read_hub(source, split)
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        if source.endswith((".pkl", ".pickle")):
+            return _read_pickle(path)
+        if source.endswith(".parquet"):
+            return pd.read_parquet(path)
+        return _maybe_original_agnews(_read_csv(path), path)
+    except DataError:
+        raise
+    except safepickle.RefusedGlobal as e:
+        raise DataError(f"{path}: not loaded: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (it holds the byte 0x{e.object[e.start]:02x}); "
+                        "save it as UTF-8") from None
+    except RecursionError:
+        raise DataError(f"{path}: cannot be read (nested too deeply)") from None
+    except Exception as e:  # parsers of untrusted bytes raise many kinds (ArrowInvalid, zlib.error, ParserError...)
+        raise DataError(f"{path}: cannot be read ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {text[0][:200]}" if text else e.__class__.__name__
+
+
+def _read_pickle(path: Path):
+    """A pickled datasets.Dataset, DataFrame, dict of columns or list of rows; loaded through the allow-list."""
+    import pandas as pd
+
+    with open(path, "rb") as f:
+        obj = safepickle.restricted_load(f)
+    if hasattr(obj, "to_pandas"):
+        obj = obj.to_pandas()
+    if isinstance(obj, pd.DataFrame):
+        return obj
+    if isinstance(obj, (dict, list)):
+        with warnings.catch_warnings():  # ragged rows: pandas pads them now and will refuse them later; both fine
+            warnings.simplefilter("ignore")
+            return pd.DataFrame(obj)
+    raise DataError(f"{path}: holds a {type(obj).__name__}, not a table (a datasets.Dataset, DataFrame, dict of "
+                    "columns or list of rows)")
+
+
+def _read_csv(path: Path):
+    import pandas as pd
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # a UTF-16 file (what some spreadsheet programs save) says so in its first bytes; UTF-8 is read as such
+    encoding = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8"
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file (no header, no rows)") from None
+    except pd.errors.ParserError as e:
+        m = re.search(r"EOF inside string starting at row (\d+)", str(e))
+        if m:
+            raise DataError(f"{path}: cannot be read: a quote (\") opened in row {m.group(1)} is never closed, so "
+                            f"the rest of its {_count_lines(path, encoding):,} lines would be one field; 0 rows "
+                            "read") from None
+        raise
+    _check_swallowed(df, path, encoding)
+    return df
+
+
+def _count_lines(path: Path, encoding: str) -> int:
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding=encoding, errors="replace", newline="") as f:
+        return sum(1 for _ in f)
+
+
+def _check_swallowed(df, path: Path, encoding: str) -> None:
+    """A stray quote that is closed far below makes one field of many lines and the file 'reads' fine with a
+    handful of rows. Legitimate texts can span lines, so only a field that swallowed at least half of the file,
+    most of its lines looking like CSV rows themselves, is treated as the symptom of an unbalanced quote."""
+    worst, where = 0, (0, 0)
+    for j in range(df.shape[1]):
+        counts = df.iloc[:, j].astype(str).str.count("\n").to_numpy()
+        if len(counts) and counts.max() > worst:
+            worst, where = int(counts.max()), (int(counts.argmax()), j)
+    if worst < 2:
+        return
+    lines = _count_lines(path, encoding)
+    inner = str(df.iat[where]).split("\n")[1:]
+    rowlike = sum("," in line for line in inner)
+    if (worst + 1) * 2 >= lines - 1 and rowlike * 2 >= len(inner):
+        column = str(df.columns[where[1]])
+        raise DataError(f"{path}: {len(df):,} row(s) read from {lines:,} lines: the field in row {where[0]}, column "
+                        f"{column!r}, runs over {worst + 1:,} lines, most of them rows of their own; an unbalanced "
+                        "quote (\") there has swallowed them")
+
+
+def _maybe_original_agnews(df, path):
+    """The original AG News CSVs have no header: class index 1-4, title, description."""
+    import pandas as pd
+
+    cols = list(df.columns)
+    if len(cols) == 3 and str(cols[0]).strip() in ("1", "2", "3", "4"):
+        raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
+        if raw[0].str.strip().isin(["1", "2", "3", "4"]).all():
+            text = (raw[1].str.strip() + " " + raw[2].str.strip()).str.strip()
+            return pd.DataFrame({"text": text, "label": raw[0].astype(int) - 1})
+    return df
+
+
+def _read_hub(name: str, split: str):
+    try:
+        import datasets
+
+        return datasets.load_dataset(name, split=split).to_pandas()
+    except Exception as e:
+        raise DataError(f"cannot load hub dataset {name!r} split {split!r}: {str(e).splitlines()[0][:200]} "
+                        "(offline? pass a local file with --data.train / --data.test)") from None
+
+
+def _column(df, name: str, source: str):
+    if name not in df.columns:
+        cols = [repr(str(c))[:60] for c in df.columns[:20]]  # repr: a name holding a newline stays on one line
+        more = f" and {len(df.columns) - 20} more" if len(df.columns) > 20 else ""
+        raise DataError(f"{source}: no {name!r} column (columns: {', '.join(cols)}{more})")
+    col = df[name]
+    if getattr(col, "ndim", 1) != 1:
+        raise DataError(f"{source}: more than one column named {name!r}")
+    return col
+
+
+def _as_text(v) -> str:
+    """A cell as text; a missing cell (None, NaN, NA) becomes "" and is then reported as an empty text."""
+    import pandas as pd
+
+    if isinstance(v, str):
+        return v
+    if pd.api.types.is_scalar(v) and pd.isna(v):
+        return ""
+    return str(v)
+
+
+def _as_int_labels(raw, source: str) -> np.ndarray:
+    """Integer labels from numbers or digit strings; anything else names the first offending value."""
+    try:
+        as_float = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        as_float = None
+    if as_float is None or as_float.ndim != 1:
+        for v in raw:
+            try:
+                float(str(v))
+            except ValueError:
+                raise DataError(f"{source}: label {str(v)[:50]!r} is not an integer") from None
+        raise DataError(f"{source}: labels must be integers")
+    if not np.isfinite(as_float).all() or (as_float != np.round(as_float)).any() or (np.abs(as_float) > 2**53).any():
+        raise DataError(f"{source}: labels must be integers")
+    return as_float.astype(np.int64)
+
+
+def to_split(df, source: str, text_column: str, label_column: str, num_labels: int | None,
+             labelled: bool = True) -> Split:
+    """Validate a table: at least one row, text column present, texts non-empty, labels integers in
+    [0, num_labels). A table with no rows is an error, for training and prediction alike: an empty submission or
+    an empty split is never what was meant."""
+    texts = [_as_text(v) for v in _column(df, text_column, source).tolist()]
+    if not texts:
+        raise DataError(f"{source}: no rows (a header only?)")
+    empty = [i for i, t in enumerate(texts) if not t.strip() or t == "nan"]
+    if empty:
+        raise DataError(f"{source}: {len(empty)} empty text(s), first at row {empty[0]}")
+    if not labelled:
+        return Split(texts, None)
+    labels = _as_int_labels(_column(df, label_column, source), source)
+    if num_labels is not None:
+        out = np.flatnonzero((labels < 0) | (labels >= num_labels))
+        if len(out):
+            raise DataError(f"{source}: label {labels[out[0]]} at row {out[0]} is outside 0..{num_labels - 1} "
+                            f"({len(out)} such rows; is model.num_labels right?)")
+    return Split(texts, labels)
+
+
+def load_split(source: str, split: str, data_cfg, num_labels: int | None, labelled: bool = True) -> Split:
+    resolved = resolve_source(source, split)
+    df = read_table(resolved, split)
+    return to_split(df, resolved, data_cfg.text_column, data_cfg.label_column, num_labels, labelled)
+
+
+# -- splits ---------------------------------------------------------------------------------------------------------
+def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded sample of n rows keeping class shares (sorted, so row order is kept)."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    take = np.floor(counts / counts.sum() * n).astype(int)
+    for i in np.argsort(-(counts / counts.sum() * n - take))[: n - take.sum()]:  # largest remainders
+        take[i] += 1
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
+def train_val_split(data: Split, val_fraction: float, seed: int) -> tuple[Split, Split]:
+    val_idx = stratified_indices(data.labels, max(1, round(len(data) * val_fraction)), seed)
+    mask = np.ones(len(data), dtype=bool)
+    mask[val_idx] = False
+    return data.subset(np.flatnonzero(mask)), data.subset(val_idx)
+
+
+def load_data(cfg) -> dict[str, Split]:
+    """train / val / test splits for a config. Val is held out from train; test is only ever reported."""
+    d, seed = cfg.data, cfg.train.seed
+    full = load_split(d.train, "train", d, cfg.model.num_labels)
+    if d.train_limit:  # limit first so that a small run also gets a small validation set
+        full = full.subset(stratified_indices(full.labels, d.train_limit, seed))
+    if len(full) < 2 * cfg.model.num_labels:
+        raise DataError(f"{resolve_source(d.train, 'train')}: too few training rows ({len(full)}) for "
+                        f"{cfg.model.num_labels} classes")
+    train, val = train_val_split(full, d.val_fraction, seed)
+    test = load_split(d.test, "test", d, cfg.model.num_labels)
+    if d.test_limit:
+        test = test.subset(stratified_indices(test.labels, d.test_limit, seed))
+    return {"train": train, "val": val, "test": test}

@@ -1,0 +1,207 @@
+"""`budgetlora report DIR`: one leaderboard over every finished run under DIR (a sweep folder or any folder of run
+folders), ablation plots, and a single self-contained report.html (plots embedded as data URIs).
+
+Written into DIR: leaderboard.csv, leaderboard.md, plots/{acc_vs_rank,acc_vs_alpha,acc_by_targets,pareto}.png and
+report.html. Every file is written to a temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from pathlib import Path
+
+from budgetlora import runs
+from budgetlora.adapters import methods
+
+# r and alpha are the method's own size and scale (lora.r, adalora.init_r, vera.r, ...; empty for (IA)3)
+COLUMNS = ["run_id", "name", "model", "r", "alpha", "targets", "layers", "dropout", "label_smoothing", "lr",
+           "trainable_params", "val_accuracy", "test_accuracy", "val_loss", "wall_time_s", "method", "setting",
+           "train_time_s"]
+PLOTS = ("acc_vs_rank", "acc_vs_alpha", "acc_by_targets", "pareto")
+
+
+def collect(folder: str | Path) -> list[dict]:
+    """One row per finished run under `folder`, best validation accuracy first."""
+    rows = []
+    for path in runs.list_runs(Path(folder)):
+        cfg = runs.load_config(path)
+        m = runs.read_json(path / runs.METRICS)
+        rows.append({
+            "run_id": cfg.run_id, "name": cfg.name, "model": cfg.model.name, "r": methods.size(cfg)[0],
+            "alpha": methods.size(cfg)[1], "targets": ",".join(map(str, cfg.lora.targets)),
+            "method": methods.label(cfg), "setting": methods.get(cfg.method).rank_field or "",
+            "train_time_s": m.get("train_time_s"),
+            "layers": ",".join(map(str, cfg.lora.layers)) or "all", "dropout": cfg.lora.dropout,
+            "label_smoothing": cfg.train.label_smoothing, "lr": cfg.train.lr,
+            "trainable_params": m.get("trainable_params"), "val_accuracy": m.get("val_accuracy"),
+            "test_accuracy": m.get("test_accuracy"), "val_loss": m.get("val_loss"),
+            "wall_time_s": m.get("wall_time_s"), "path": str(path.relative_to(folder)),
+        })
+    return sorted(rows, key=lambda r: (-(r["val_accuracy"] or 0.0), r["run_id"]))
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Runs no other run beats on both counts: fewer (or equal) trainable params and higher val accuracy."""
+    front, best = [], -1.0
+    for r in sorted(rows, key=lambda r: (r["trainable_params"], -r["val_accuracy"])):
+        if r["val_accuracy"] > best:
+            front.append(r)
+            best = r["val_accuracy"]
+    return front
+
+
+def _fmt(v, column: str = "") -> str:
+    if isinstance(v, float):
+        if column in ("val_accuracy", "test_accuracy", "val_loss"):
+            return f"{v:.4f}"
+        return f"{v:.1f}" if column in ("wall_time_s", "train_time_s") else f"{v:g}"
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 10_000:
+        return f"{v:,}"
+    return "" if v is None else str(v)
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def to_markdown(rows: list[dict]) -> str:
+    head = "| # | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (len(COLUMNS) + 1) + "\n"
+    body = "".join(f"| {i} | " + " | ".join(_fmt(r[c], c).replace("|", "\\|") for c in COLUMNS) + " |\n"
+                   for i, r in enumerate(rows, 1))
+    return head + body
+
+
+def _figures(rows: list[dict]) -> dict[str, bytes]:
+    """PNG bytes of each ablation plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+
+    def finish(name, fig):
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        out[name] = buf.getvalue()
+
+    for name, field, label in (("acc_vs_rank", "r", "LoRA rank r"), ("acc_vs_alpha", "alpha", "LoRA alpha")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for targets in sorted({r["targets"] for r in rows}):
+            # (IA)3 has no rank and VeRA no alpha: those runs are left out of that plot
+            group = sorted((r for r in rows if r["targets"] == targets and r[field] is not None),
+                           key=lambda r: r[field])
+            ax.plot([r[field] for r in group], [r["val_accuracy"] for r in group], "o", label=f"{targets} (val)")
+            ax.plot([r[field] for r in group], [r["test_accuracy"] for r in group], "x", color="gray")
+        ax.set(xlabel=label, ylabel="accuracy (o val, x test)", title=f"accuracy vs {label}")
+        if field == "r" and len({r["r"] for r in rows}) > 2:
+            ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+        finish(name, fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sets = sorted({r["targets"] for r in rows}, key=lambda t: -max(r["val_accuracy"] for r in rows
+                                                                   if r["targets"] == t))
+    best = [max(r["val_accuracy"] for r in rows if r["targets"] == t) for t in sets]
+    ax.bar(range(len(sets)), best, color="C0")
+    ax.set_xticks(range(len(sets)))
+    ax.set_xticklabels(sets, rotation=20, fontsize=8)
+    lo = min(best) if best else 0
+    ax.set(ylabel="best val accuracy", title="accuracy by target set", ylim=(max(0.0, lo - 0.05), 1.0))
+    finish("acc_by_targets", fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = sorted({r["method"] for r in rows})
+    colours = plt.get_cmap("tab20").colors
+    for i, method in enumerate(labels):  # one colour and marker per method: the front shows which spend best
+        group = [r for r in rows if r["method"] == method]
+        ax.scatter([r["trainable_params"] for r in group], [r["val_accuracy"] for r in group],
+                   color=colours[i % len(colours)] if len(labels) > 1 else "lightgray", marker="osD^v<>ph*X"[i % 11],
+                   label=method if len(labels) > 1 else "runs", zorder=3)
+    front = pareto_front(rows)
+    ax.plot([r["trainable_params"] for r in front], [r["val_accuracy"] for r in front], "--", color="black",
+            label="Pareto front", zorder=2)
+    params = [r["trainable_params"] for r in rows if r["trainable_params"]]
+    if params and max(params) > 10 * min(params):  # methods differ by orders of magnitude in what they train
+        ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters", ylabel="val accuracy", title="parameters vs accuracy")
+    ax.legend(fontsize=7, loc="best")
+    finish("pareto", fig)
+    return out
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; }}
+th {{ background: #f3f3f3; }} td.text {{ text-align: left; }}
+tr.pareto td {{ background: #fff4e5; }}
+.plots img {{ max-width: 48%; margin: 4px; border: 1px solid #eee; }}
+</style></head>
+<body>
+<h1>{title}</h1>
+<p>{n} finished runs, sorted by validation accuracy. Highlighted rows lie on the parameters-vs-accuracy Pareto
+front.</p>
+<table id="leaderboard"><thead><tr><th>#</th>{head}</tr></thead>
+<tbody>
+{body}
+</tbody></table>
+<h2>Ablations</h2>
+<div class="plots">
+{images}
+</div>
+<script>
+// marks the page once every plot has decoded, so a headless browser check can tell the images are usable
+window.addEventListener("load", function () {{
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + imgs.length);
+}});
+</script>
+</body></html>
+"""
+
+
+def to_html(rows: list[dict], pngs: dict[str, bytes], title: str) -> str:
+    front = {r["run_id"] for r in pareto_front(rows)} if rows else set()
+    text_cols = {"run_id", "name", "model", "targets", "layers", "method", "setting"}
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "\n".join(
+        f'<tr class="run{" pareto" if r["run_id"] in front else ""}"><td>{i}</td>'
+        + "".join(f'<td class="{"text" if c in text_cols else "num"}">{html.escape(_fmt(r[c], c))}</td>'
+                  for c in COLUMNS) + "</tr>"
+        for i, r in enumerate(rows, 1))
+    images = "\n".join(f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+                       for name, png in pngs.items())
+    return _PAGE.format(title=html.escape(title), n=len(rows), head=head, body=body, images=images)
+
+
+def write_report(folder: str | Path, title: str | None = None) -> dict[str, Path]:
+    """Write the leaderboard, plots and report.html into `folder`; returns the written paths by kind."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"not a folder: {folder}")
+    rows = collect(folder)
+    if not rows:
+        raise FileNotFoundError(f"no finished runs under {folder}")
+    written = {"csv": folder / "leaderboard.csv", "md": folder / "leaderboard.md", "html": folder / "report.html"}
+    runs.write_text(written["csv"], to_csv(rows))
+    runs.write_text(written["md"], f"# Leaderboard: {title or folder.name}\n\n" + to_markdown(rows))
+    pngs = _figures(rows)
+    for name, png in pngs.items():
+        path = folder / "plots" / f"{name}.png"
+        with runs.atomic_path(path) as tmp:
+            tmp.write_bytes(png)
+        written[name] = path
+    runs.write_text(written["html"], to_html(rows, pngs, f"budgetlora report: {title or folder.name}"))
+    return written

@@ -1,0 +1,376 @@
+"""Running a sweep spec (see `spec`) on Optuna: the study storage (SQLite or any SQLAlchemy URL, shared between
+processes and machines), local worker processes, the objective that plans, trains and records each trial, dead
+workers' trials failed and retried, and the summary.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import sqlite3
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from budgetlora import runs
+from budgetlora.config import Config, ConfigError
+from budgetlora.experiments.spec import GRACE_S, HEARTBEAT_S, Runner, Spec, param_key, trial_config
+
+
+def default_storage(spec: Spec) -> str:
+    return f"sqlite:///{(spec.folder / 'study.db').resolve()}"
+
+
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S):
+    """An Optuna RDB storage (SQLite, PostgreSQL, MySQL...) with heartbeats, so that dead workers' trials are
+    failed and retried, and, for SQLite, a write-ahead log plus a long busy timeout so that several local
+    processes can share the file."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite:///"):
+        db = Path(url[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(db, timeout=60)) as con:  # WAL persists in the file
+            con.execute("PRAGMA journal_mode=WAL")
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():  # heartbeats are marked experimental; they are the documented way to do this
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+
+
+def _sampler(spec: Spec, worker: int):
+    import optuna
+
+    if spec.grid:  # same seed everywhere: the grid order (grid id -> point) must agree between workers
+        return optuna.samplers.GridSampler(spec.grid, seed=spec.seed)
+    return optuna.samplers.TPESampler(seed=spec.seed + worker)  # distinct seeds: workers explore differently
+
+
+def open_study(spec: Spec, storage: str, worker: int = 0):
+    import optuna
+
+    study = optuna.create_study(study_name=spec.name, storage=open_storage(storage, spec.heartbeat_s, spec.grace_s),
+                                sampler=_sampler(spec, worker),
+                                direction=spec.direction, load_if_exists=True)
+    known = study.user_attrs.get("budgetlora_spec")
+    if known is None:
+        study.set_user_attr("budgetlora_spec", spec.fingerprint())
+    elif known != spec.fingerprint():
+        raise ConfigError(f"study {spec.name!r} in {storage} was made from a different spec (base, space or "
+                          "objective changed); give the spec another `name:` or use another storage")
+    return study
+
+
+# -- one trial -------------------------------------------------------------------------------------------------
+def train_runner(cfg: Config, root: Path) -> Path:
+    """The real runner: train (or find finished) `cfg` under `root`."""
+    from budgetlora.training.train import train
+
+    return train(cfg, root=root)
+
+
+@contextlib.contextmanager
+def _run_lock(root: Path, run_id: str):
+    """Hold an exclusive lock on one run id, so two local workers never train the same config at once.
+    flock is released by the kernel when a worker dies, so a killed sweep leaves no stale lock behind."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: run-id reuse still avoids most repeats
+        yield
+        return
+    lock = root / ".locks" / f"{run_id}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _objective(spec: Spec, runner: Runner):
+    import optuna
+
+    from budgetlora.adapters.budget import fill, plan
+
+    def objective(trial) -> float:
+        try:
+            cfg = trial_config(spec, trial)
+            p = plan(cfg)  # meta-device shapes only: nothing is loaded for a config we are about to refuse
+            if spec.max_rank and p.setting:  # (IA)3 has no size to fill: it runs as planned
+                r = p.max_rank()
+                if r < 1:
+                    trial.set_user_attr("trainable_params", p.fixed_params + p.per_rank)
+                    trial.set_user_attr("pruned", "over budget: no rank fits these targets")
+                    raise optuna.TrialPruned("no rank fits the budget")
+                cfg, p = fill(cfg)
+                trial.set_user_attr(p.setting, r)
+            trial.set_user_attr("run_id", cfg.run_id)
+            trial.set_user_attr("trainable_params", p.total)
+            if not p.fits:
+                trial.set_user_attr("pruned", f"over budget: {p.total:,} > {p.max_params:,}")
+                raise optuna.TrialPruned(f"over budget: {p.total:,} trainable parameters")
+            out = runs.run_dir(cfg, spec.runs)
+            with _run_lock(spec.runs, cfg.run_id):
+                if runs.is_finished(out):
+                    twin = _twin(trial, cfg.run_id) if spec.grid else None
+                    if twin is not None:  # a concurrent worker drew the same grid point and already did it
+                        trial.set_user_attr("pruned", f"duplicate of trial {twin}")
+                        raise optuna.TrialPruned(f"duplicate of trial {twin}")
+                    trial.set_user_attr("reused", True)
+                else:
+                    out = Path(runner(cfg, spec.runs))
+                    if not runs.is_finished(out):
+                        raise RuntimeError(f"the runner returned {out}, which is not a finished run folder")
+                trial.set_user_attr("run_dir", str(out))  # set under the lock: marks this trial as the owner
+            m = runs.read_json(out / runs.METRICS)
+            for k in ("val_accuracy", "test_accuracy", "val_loss", "wall_time_s"):
+                if k in m:
+                    trial.set_user_attr(k, m[k])
+            if spec.objective not in m:
+                raise KeyError(f"objective {spec.objective!r} is not in {out / runs.METRICS}")
+            return float(m[spec.objective])
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:  # recorded on the trial; optimize(catch=...) then marks it FAIL and goes on
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+            raise
+
+    return objective
+
+
+def _twin(trial, run_id: str) -> int | None:
+    """Another trial that completed this run id, or is about to (RUNNING, past its runner). A RUNNING trial
+    without `run_dir` is one whose worker died mid-run: it does not count, so the point is still recorded."""
+    from optuna.trial import TrialState
+
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        if t.number != trial.number and t.user_attrs.get("run_id") == run_id and \
+                (t.state == TrialState.COMPLETE or "run_dir" in t.user_attrs):
+            return t.number
+    return None
+
+
+# -- workers ---------------------------------------------------------------------------------------------------
+def _grid_pending(spec: Spec, study, since: int) -> int:
+    """Grid points with no trial that counts: COMPLETE, PRUNED, RUNNING, WAITING or failed during this sweep."""
+    from optuna.trial import TrialState
+
+    covered = set()
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING) or \
+                (t.state == TrialState.FAIL and t.number >= since):
+            params = t.params or t.system_attrs.get("fixed_params") or {}
+            covered.add(param_key({k: params.get(k) for k in spec.grid}))
+    return sum(param_key(p) not in covered for p in spec.points())
+
+
+def _done_count(study, since: int) -> int:
+    from optuna.trial import TrialState
+
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and t.number >= since) for t in study.get_trials(deepcopy=False))
+
+
+def _work(spec: Spec, storage: str, worker: int, since: int, n_trials: int | None, runner: Runner,
+          tracking: str | None) -> None:
+    """One worker: draw and run trials until the grid is covered or the study holds n_trials."""
+    from optuna.trial import TrialState
+
+    study = open_study(spec, storage, worker)
+    objective = _objective(spec, runner)
+    callbacks = [_tracker(spec, tracking)] if tracking else []
+    limit = n_trials if n_trials is not None else (None if spec.grid else spec.n_trials)
+    while True:
+        _fail_dead_trials(study)  # a dead worker's trial: FAIL, and its retry queued (WAITING) for us to take
+        # checked before every trial: GridSampler alone would re-draw a point another worker is still running
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        covered = spec.grid and _grid_pending(spec, study, since) == 0
+        enough = limit is not None and _done_count(study, since) + running >= limit
+        if (covered or enough) and not waiting:
+            if not running:
+                break
+            # only other workers' trials are left. Stay until they end: if their worker died, its heartbeat goes
+            # stale, the trial is failed above and retried here; leaving now would leave that point undone.
+            time.sleep(min(spec.heartbeat_s, 2))
+            continue
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+
+
+def _fail_dead_trials(study) -> None:
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _worker_main(*args) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    _work(*args)
+
+
+def _prepare(spec: Spec, study, since: int) -> int:
+    """Before workers start: fail trials of dead workers, and queue one retry of every grid point that only
+    ever failed (a kill or an error in an earlier sweep). Returns the number queued."""
+    from optuna.trial import TrialState
+
+    _fail_dead_trials(study)
+    if not spec.grid:
+        return 0
+    by_point: dict[str, list] = {}
+    for t in study.get_trials(deepcopy=False):
+        params = t.params or t.system_attrs.get("fixed_params") or {}
+        by_point.setdefault(param_key({k: params.get(k) for k in spec.grid}), []).append(t)
+    queued = 0
+    for point in spec.points():
+        trials = by_point.get(param_key(point), [])
+        if trials and all(t.state == TrialState.FAIL for t in trials):
+            study.enqueue_trial(point, user_attrs={"retry_of": trials[-1].number})
+            queued += 1
+    return queued
+
+
+@contextlib.contextmanager
+def _threads_per_worker(workers: int):
+    """OMP_NUM_THREADS for the workers started inside: the free cores shared out (their torch reads it at start).
+    Workers that each took every core would spin against each other and run several times slower."""
+    from budgetlora.hardware import free_cores
+
+    before = os.environ.get("OMP_NUM_THREADS")
+    if before is None:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, free_cores() // workers))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+
+
+def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials: int | None = None,
+              runner: Runner = train_runner, tracking: str | None = None, log=print) -> dict:
+    """Run (or resume) a sweep; returns {"study": name, "storage": url, "states": {state: count}, ...}."""
+    if workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    if tracking:
+        _check_tracking(tracking)
+    storage = storage or default_storage(spec)
+    spec.folder.mkdir(parents=True, exist_ok=True)
+    spec.runs.mkdir(parents=True, exist_ok=True)
+    study = open_study(spec, storage)
+    since = len(study.get_trials(deepcopy=False))
+    queued = _prepare(spec, study, since)
+    total = len(spec.points()) if spec.grid else spec.n_trials
+    log(f"sweep {spec.name}: {'grid of ' + str(total) + ' points' if spec.grid else str(total) + ' TPE trials'}"
+        f", {since} trials already in {storage}" + (f", {queued} failed points queued again" if queued else ""))
+    args = (spec, storage, 0, since, n_trials, runner, tracking)
+    if workers == 1:
+        _work(*args)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch threads or DB handles
+        procs = [ctx.Process(target=_worker_main, args=(spec, storage, i, since, n_trials, runner, tracking),
+                             name=f"sweep-worker-{i}") for i in range(workers)]
+        with _threads_per_worker(workers):
+            for p in procs:
+                p.start()
+                time.sleep(0.5)  # stagger start-up so the workers do not all create their first trial at once
+        try:
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.join()
+            raise
+        # a worker killed by a signal lost at most its current trial, which the others failed and retried
+        # (heartbeat); the summary shows what that left. A worker that exited with an error is a bug: raise.
+        for p in procs:
+            if p.exitcode is not None and p.exitcode < 0:
+                log(f"{p.name} was killed (signal {-p.exitcode}); its trial was failed and queued again")
+        bad = [p.name for p in procs if p.exitcode is not None and p.exitcode > 0]
+        if bad:
+            raise RuntimeError(f"sweep worker(s) exited with an error: {', '.join(bad)}")
+    return summary(spec, storage)
+
+
+def summary(spec: Spec, storage: str) -> dict:
+    import optuna
+
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(storage, spec.heartbeat_s, spec.grace_s))
+    trials = study.get_trials(deepcopy=False)
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    settled = {param_key(t.params) for t in trials if t.state.name in ("COMPLETE", "PRUNED")}
+    best = None
+    if complete:
+        t = study.best_trial
+        best = {"number": t.number, "value": t.value, "params": t.params, "run_id": t.user_attrs.get("run_id")}
+    return {"study": spec.name, "storage": storage, "folder": str(spec.folder), "runs": str(spec.runs),
+            "trials": len(trials), "states": states, "best": best,
+            # failures still standing: a later retry of the same params that finished clears them
+            "failed": {t.number: t.user_attrs.get("error", "") for t in trials
+                       if t.state.name == "FAIL" and param_key(t.params) not in settled}}
+
+
+# -- optional tracking -----------------------------------------------------------------------------------------
+def _check_tracking(kind: str) -> None:
+    import importlib.util
+
+    need = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+    if kind not in need:
+        raise ConfigError(f"--tracking must be one of {', '.join(need)}, got {kind!r}")
+    if importlib.util.find_spec(need[kind]) is None:
+        raise ConfigError(f"--tracking {kind} needs the {need[kind]} package: pip install {need[kind]}")
+
+
+def _tracker(spec: Spec, kind: str):
+    """A study callback that logs each finished trial's metrics and config to TensorBoard or MLflow."""
+
+    def log_trial(study, trial) -> None:
+        metrics = {k: float(v) for k, v in trial.user_attrs.items()
+                   if k in ("val_accuracy", "test_accuracy", "val_loss", "trainable_params", "wall_time_s")}
+        if not metrics:
+            return
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            with contextlib.closing(SummaryWriter(str(spec.folder / "tensorboard" / f"trial-{trial.number:04d}"))) as w:
+                for k, v in metrics.items():
+                    w.add_scalar(f"sweep/{k}", v, trial.number)
+                w.add_text("params", json.dumps(trial.params, sort_keys=True))
+        else:
+            import mlflow
+
+            mlflow.set_experiment(spec.name)
+            with mlflow.start_run(run_name=f"trial-{trial.number}"):
+                mlflow.log_params({k: str(v) for k, v in trial.params.items()})
+                mlflow.log_metrics(metrics)
+
+    return log_trial
+
+
+def format_summary(s: dict) -> str:
+    states = ", ".join(f"{v} {k.lower()}" for k, v in sorted(s["states"].items()))
+    lines = [f"study {s['study']}: {s['trials']} trials ({states or 'none'})"]
+    if s["best"]:
+        b = s["best"]
+        lines.append(f"best: trial {b['number']} value {b['value']:.4f} run {b['run_id']} params {b['params']}")
+    for n, err in s["failed"].items():
+        lines.append(f"trial {n} failed: {err}")
+    lines.append(f"runs in {s['runs']}; study in {s['storage']}")
+    return "\n".join(lines)
+
+
+__all__ = ["Spec", "load_spec", "run_sweep", "summary", "format_summary", "open_storage", "open_study",
+           "train_runner", "trial_config", "default_storage"]

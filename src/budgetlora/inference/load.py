@@ -1,0 +1,93 @@
+"""A finished run, loaded: its adapter reloaded from disk on its base model, and proved to reproduce the trained
+model before anything uses it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from budgetlora import runs
+from budgetlora.adapters.architectures import ModelNotFound, is_missing_folder
+from budgetlora.adapters.model import load_tokenizer, load_trained
+from budgetlora.config import Config
+from budgetlora.errors import BudgetloraError
+from budgetlora.hardware import inference_dtype
+from budgetlora.training.evaluate import exact_fp32, predict_logits
+
+LOGIT_TOLERANCE = 1e-3
+
+
+class VerificationError(BudgetloraError, RuntimeError):
+    """The adapter reloaded from disk does not reproduce the predictions made at the end of training."""
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    cfg: Config
+    model: object
+    tokenizer: object
+    # tokens read per text at prediction time; 0 = the trained model.max_length. Set it after load_run (the reload
+    # check runs at the trained length); longer lets long target texts be read past the training cut
+    max_length: int = 0
+
+    @property
+    def read_length(self) -> int:
+        return self.max_length or self.cfg.model.max_length
+
+    def logits(self, texts: list[str], progress: bool = False, exact: bool = False) -> np.ndarray:
+        """Logits under the run's precision on this machine (bf16 where it trained so and the hardware has it), or
+        with `exact` in plain fp32, for the checks that compare against stored or merged logits."""
+        dtype = None if exact else inference_dtype(self.cfg.train.precision, next(self.model.parameters()).device)
+        return predict_logits(self.model, self.tokenizer, texts, self.read_length,
+                              self.cfg.train.eval_batch_size, progress=progress, dtype=dtype)
+
+
+def load_run(run: str | Path, verify: bool = True, base: str | None = None) -> LoadedRun:
+    """A run folder's model and tokenizer. `base`: where the run's base model lives now (a folder or hub id), for a
+    run trained on a local folder that is elsewhere on this machine; its tokenizer is taken from there too."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run}")
+    cfg = runs.load_config(run)
+    if base:
+        cfg = cfg.replace(**{"model.name": str(base), "model.tokenizer": ""})
+    elif is_missing_folder(cfg.model.name) or is_missing_folder(cfg.model.tokenizer):
+        missing = cfg.model.name if is_missing_folder(cfg.model.name) else cfg.model.tokenizer
+        raise ModelNotFound(f"{run} was trained on the model folder {missing}, which is not on this machine; "
+                            "point the run at its base with --base PATH")
+    loaded = LoadedRun(run, cfg, load_trained(run, cfg, moved=bool(base)), load_tokenizer(cfg))
+    if verify:
+        verify_reload(loaded)
+    return loaded
+
+
+def verify_reload(loaded: LoadedRun) -> float:
+    """Re-score the stored validation sample in fp32; a drifted logit, or a changed label where the stored margin
+    between the two best classes was wider than the tolerance, is an error. (A near-tie may flip on another
+    device or library build without anything being wrong; a real mismatch moves logits far beyond it.)"""
+    path = loaded.path / runs.VERIFY
+    if not path.is_file():
+        raise VerificationError(f"{loaded.path}: no {runs.VERIFY}; cannot check the reloaded adapter")
+    try:
+        ref = runs.read_json(path)
+        expected = np.asarray(ref["logits"], dtype=np.float32)
+        texts = [str(t) for t in ref["texts"]]
+    except (ValueError, KeyError, TypeError):
+        raise VerificationError(f"{path} is corrupt; cannot check the reloaded adapter") from None
+    with exact_fp32():
+        got = loaded.logits(texts, exact=True)
+    if got.shape != expected.shape:
+        raise VerificationError(f"reloaded adapter gives logits of shape {got.shape}, expected {expected.shape}")
+    if not len(got):
+        return 0.0
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) > 2 * LOGIT_TOLERANCE  # each logit may move by the tolerance
+    changed = int(((got.argmax(1) != expected.argmax(1)) & decided).sum())
+    drift = float(np.abs(got - expected).max())
+    if changed or drift > LOGIT_TOLERANCE:
+        raise VerificationError(f"reloaded adapter disagrees with the trained model: {changed} of {len(got)} "
+                                f"validation labels changed, max logit difference {drift:.2e} "
+                                f"(tolerance {LOGIT_TOLERANCE:.0e})")
+    return drift

@@ -1,0 +1,342 @@
+"""`budgetlora serve RUN`: an HTTP service around a trained run, with micro-batching of concurrent requests.
+
+One worker task owns the model. Requests put their texts on an asyncio queue; the worker takes whatever is
+waiting (up to `max_batch` texts, after at most `batch_wait_ms`), runs one forward pass on a single inference
+thread, and hands each request its slice of the result. Under load, requests that arrive while a pass runs are
+merged into the next one, so throughput grows with concurrency instead of queueing one pass per request.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Callable
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model, field_validator
+
+from budgetlora import runs
+
+if TYPE_CHECKING:  # only for annotations: the ONNX backend serves without importing torch (which api pulls in)
+    from budgetlora.inference.classifier import Classifier
+
+INFO_METRICS = ("val_accuracy", "val_loss", "val_macro_f1", "test_accuracy", "test_loss", "test_macro_f1",
+                "trainable_params", "budget", "steps", "best_step", "train_time_s", "wall_time_s")
+
+
+@dataclass
+class Limits:
+    max_batch: int = 64  # texts per forward pass when merging requests
+    max_texts: int = 256  # texts per request
+    max_chars: int = 10_000  # characters per text
+    max_body_bytes: int = 0  # 0: derived from the two above (UTF-8 can take 4 bytes a character)
+    batch_wait_ms: float = 2.0  # how long a pass waits for more requests once one is in hand
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_texts", "max_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.batch_wait_ms < 0:
+            raise ValueError("batch_wait_ms must be >= 0")
+        if not self.max_body_bytes:
+            self.max_body_bytes = self.max_texts * (4 * self.max_chars + 8) + 4096
+
+
+@dataclass
+class BatchStats:
+    forward_passes: int = 0
+    requests: int = 0
+    texts: int = 0
+    merged_passes: int = 0  # passes that served more than one request
+    max_requests_per_pass: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class MicroBatcher:
+    """Queue + one worker task; `fn(texts) -> rows` runs on one thread so torch is never entered concurrently."""
+
+    fn: Callable[[list[str]], np.ndarray]
+    max_batch: int
+    wait_s: float
+    stats: BatchStats = field(default_factory=BatchStats)
+
+    def __post_init__(self):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._task: asyncio.Task | None = None
+        self._carry = None  # a request that did not fit the previous pass
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def submit(self, texts: list[str]) -> np.ndarray:
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put((texts, fut))
+        return await fut
+
+    async def _gather(self, first) -> list:
+        """`first` plus whatever else fits in max_batch texts: queued now, or arriving within wait_s."""
+        items, n = [first], len(first[0])
+        deadline = asyncio.get_running_loop().time() + self.wait_s
+        while n < self.max_batch:
+            try:
+                nxt = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self._queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+            if n + len(nxt[0]) > self.max_batch:
+                self._carry = nxt  # too big to join this pass; it opens the next one
+                break
+            items.append(nxt)
+            n += len(nxt[0])
+        return items
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first, self._carry = self._carry, None
+            if first is None:
+                first = await self._queue.get()
+            items = await self._gather(first)
+            items = [(t, f) for t, f in items if not f.done()]  # callers that went away need no pass
+            if not items:
+                continue
+            texts = [t for ts, _ in items for t in ts]
+            try:
+                rows = await loop.run_in_executor(self._executor, self.fn, texts)
+            except Exception as e:  # a failed pass fails its requests, never the worker
+                for _, f in items:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            s = self.stats
+            s.forward_passes += 1
+            s.requests += len(items)
+            s.texts += len(texts)
+            s.merged_passes += len(items) > 1
+            s.max_requests_per_pass = max(s.max_requests_per_pass, len(items))
+            start = 0
+            for ts, f in items:
+                if not f.done():
+                    f.set_result(rows[start:start + len(ts)])
+                start += len(ts)
+
+
+class BodySizeLimit:
+    """Pure ASGI middleware: a body over `limit` bytes gets 413 before any of it is parsed.
+
+    Trusts neither Content-Length nor its absence: the body is read up to the limit and then replayed to the app.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            more = msg.get("more_body", False)
+            if size > self.limit:
+                return await self._reject(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope, receive, send):
+        await JSONResponse({"error": f"request body over the limit of {self.limit:,} bytes"},
+                           status_code=413)(scope, receive, send)
+
+
+class PredictResponse(BaseModel):
+    labels: list[int]
+    classes: list[str] = Field(description="class name of each predicted label")
+    probabilities: list[list[float]] = Field(description="per text, one probability per class (in /info order)")
+
+
+def request_model(limits: Limits) -> type[BaseModel]:
+    """The request schema, with this server's limits baked in (so they also show in the OpenAPI schema)."""
+    text = Annotated[StrictStr, Field(min_length=1, max_length=limits.max_chars)]
+
+    def not_blank(cls, texts: list[str]) -> list[str]:
+        blank = [i for i, t in enumerate(texts) if not t.strip()]
+        if blank:
+            raise ValueError(f"text {blank[0]} is blank")
+        return texts
+
+    return create_model(
+        "PredictRequest",
+        __config__=ConfigDict(extra="forbid"),
+        __validators__={"not_blank": field_validator("texts")(classmethod(not_blank))},
+        texts=(list[text], Field(min_length=1, max_length=limits.max_texts,
+                                 description=f"1 to {limits.max_texts} non-blank texts of at most "
+                                             f"{limits.max_chars:,} characters")),
+    )
+
+
+def _public(name_or_path: str | None, show_paths: bool) -> str | None:
+    """A hub id as it is; a local path cut to its last folder, so that clients do not learn the server's layout."""
+    if not name_or_path or show_paths:
+        return name_or_path
+    p = Path(name_or_path)
+    local = p.is_absolute() or p.exists() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    return p.name if local else name_or_path
+
+
+def run_info(classifier: Classifier, show_paths: bool = False) -> dict:
+    """What /info reports about the run: base model, adapter config, size and metrics. Paths on the server are
+    reduced to their last folder's name unless `show_paths` (the operator's choice, `serve --show-paths`)."""
+    if hasattr(classifier, "info"):  # an ONNX export describes itself: it has no adapter_config.json
+        return classifier.info(show_paths)
+    path = classifier.path
+    adapter = runs.read_json(path / "adapter_config.json")
+    metrics = runs.read_json(path / runs.METRICS) if (path / runs.METRICS).is_file() else {}
+    cfg = classifier.run.cfg
+    base_path = _public(adapter.get("base_model_name_or_path"), show_paths)
+    adapter = {**adapter, "base_model_name_or_path": base_path}
+    return {
+        "run": str(path.resolve()) if show_paths else path.resolve().name,
+        "run_id": metrics.get("run_id", cfg.run_id), "name": cfg.name,
+        "base_model": {"name": cfg.model.name, "path": base_path, "max_length": cfg.model.max_length},
+        "class_names": classifier.class_names,
+        "trainable_params": metrics.get("trainable_params"),
+        "metrics": {k: metrics[k] for k in INFO_METRICS if k in metrics},
+        "adapter_config": adapter,
+    }
+
+
+def _error_text(errors: list[dict]) -> str:
+    parts = []
+    for e in errors:
+        if e.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            parts.append(f"body is not valid JSON ({e.get('ctx', {}).get('error', 'decode error')})")
+            continue
+        if e.get("type") == "model_attributes_type":
+            parts.append('body must be a JSON object like {"texts": ["..."]}')
+            continue
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "; ".join(parts[:5]) + (f" (+{len(parts) - 5} more)" if len(parts) > 5 else "")
+
+
+def create_app(classifier: Classifier, max_batch: int = 64, max_texts: int = 256, max_chars: int = 10_000,
+               max_body_bytes: int = 0, batch_wait_ms: float = 2.0, show_paths: bool = False) -> FastAPI:
+    limits = Limits(max_batch, max_texts, max_chars, max_body_bytes, batch_wait_ms)
+    PredictRequest = request_model(limits)
+    info = run_info(classifier, show_paths=show_paths)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.batcher = MicroBatcher(classifier.predict_proba, limits.max_batch, limits.batch_wait_ms / 1000)
+        app.state.batcher.start()
+        yield
+        await app.state.batcher.stop()
+
+    app = FastAPI(title="budgetlora", version="0.1.0", lifespan=lifespan,
+                  description=f"Text classification with run {info['run_id']} ({info['base_model']['name']})")
+    app.state.limits = limits
+    app.add_middleware(BodySizeLimit, limit=limits.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        # drop the echoed input: it can be a 10 MB text
+        errors = [{k: v for k, v in e.items() if k not in ("input", "url")} for e in exc.errors()]
+        return JSONResponse({"error": _error_text(errors), "detail": jsonable_encoder(errors)}, status_code=422)
+
+    @app.get("/health")
+    async def health():
+        ok = app.state.batcher.alive
+        return JSONResponse({"status": "ok" if ok else "inference worker stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/info")
+    async def get_info():
+        return {**info, "limits": limits.__dict__, "batching": app.state.batcher.stats.as_dict()}
+
+    async def predict(body):
+        probs = await app.state.batcher.submit(body.texts)
+        labels = probs.argmax(axis=1).tolist()
+        return {"labels": labels, "classes": [classifier.class_names[i] for i in labels],
+                "probabilities": probs.tolist()}
+
+    # the request model is built per app, so it is attached here rather than named in a (string) annotation
+    predict.__annotations__["body"] = PredictRequest
+    app.post("/predict", response_model=PredictResponse)(predict)
+    return app
+
+
+def serve(run: str, host: str = "127.0.0.1", port: int = 8000, verify: bool = True, log_level: str = "info",
+          base: str | None = None, backend: str = "torch", **limits) -> None:
+    import uvicorn
+
+    t0 = time.perf_counter()
+    if backend == "onnx":  # an `export --onnx` folder on onnxruntime: torch is never imported
+        from budgetlora.inference.onnx_serve import load_onnx
+
+        classifier = load_onnx(run)
+    else:
+        from budgetlora.inference.classifier import load
+
+        classifier = load(run, verify=verify, base=base)
+    print(f"loaded {classifier.path} in {time.perf_counter() - t0:.1f}s; serving on http://{host}:{port} "
+          f"(docs at /docs)", flush=True)
+    # SIGTERM: uvicorn stops accepting, lets the requests in flight finish, stops the batcher, and then raises the
+    # signal again under the handler in place before it started. This one turns that into a normal exit (status
+    # 0): the stop was clean, and a supervisor should not read it as a crash.
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly) if main else None
+    try:
+        uvicorn.run(create_app(classifier, **limits), host=host, port=port, log_level=log_level)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(sig, frame) -> None:
+    raise SystemExit(0)
+
+

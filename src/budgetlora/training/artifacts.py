@@ -1,0 +1,133 @@
+"""What a finished run leaves behind: adapter, metrics, history, plots, versions, and the verification sample."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from budgetlora import runs
+from budgetlora.adapters.methods import save_adapter
+from budgetlora.hardware import inference_dtype
+from budgetlora.training.card import CARD, model_card
+from budgetlora.training.evaluate import exact_fp32, fit_temperature, metrics, predict_logits
+
+VERIFY_ROWS = 256  # validation rows whose logits are stored, so a reloaded adapter can be checked against them
+CLASS_NAMES = {4: ["World", "Sports", "Business", "Sci/Tech"]}
+
+
+def class_names(num_labels: int) -> list[str]:
+    return CLASS_NAMES.get(num_labels, [str(i) for i in range(num_labels)])
+
+
+def history_csv(history: list[dict]) -> str:
+    cols = ["step", "epoch", "train_loss", "lr", "val_loss", "val_accuracy", "elapsed_s", "train_s"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(history)
+    return buf.getvalue()
+
+
+def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan, filter_report,
+                        train_time: float, total_time: float, log=print,
+                        train_class_counts: list[int] | None = None, cost: dict | None = None,
+                        memory=None) -> dict:
+    """Evaluate the best state on val and test, then write every artifact; metrics.json last marks completion."""
+    n, ml, bs = cfg.model.num_labels, cfg.model.max_length, cfg.train.eval_batch_size
+    dtype = inference_dtype(cfg.train.precision, next(model.parameters()).device)  # as `evaluate` will score it
+    val_logits = predict_logits(model, tokenizer, val.texts, ml, bs, dtype=dtype)
+    test_logits = predict_logits(model, tokenizer, test.texts, ml, bs, progress=True, dtype=dtype)
+    val_m, test_m = metrics(val_logits, val.labels, n), metrics(test_logits, test.labels, n)
+    save_adapter(model, out)  # PEFT format; PiSSA/OLoRA converted to plain LoRA on the original base
+    runs.write_json(out / runs.VERIFY, verification_sample(model, tokenizer, val.texts[:VERIFY_ROWS], ml))
+    runs.write_text(out / runs.HISTORY, history_csv(state["history"]))
+    runs.write_json(out / runs.VERSIONS, runs.versions())
+    plot_run(out, state["history"], test_m["confusion_matrix"], class_names(n), title=cfg.name or cfg.run_id)
+    result = {
+        "run_id": cfg.run_id, "name": cfg.name, "model": cfg.model.name,
+        "val_accuracy": val_m["accuracy"], "val_loss": val_m["loss"], "val_macro_f1": val_m["macro_f1"],
+        "test_accuracy": test_m["accuracy"], "test_loss": test_m["loss"], "test_macro_f1": test_m["macro_f1"],
+        "test_per_class_accuracy": test_m["per_class_accuracy"], "test_confusion_matrix": test_m["confusion_matrix"],
+        "val_confusion_matrix": val_m["confusion_matrix"],
+        "trainable_params": plan.total, "budget": plan.max_params, "best_step": state.get("best_step"),
+        "steps": state["step"], "train_time_s": round(train_time, 2),
+        "wall_time_s": round(total_time, 2), "filters": filter_report, "class_names": class_names(n),
+        # the label shares the model was trained under: the reference priors for prior correction
+        "train_class_counts": train_class_counts,
+        # softmax temperature calibrated on validation; prior correction divides logits by it first
+        "temperature": fit_temperature(val_logits, val.labels),
+        # what the run cost: precision, threads, validation time inside train_time_s, peak memory (MiB)
+        **(cost or {}), **(memory.as_dict() if memory is not None else {}),
+    }
+    # the card is built from the JSON form of the same dict, so its numbers are exactly metrics.json's
+    card = model_card(cfg, json.loads(json.dumps(result, default=runs._jsonable)), plan.as_dict())
+    runs.write_text(out / CARD, card)
+    runs.write_json(out / runs.METRICS, result)
+    log(f"run {cfg.run_id}: val acc {val_m['accuracy']:.4f}, test acc {test_m['accuracy']:.4f} "
+        f"({test_m['n']:,} rows), {plan.total:,} trainable params, {total_time:.0f}s -> {out}")
+    return result
+
+
+def verification_sample(model, tokenizer, texts: list[str], max_length: int) -> dict:
+    """Logits a reload must reproduce: plain fp32 (no autocast, no TF32), so any machine can recompute them."""
+    with exact_fp32():
+        logits = predict_logits(model, tokenizer, texts, max_length)
+    return {"texts": texts, "logits": logits.tolist(), "precision": "fp32"}
+
+
+def plot_run(out: Path, history: list[dict], confusion, names: list[str], title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = [h for h in history if h.get("train_loss") is not None]
+    ev = [h for h in history if h.get("val_loss") is not None]
+    cm = np.asarray(confusion, dtype=float)
+    cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+
+    def loss_ax(ax):
+        ax.plot([h["step"] for h in tr], [h["train_loss"] for h in tr], label="train", lw=1)
+        ax.plot([h["step"] for h in ev], [h["val_loss"] for h in ev], "o-", label="validation")
+        ax.set(xlabel="step", ylabel="loss", title="loss")
+        ax.legend()
+
+    def acc_ax(ax):
+        ax.plot([h["step"] for h in ev], [h["val_accuracy"] for h in ev], "o-", color="C2")
+        ax.set(xlabel="step", ylabel="accuracy", title="validation accuracy")
+
+    def cm_ax(ax):
+        ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+        ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true",
+               title="test confusion (row-normalised)")
+        ax.set_xticklabels(names, rotation=30)
+        ax.set_yticklabels(names)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{cm[i, j]:.2f}", ha="center", va="center",
+                        color="white" if cm[i, j] > 0.5 else "black", fontsize=8)
+
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    for name, draw, size in [("loss", loss_ax, (6, 4)), ("val_accuracy", acc_ax, (6, 4)),
+                             ("confusion_matrix", cm_ax, (5, 4.5))]:
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax)
+        _save(fig, plots / f"{name}.png")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for draw, ax in zip((loss_ax, acc_ax, cm_ax), axes):
+        draw(ax)
+    fig.suptitle(title)
+    _save(fig, plots / "summary.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with runs.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

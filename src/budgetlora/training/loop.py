@@ -1,0 +1,297 @@
+"""The training loop, and only that: optimizer, schedule, steps, periodic validation, early stopping, best state,
+checkpoints. It receives token ids that are ready (data preparation happens in `prepare`) and a built model.
+
+Built on accelerate, so the same code runs on one CPU, one GPU (bf16/fp16 autocast) or under
+`torchrun --nproc_per_node N`: each process takes a disjoint share of every global batch, gradients are averaged,
+and only the main process writes checkpoints.
+
+GPU hygiene, all of which is free on a CPU: the loss is summed on the device and read only at logging points (no
+host sync per step), batches are sliced from one padded matrix into pinned memory and copied without blocking,
+widths come from a short ladder of sizes (few distinct shapes, so kernels and an optional torch.compile are reused),
+and AdamW is fused.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from budgetlora import runs
+from budgetlora.adapters import methods
+from budgetlora.data.tokens import Tokens, length_grouped_batches
+from budgetlora.errors import BudgetloraError
+from budgetlora.hardware import resolve_precision
+
+
+class Interrupted(Exception):
+    """Raised by the `stop_after` hook, to test that a killed run resumes exactly."""
+
+
+class CheckpointError(BudgetloraError, RuntimeError):
+    """A resume checkpoint that cannot be loaded safely."""
+
+
+# -- the pieces of one step ---------------------------------------------------------------------------------------
+def make_optimizer(model, tc, b_lr_ratio: float = 1.0) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # decay matrices (LoRA A/B, head weights), never biases, norms or scaling vectors; LoRA+ gives B its own lr
+    groups = methods.param_groups(model, tc.weight_decay, tc.lr, b_lr_ratio)
+    if tc.optimizer == "adamw":
+        fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+        return torch.optim.AdamW(groups, lr=tc.lr, fused=fused or None)
+    if tc.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=tc.lr)
+    if tc.optimizer == "adagrad":
+        return torch.optim.Adagrad(groups, lr=tc.lr)
+    return torch.optim.SGD(groups, lr=tc.lr, momentum=0.9)
+
+
+def precision(tc) -> str:
+    """accelerate's mixed_precision for train.precision on this machine ('no' = fp32)."""
+    resolved = resolve_precision(tc.precision)
+    return "no" if resolved == "fp32" else resolved
+
+
+def make_accelerator(tc):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision; runs in one
+    # process (tests, sweeps, benchmarks) each choose their own, so drop the previous run's (the process group stays)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    if torch.cuda.is_available():  # TF32 for what autocast leaves in fp32 (loss, head): same speed class as bf16
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if tc.compile:  # one graph per (batch, width) shape: bucketed widths keep that a handful, under this limit
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+    return Accelerator(mixed_precision=precision(tc), cpu=not torch.cuda.is_available(),
+                       dynamo_backend="inductor" if tc.compile else "no")
+
+
+def prepare_training(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0):
+    """Optimizer, warmup + decay schedule and loss for `total_steps` steps; model and optimizer placed by `acc`.
+    b_lr_ratio: LoRA+ (lora.b_lr_ratio), the B matrices' learning rate over the others'."""
+    from transformers import get_scheduler
+
+    model.to(acc.device)  # first, so that the optimizer sees device tensors (fused AdamW needs them on the GPU)
+    optimizer = make_optimizer(model, tc, b_lr_ratio)
+    scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=int(tc.warmup * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    return model, optimizer, scheduler, torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+
+
+def train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, grad_clip: float,
+               hooks: methods.StepHooks | None = None, step: int = 0) -> torch.Tensor:
+    """One optimizer step on one (process-local) batch; returns its loss, still on the device (no sync).
+    hooks: the adapter method's penalty and post-step work (AdaLoRA); `step` is the 0-based index of this step."""
+    with acc.autocast():
+        logits = model(**batch).logits
+    loss = loss_fn(logits.float(), targets)
+    penalty = hooks.penalty(model) if hooks is not None else None
+    acc.backward(loss if penalty is None else loss + penalty)  # the reported loss stays the task loss
+    if grad_clip:
+        acc.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if hooks is not None:
+        hooks.after_step(model, step)  # before zero_grad: AdaLoRA scores ranks by weight x gradient
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, state) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device))
+
+
+def device_batches(tokens: Tokens, labels: torch.Tensor, batches, device, padding: str, max_length: int):
+    """Yield (rows, batch on device, targets on device) one ahead: the next copy is queued before the current step
+    runs, from pinned memory so that it does not block."""
+    pin = device.type == "cuda"
+
+    def put(rows):
+        b = {**tokens.batch(rows, padding, max_length), "targets": labels[rows]}
+        b = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in b.items()}
+        return rows, b, b.pop("targets")
+
+    it = iter(batches)
+    nxt = next(it, None)
+    ahead = put(nxt) if nxt is not None else None
+    while ahead is not None:
+        current = ahead
+        nxt = next(it, None)
+        ahead = put(nxt) if nxt is not None else None
+        yield current
+
+
+def resolve_padding(padding: str, device) -> str:
+    """'auto': a few bucketed widths everywhere. A GPU reuses its kernels and graphs; a CPU's oneDNN keeps
+    primitives per shape, so one width per batch costs ~600 MB more memory over a run for no speed (measured:
+    benchmarks/cpu_levers.py and the main job)."""
+    return "buckets" if padding == "auto" else padding
+
+
+# -- the loop -----------------------------------------------------------------------------------------------------
+@dataclass
+class LoopInputs:
+    epoch_tokens: Callable[[int], Tokens]  # the training tokens of an epoch (augmentation redraws them)
+    labels: torch.Tensor
+    evaluate: Callable[[], dict]  # validation metrics of the model as it is now
+    total_steps: int
+    steps_per_epoch: int
+    eval_every: int
+
+
+def new_state() -> dict:
+    return {"step": 0, "history": [], "best": None, "best_loss": math.inf, "bad_evals": 0, "elapsed": 0.0,
+            "eval_time": 0.0}
+
+
+def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: LoopInputs, state: dict,
+        ckpt: Path | None = None, stop_after: int | None = None, on_record: Callable[[dict], None] | None = None,
+        log=print, desc: str = "train", hooks: methods.StepHooks | None = None) -> dict:
+    """Train until inputs.total_steps or early stop; returns the state (history, best trainable weights, ...).
+    hooks: what the adapter method adds to each step (methods.step_hooks)."""
+    from tqdm.auto import tqdm
+
+    main = acc.is_main_process
+    padding = resolve_padding(tc.padding, acc.device)
+    total, per_epoch, eval_every = inputs.total_steps, inputs.steps_per_epoch, inputs.eval_every
+    log_every = max(1, eval_every // 10)
+    if state["step"] == 0:  # dropout draws from here on; a resumed run restores the saved generator instead
+        torch.manual_seed(tc.seed)
+    t0 = time.time() - state["elapsed"]
+    state.setdefault("eval_time", 0.0)  # a checkpoint from before validation time was kept
+    loss_sum, loss_n = torch.zeros((), device=acc.device), 0
+
+    def record(entry: dict) -> None:
+        elapsed = time.time() - t0  # train_s: the same clock without validation, the time training itself took
+        entry = {"step": state["step"], "epoch": round(state["step"] / per_epoch, 4), **entry,
+                 "elapsed_s": round(elapsed, 2), "train_s": round(elapsed - state["eval_time"], 2)}
+        state["history"].append(entry)
+        if on_record is not None and main:
+            on_record(entry)
+
+    # debugging aid: BUDGETLORA_TRACE_ROWS=<dir> makes each process log the training rows it used, one line a step
+    trace = os.environ.get("BUDGETLORA_TRACE_ROWS")
+    model.train()
+    bar = tqdm(total=total, initial=state["step"], desc=desc, disable=not main)
+    stop = False
+    while state["step"] < total and not stop:
+        epoch, in_epoch = divmod(state["step"], per_epoch)
+        tokens = inputs.epoch_tokens(epoch)
+        batches = length_grouped_batches(tokens.lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length)
+        local = [rows[acc.process_index::acc.num_processes] for rows in batches[in_epoch:]]  # disjoint shards
+        for rows, batch, targets in device_batches(tokens, inputs.labels, local, acc.device, padding, max_length):
+            if trace:
+                with open(Path(trace) / f"rows.{acc.process_index}.txt", "a") as f:
+                    f.write(" ".join(map(str, rows)) + "\n")
+            loss_sum += train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, tc.grad_clip,
+                                   hooks=hooks, step=state["step"])
+            loss_n += 1
+            state["step"] += 1
+            bar.update(1)
+            if state["step"] % log_every == 0 or state["step"] % eval_every == 0 or state["step"] == total:
+                mean = float(acc.reduce(loss_sum, "mean")) / loss_n  # the one sync, at logging points only
+                record({"train_loss": mean, "lr": scheduler.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{mean:.4f}")
+                loss_sum.zero_()
+                loss_n = 0
+            if state["step"] % eval_every == 0 or state["step"] == total:
+                t_eval = time.time()
+                m = inputs.evaluate()
+                state["eval_time"] += time.time() - t_eval
+                record({"val_loss": m["loss"], "val_accuracy": m["accuracy"]})
+                log(f"step {state['step']}/{total}: val loss {m['loss']:.4f}, acc {m['accuracy']:.4f}")
+                if m["loss"] < state["best_loss"]:
+                    state.update(best=trainable_state(acc.unwrap_model(model)), best_loss=m["loss"],
+                                 best_step=state["step"], bad_evals=0)
+                else:
+                    state["bad_evals"] += 1
+                    if tc.patience and state["bad_evals"] >= tc.patience:
+                        log(f"early stop: val loss did not improve for {tc.patience} evaluations")
+                        stop = True
+                state["elapsed"] = time.time() - t0
+                # the partial loss of the steps since the last logging point is not kept: checkpoints fall on
+                # evaluation points, which are logging points too
+                if main and ckpt is not None and state["step"] < total and not stop:
+                    save_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler, state)
+            if stop_after is not None and state["step"] >= stop_after:
+                raise Interrupted(f"stopped after step {state['step']}")
+            if stop or state["step"] >= total:
+                break
+    bar.close()
+    state["train_time"] = time.time() - t0
+    return state
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model, optimizer, scheduler, state) -> None:
+    """Everything a resume needs, in forms `torch.load(weights_only=True)` accepts (tensors, numbers, strings,
+    lists, dicts): a checkpoint is loaded without letting its pickle call anything."""
+    blob = {"trainable": trainable_state(model), "optimizer": _plain(optimizer.state_dict()),
+            "scheduler": _plain(scheduler.state_dict()), "state": _plain(state), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state()}
+    with runs.atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    import pickle
+
+    try:
+        blob = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a checkpoint this version can load safely ({str(e).splitlines()[0][:200]});"
+                           " delete it to train from the start") from None
+    load_trainable(model, blob["trainable"])
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    if blob["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    version, internal, gauss = blob["python_rng"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = blob["numpy_rng"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    return blob["state"]
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()  # 625 words of 32 bits: exact in int64
+    return [version, torch.tensor(internal, dtype=torch.int64), gauss]
+
+
+def _numpy_rng_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _plain(obj):
+    """numpy scalars and arrays (metrics, history entries) as Python numbers and tensors; the rest unchanged."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

@@ -1,0 +1,150 @@
+"""`budgetlora train`: one config into one run folder. The pipeline in order: build the model (the budget is checked
+before any weight loads) → prepare the rows (`prepare`) → tokenise once → the loop (`loop`) → evaluate the best
+state and write every artifact (`report`). A finished run id is not trained twice; a killed one resumes from its
+last checkpoint when the same command runs again.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from budgetlora import runs
+from budgetlora.adapters import methods
+from budgetlora.adapters.architectures import is_missing_folder
+from budgetlora.adapters.model import build, count_trainable, load_tokenizer
+from budgetlora.config import Config, ConfigError
+from budgetlora.data.readers import Split
+from budgetlora.data.tokens import Tokens, encode
+from budgetlora.hardware import PeakMemory, inference_dtype, set_threads, trim_memory
+from budgetlora.training import loop
+from budgetlora.training.evaluate import eval_batch_size, logits_for_ids, metrics
+from budgetlora.training.loop import Interrupted  # noqa: F401  (re-exported: callers stop a run with it in tests)
+from budgetlora.training.prepare import prepare
+
+
+def init_from_run(model, cfg: Config) -> None:
+    """Load the adapter + head weights of the run named by train.init_from into a freshly built model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    parent = Path(cfg.train.init_from)
+    weights = parent / runs.ADAPTER_FILES[1]
+    if not weights.is_file():
+        raise ConfigError(f"train.init_from: no finished run with an adapter at {parent}")
+    pcfg = runs.load_config(parent)
+    if is_missing_folder(pcfg.model.name):  # the parent's base folder moved: what must match is everything else
+        pcfg = pcfg.replace(**{"model.name": cfg.model.name, "model.tokenizer": cfg.model.tokenizer})
+    same = pcfg.model == cfg.model and pcfg.lora == cfg.lora and pcfg.method == cfg.method and \
+        getattr(pcfg, cfg.method) == getattr(cfg, cfg.method)
+    if not same:  # same plan, or the weights cannot mean the same thing
+        raise ConfigError(f"train.init_from: {parent} was trained with a different model or LoRA setup")
+    state = load_file(weights)
+    result = set_peft_model_state_dict(model, state)
+    loaded = sum(t.numel() for k, t in state.items() if not methods.frozen_in_file(k))
+    if result.unexpected_keys or loaded != count_trainable(model):
+        raise ConfigError(f"train.init_from: {parent} holds {loaded:,} adapter values, the model trains "
+                          f"{count_trainable(model):,}")
+
+
+def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Split] | None = None,
+          force: bool = False, stop_after: int | None = None, on_record=None, log=print) -> Path:
+    """Train one config into `root/<run id>/` and return that folder. A finished run is not trained again.
+
+    data: train/val/test splits to use instead of the config's sources (pseudo labels and filters still apply).
+    on_record: called with each history record (train loss and lr, or validation metrics) as it is made."""
+    out = runs.run_dir(cfg, root)
+    if runs.is_finished(out) and not force:
+        log(f"run {cfg.run_id} already finished: {out}")
+        return out
+    threads = torch.get_num_threads()
+    try:
+        with PeakMemory() as memory:  # the run's own peak, even when several runs share a process
+            return _train(cfg, out, memory, data, force, stop_after, on_record, log)
+    finally:
+        torch.set_num_threads(threads)  # train.threads holds for the run, not for the caller's process after it
+
+
+def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, stop_after, on_record, log) -> Path:
+    tc = cfg.train
+    threads = set_threads(tc.threads)
+    acc = loop.make_accelerator(tc)
+    main = acc.is_main_process
+    log = log if main else (lambda *a, **k: None)
+    t_start = time.time()
+
+    model, plan = build(cfg)  # refuses an over-budget config before loading weights
+    if tc.init_from:
+        init_from_run(model, cfg)
+    tokenizer = load_tokenizer(cfg)
+    data, filter_report = prepare(cfg, tokenizer, data, log)
+    train_split, val, test = data["train"], data["val"], data["test"]
+    log(f"run {cfg.run_id}: {plan.total:,} trainable params (budget {plan.max_params:,}); "
+        f"train {len(train_split):,} / val {len(val):,} / test {len(test):,} rows; device {acc.device}, "
+        f"{loop.precision(tc).replace('no', 'fp32')}, {threads} thread(s)")
+    if main:
+        runs.write_text(out / runs.CONFIG, cfg.to_yaml())
+
+    pad, ml = tokenizer.pad_token_id, cfg.model.max_length
+    base_tokens = Tokens(encode(tokenizer, train_split.texts, ml), pad)  # tokenised once, reused every epoch
+    val_tokens = Tokens(encode(tokenizer, val.texts, ml), pad)
+
+    def epoch_tokens(epoch: int) -> Tokens:
+        if not cfg.augment.enabled:
+            return base_tokens
+        from budgetlora.data.augment import augment_texts  # fresh edits every epoch, reproducible from (seed, epoch)
+        return Tokens(encode(tokenizer, augment_texts(train_split.texts, cfg.augment, tc.seed, epoch), ml), pad)
+
+    steps_per_epoch = math.ceil(len(train_split) / tc.batch_size)
+    total_steps = math.ceil(tc.epochs * steps_per_epoch)
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+    hooks = methods.step_hooks(model, cfg, total_steps)  # AdaLoRA: its schedule needs the run's length
+    model, optimizer, scheduler, loss_fn = loop.prepare_training(acc, model, tc, total_steps, cfg.lora.b_lr_ratio)
+    eval_batch = eval_batch_size(tc.eval_batch_size, acc.device)
+    infer_dtype = inference_dtype(tc.precision, acc.device)  # validation under the training precision
+
+    def evaluate_val() -> dict:
+        shard = list(range(acc.process_index, math.ceil(len(val_tokens) / eval_batch), acc.num_processes))
+        logits = logits_for_ids(acc.unwrap_model(model), val_tokens, eval_batch, pad, acc.device, rows=shard,
+                                dtype=infer_dtype, padding=loop.resolve_padding(tc.padding, acc.device))
+        if acc.num_processes > 1:  # every process computed its share of rows; sum the zero-padded arrays
+            logits = acc.reduce(torch.as_tensor(logits, device=acc.device), "sum").cpu().numpy()
+        return metrics(logits, val.labels, cfg.model.num_labels)
+
+    state = loop.new_state()
+    ckpt = out / runs.CHECKPOINT / "state.pt"
+    if ckpt.is_file() and not force:
+        state = loop.load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler)
+        log(f"resuming run {cfg.run_id} from step {state['step']}")
+    inputs = loop.LoopInputs(epoch_tokens, torch.as_tensor(train_split.labels), evaluate_val, total_steps,
+                             steps_per_epoch, tc.eval_every or steps_per_epoch)
+    state = loop.run(acc, model, optimizer, scheduler, loss_fn, tc, ml, inputs, state, ckpt=ckpt,
+                     stop_after=stop_after, on_record=on_record, log=log, desc=f"train {cfg.run_id}", hooks=hooks)
+
+    trim_memory()  # the loop's freed activations back to the OS before evaluation and saving
+    # the plain module: accelerate's autocast wrapper removed, so what is evaluated and saved is the fp32 model
+    # that a reload anywhere rebuilds
+    model = acc.unwrap_model(model, keep_fp32_wrapper=False)
+    if state["best"] is not None:
+        loop.load_trainable(model, state["best"])
+    hooks.finish(model)
+    acc.wait_for_everyone()
+    if not main:
+        acc.wait_for_everyone()  # return only once the main process has completed the run folder (callers read it)
+        return out
+    from budgetlora.training.artifacts import write_run_artifacts
+
+    write_run_artifacts(out, cfg, model, tokenizer, val, test, state, plan, filter_report,
+                        train_time=state["train_time"], total_time=time.time() - t_start, log=log,
+                        memory=memory, cost={"precision": loop.precision(tc).replace("no", "fp32"),
+                                             "threads": threads, "val_time_s": round(state["eval_time"], 2)},
+                        train_class_counts=np.bincount(train_split.labels, minlength=cfg.model.num_labels).tolist())
+    shutil.rmtree(out / runs.CHECKPOINT, ignore_errors=True)
+    acc.wait_for_everyone()
+    return out
+
