@@ -149,7 +149,7 @@ def lever_threads(args, data, tok):
         finally:
             stop.set()
             hog.join()
-        print(f"threads, one core kept busy by another process (what hardware.free_cores avoids)")
+        print("threads, one core kept busy by another process (what hardware.free_cores avoids)")
         summary(res)
         print(f"  1 thread over {cores}: {ratio(res, f'{cores} thread(s)', '1 thread(s)')}")
     torch.set_num_threads(cores)

@@ -11,10 +11,8 @@ from budgetlora import runs
 from budgetlora.adapters.budget import plan
 from budgetlora.cli import main
 from budgetlora.config import ConfigError
-from budgetlora.data.readers import load_data
 from budgetlora.shift.priors import estimate_priors, train_priors
 from budgetlora.shift.selftrain import mix_repeats, select_pseudo_labels, self_train
-from budgetlora.training.noisy import record_points, training_probabilities
 
 from .conftest import tiny_config
 
@@ -103,13 +101,6 @@ def test_mix_repeats():
 
 
 # -- noisy filter ---------------------------------------------------------------------------------------------------
-def test_record_points():
-    cfg = tiny_config(("x", "y"), **{"train.max_steps": 0, "train.eval_every": 0, "train.epochs": 3.0,
-                                     "train.batch_size": 10})
-    assert record_points(cfg, 100) == (30, [10, 20, 30])  # one per epoch
-    assert record_points(cfg.replace(**{"train.epochs": 1.0}), 100) == (10, [3, 7, 10])  # spread when < 3
-
-
 @pytest.fixture(scope="module")
 def noisy_run(tmp_path_factory, small_csvs):
     """A tiny run trained with the noisy-label filter: 222 rows -> 22 validation + 200 training rows."""
@@ -128,15 +119,6 @@ def test_noisy_filter_report_in_metrics(noisy_run):
     assert rep["kept"] == m["filters"]["kept"] == 190 == sum(m["train_class_counts"])
 
 
-def test_training_probabilities_shape(small_csvs):
-    cfg = tiny_config(small_csvs, **{"data.train_limit": 60, "train.max_steps": 3})
-    train = load_data(cfg)["train"]
-    probs = training_probabilities(cfg, train, **QUIET)
-    assert probs.shape == (3, len(train), 4)
-    assert np.allclose(probs.sum(-1), 1.0, atol=1e-5)
-    assert not np.allclose(probs[0], probs[-1])  # the model moved between records
-
-
 # -- prediction with prior correction and self-training ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def unlabelled(tmp_path_factory, small_csvs):
@@ -152,7 +134,8 @@ def test_predict_with_prior_correction(noisy_run, unlabelled, tmp_path, capsys):
                  "--prior-correction"]) == 0  # the flag alone is the gated mode
     est = json.loads((tmp_path / "sub.csv.priors.json").read_text())
     assert abs(sum(est["priors"]) - 1) < 1e-5 and len(est["priors"]) == 4  # six decimals each
-    assert np.allclose(est["train_priors"], train_priors(noisy_run, 4))  # from metrics.json train_class_counts
+    # from metrics.json train_class_counts
+    assert np.allclose(est["train_priors"], train_priors(runs.read_json(noisy_run / runs.METRICS), 4))
     assert sum(est["label_counts_corrected"]) == 100 == len(pd.read_csv(out))
     assert abs(sum(est["bbse"]["priors"]) - 1) < 1e-5  # from metrics.json val_confusion_matrix
     d = est["decision"]
@@ -167,6 +150,47 @@ def test_predict_with_prior_correction(noisy_run, unlabelled, tmp_path, capsys):
                  "--prior-correction", "on"]) == 0
     est = json.loads((tmp_path / "sub.csv.priors.json").read_text())
     assert est["decision"]["apply"] and est["label_counts_written"] == est["label_counts_corrected"]
+
+
+def test_predict_prints_the_decision_it_made(noisy_run, unlabelled, tmp_path, capsys, monkeypatch):
+    """The decision printed is the one made, not read back: the priors file vanishes as soon as it is written."""
+    from budgetlora.shift import predict as shift_predict
+
+    write_json, written = runs.write_json, []
+
+    def write_then_lose(path, obj):
+        write_json(path, obj)
+        if str(path).endswith(".priors.json"):
+            written.append(obj)
+            path.unlink()
+
+    monkeypatch.setattr(shift_predict.runs, "write_json", write_then_lose)
+    out = tmp_path / "sub.csv"
+    assert main(["predict", str(noisy_run), "--input", str(unlabelled), "--output", str(out),
+                 "--prior-correction", "on"]) == 0
+    assert not (tmp_path / "sub.csv.priors.json").exists() and len(written) == 1
+    printed = capsys.readouterr().out
+    assert f"estimated class priors {written[0]['priors']}" in printed
+    assert "prior correction applied (on): forced on" in printed
+    done = shift_predict.predict(noisy_run, str(unlabelled), out, "auto")
+    assert done.decision == done.priors["decision"] and done.decision["mode"] == "auto"
+    assert done.labels.tolist() == pd.read_csv(out)["Label"].tolist()
+    assert shift_predict.predict(noisy_run, str(unlabelled), out).priors is None  # off: argmax, no estimate
+
+
+def test_self_train_settings():
+    from budgetlora.config.sections import SelfTrainConfig
+
+    assert SelfTrainConfig().min_confidence == 0.9 and SelfTrainConfig(share=0.3).min_confidence == 0.0
+    assert SelfTrainConfig(share=0.3, threshold=0.5).min_confidence == 0.5
+    assert SelfTrainConfig().overrides == {}
+    assert SelfTrainConfig(max_steps=0, lr=1e-3).overrides == {"train.max_steps": 0, "train.lr": 1e-3}
+    for bad, message in [({"rounds": 0}, "self_train.rounds"), ({"mix": 1.0}, "self_train.mix"),
+                         ({"prior_correction": "sometimes"}, "off, auto, on"), ({"threshold": 2.0}, "threshold")]:
+        with pytest.raises(ConfigError, match=message):
+            SelfTrainConfig(**bad)
+    with pytest.raises(ConfigError, match="self_train.share"):  # checked before any run is loaded
+        self_train("no-such-run", "no-such-file", "out", share=1.5)
 
 
 def test_self_train_round(noisy_run, unlabelled, tmp_path):
@@ -190,6 +214,7 @@ def test_self_train_round(noisy_run, unlabelled, tmp_path):
     p = plan(cfg)
     assert m["trainable_params"] == p.total == parent_m["trainable_params"] <= cfg.budget.max_params
     assert sum(m["train_class_counts"]) == 200 + len(pseudo)  # labelled train rows + pseudo rows
+    assert records[0]["test_accuracy"] == m["test_accuracy"] and records[0]["trainable_params"] == p.total
 
 
 def test_init_from_loads_parent_weights_and_refuses_other_setups(noisy_run):

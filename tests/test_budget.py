@@ -1,7 +1,7 @@
 """The planner's counts are exact, agree with peft's own count, and show what each target name matches."""
 import pytest
 
-from budgetlora.adapters.budget import BudgetError, check, plan
+from budgetlora.adapters.budget import BudgetError, check, format_plan, plan
 from budgetlora.config import Config, ConfigError
 
 ROBERTA = Config().replace(**{"model.name": "roberta-base", "model.random_init": True, "model.tokenizer": "minilm",
@@ -70,6 +70,18 @@ def test_layers_dora_bias_and_minilm():
     assert mini.total == 6 * 2 * 8 * (384 + 384) + 1_540
     every = plan(Config().replace(**{"lora.targets": "q,k,v,o,ffn_in,ffn_out"}))
     assert every.total == 6 * 8 * (4 * (384 + 384) + 2 * (384 + 1536)) + 1_540
+
+
+def test_format_plan_names_each_method_by_its_record():
+    """The plan's first and last lines name the method's size as its record says: LoRA speaks of its rank."""
+    cases = (({"lora.r": 8}, "LoRA r=8", "largest rank that fits: 11"),
+             ({"method": "vera"}, "vera vera.r=256", "largest vera.r that fits: 1024 (the cap)"),
+             ({"method": "ia3", "lora.targets": "k,v,ffn_out"}, "ia3", "no size to fill"))
+    for overrides, headline, fill in cases:
+        lines = format_plan(plan(ROBERTA.replace(**overrides))).splitlines()
+        assert lines[0].endswith(f"layers, {headline}") and lines[-1].endswith(fill), lines
+    dora = format_plan(plan(ROBERTA.replace(**{"lora.dora": True})))
+    assert "  DoRA magnitudes: 18,432" in dora.splitlines()
 
 
 def test_head_targets_refused():

@@ -98,3 +98,42 @@ def test_float_fields_refuse_nan_and_infinity(value):
 
     with pytest.raises(ConfigError, match="lora.alpha: cannot read"):
         Config().replace(**{"lora.alpha": value})
+
+
+def test_use_sections_are_not_part_of_the_run_id():
+    cfg = Config.from_yaml("minilm-default")
+    assert cfg.run_id == "a18e192f1c"
+    used = cfg.replace(**{"serve.max_batch": 8, "submit.rounds": 2, "self_train.share": 0.3})
+    assert used.run_id == cfg.run_id and used.serve.max_batch == 8
+    assert used.replace(**{"lora.r": 4}).run_id != cfg.run_id
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["serve", "no-such-run", "--max-batch", "0"], "serve.max_batch must be >= 1"),
+    (["serve", "no-such-run", "--port", "eighty"], "serve.port: cannot read 'eighty' as int"),
+    (["self-train", "no-such-run", "--unlabelled", "u.csv", "--mix", "1"], "self_train.mix must be in [0, 1), got 1.0"),
+    (["submit", "--target", "t.csv", "--output", "o.csv", "--steps", "0"], "submit.steps must be >= 1"),
+])
+def test_bad_section_values_are_one_line(argv, message, capsys):
+    """A bad command setting is refused before anything is loaded or trained, as one line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"budgetlora: error: {message}"
+
+
+def test_bad_section_value_in_yaml_is_one_line(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("submit:\n  prior_correction: sometimes\n")
+    assert main(["submit", "--config", str(p), "--target", "t.csv", "--output", "o.csv"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "submit.prior_correction must be one of off, auto, on" in err
+
+
+def test_command_settings_flags_stay_on_their_commands():
+    from budgetlora.cli import build_parser
+
+    train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "--lora.r" in train_help and "--serve." not in train_help and "--submit." not in train_help
+    serve_help = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    assert "--max-batch" in serve_help and "texts per forward pass" in serve_help
+

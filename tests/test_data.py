@@ -82,6 +82,12 @@ def test_default_source_and_splits(agnews_dir):
     assert again["val"].texts == d["val"].texts  # seeded
     other = load_data(cfg.replace(**{"train.seed": 7}))
     assert other["val"].texts != d["val"].texts
+    # every seed is scored on the same test rows, and the run can say which rows of the source they are
+    assert other["test"].texts == d["test"].texts
+    rows = d["test"].source_rows()
+    assert len(set(rows.tolist())) == 200 and rows.max() >= 200
+    full = load_data(Config().replace(**{"data.train_limit": 1000}))["test"]
+    assert [full.texts[i] for i in rows[:5]] == d["test"].texts[:5]
 
 
 def test_stratified_and_length_grouping():

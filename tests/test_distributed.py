@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,38 +21,16 @@ from budgetlora.adapters.architectures import resolve_name
 from budgetlora.config import Config
 from budgetlora.training.train import train
 
+from .distributed_entry import trace_rows
+
 WORDS = [["election", "minister", "war", "president", "troops", "talks"],
          ["match", "goal", "team", "season", "coach", "cup"],
          ["stocks", "market", "profit", "shares", "bank", "oil"],
          ["software", "internet", "computer", "space", "research", "chip"]]
 FILLER = ["the", "a", "on", "after", "report", "says", "new", "week"]
 
-# recorded by a wrapper around runs.atomic_path / runs.save_adapter in each launched process
-ENTRY = textwrap.dedent("""
-    import contextlib, os, sys
-    from budgetlora import runs
-
-    log = os.path.join(os.environ["WRITES_DIR"], "writes." + os.environ.get("RANK", "0") + ".txt")
-    atomic, save = runs.atomic_path, runs.save_adapter
-
-    def record(path):
-        with open(log, "a") as f:
-            f.write(str(path) + "\\n")
-
-    @contextlib.contextmanager
-    def traced_atomic(path, *a, **k):
-        record(path)
-        with atomic(path, *a, **k) as tmp:
-            yield tmp
-
-    def traced_save(model, path, *a, **k):
-        record(path)
-        return save(model, path, *a, **k)
-
-    runs.atomic_path, runs.save_adapter = traced_atomic, traced_save
-    from budgetlora.cli import main
-    sys.exit(main())
-""")
+# the command as each launched process runs it: with recorders of its writes and of its training rows
+ENTRY = Path(__file__).with_name("distributed_entry.py")
 
 
 def _table(n: int, seed: int) -> pd.DataFrame:
@@ -88,7 +65,7 @@ def _rows(path) -> list[list[int]]:
     return [[int(x) for x in line.split()] for line in path.read_text().splitlines()]
 
 
-def test_two_cpu_processes_match_one(tmp_path, monkeypatch):
+def test_two_cpu_processes_match_one(tmp_path):
     _table(168, 0).to_csv(tmp_path / "train.csv", index=False)  # 160 train + 8 validation rows
     _table(40, 1).to_csv(tmp_path / "test.csv", index=False)
     overrides = {"model.name": str(_minilm_without_dropout(tmp_path / "minilm")), "model.max_length": 32, "data.train": str(tmp_path / "train.csv"),
@@ -101,24 +78,22 @@ def test_two_cpu_processes_match_one(tmp_path, monkeypatch):
 
     single_trace = tmp_path / "trace1"
     single_trace.mkdir()
-    monkeypatch.setenv("BUDGETLORA_TRACE_ROWS", str(single_trace))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each launched process runs; spinning OpenMP threads crawl on a busy machine
     try:
-        single = train(cfg, root=tmp_path / "single", log=lambda *a, **k: None)
+        single = train(cfg, root=tmp_path / "single", on_step=trace_rows(single_trace), log=lambda *a, **k: None)
     finally:
         torch.set_num_threads(threads)
 
     dist_trace, writes = tmp_path / "trace2", tmp_path / "writes"
     dist_trace.mkdir()
     writes.mkdir()
-    (tmp_path / "entry.py").write_text(ENTRY)
-    env = {**os.environ, "BUDGETLORA_TRACE_ROWS": str(dist_trace), "WRITES_DIR": str(writes),
+    env = {**os.environ, "TRACE_DIR": str(dist_trace), "WRITES_DIR": str(writes),
            "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     flags = [f"--{k}={','.join(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
     # torchrun, not `accelerate launch --cpu`: the latter starts a single process unless MPI is set up
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(tmp_path / "entry.py"), "train", *flags, "--runs", str(tmp_path / "dist")]
+           str(ENTRY), "train", *flags, "--runs", str(tmp_path / "dist")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dist = tmp_path / "dist" / cfg.run_id

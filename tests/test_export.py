@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from budgetlora import runs
-from budgetlora.inference.export import EXPORT_INFO, TOLERANCE, ExportError, _publish, export_merged, merge
+from budgetlora.errors import RunFolderError
+from budgetlora.inference.export import EXPORT_INFO, TOLERANCE, ExportError, export_merged, merge
 from budgetlora.inference.load import load_run
 
 # Runs with peft made unimportable: `sys.modules[name] = None` makes both `import peft` and
@@ -80,19 +81,31 @@ def test_refuses_to_overwrite(exported, tiny_run):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-def test_publish_replaces_only_with_force(tmp_path):
+def test_staged_folder_replaces_only_with_force(tmp_path):
+    """Export writes through runs.staged_folder: a refused or failed write leaves the old folder and no temporary
+    folder; with force the new folder replaces the old one whole."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    new = tmp_path / ".new"
-    new.mkdir()
-    (new / "model.txt").write_text("new")
-    with pytest.raises(ExportError):
-        _publish(new, out, force=False)
-    assert (out / "old.txt").exists()
-    _publish(new, out, force=True)
-    assert [p.name for p in out.iterdir()] == ["model.txt"] and not new.exists()
+    with pytest.raises(RunFolderError, match="--force"), runs.staged_folder(out) as tmp:
+        (tmp / "model.txt").write_text("new")
+    with pytest.raises(KeyError), runs.staged_folder(out, force=True) as tmp:
+        (tmp / "model.txt").write_text("new")
+        raise KeyError("failed half-way")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with runs.staged_folder(out, force=True) as tmp:
+        (tmp / "model.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["model.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert out.stat().st_mode & 0o777 == 0o777 & ~runs.current_umask()  # not mkdtemp's private 0700
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunFolderError, match="not a folder"), runs.staged_folder(tmp_path / "file", force=True):
+        pass
+    fresh = tmp_path / "new" / "deeper"
+    with runs.staged_folder(fresh) as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert [p.name for p in fresh.iterdir()] == ["a.txt"]
 
 
 def test_merge_notices_a_lost_head(tiny_run):

@@ -58,9 +58,15 @@ def test_loop_reads_the_loss_only_at_logging_points(small_csvs, tmp_path, monkey
         return original(self)
 
     monkeypatch.setattr(torch.Tensor, "__float__", counted)
-    records = []
+    records, steps = [], []
     cfg = tiny_config(small_csvs, **{"train.max_steps": 20, "train.eval_every": 20, "train.padding": "buckets"})
-    train(cfg, root=tmp_path, on_record=records.append, log=lambda *a, **k: None)
+    train(cfg, root=tmp_path, on_record=records.append, on_step=lambda state, rows: steps.append(
+        (state["step"], list(rows))), log=lambda *a, **k: None)
     logged = [r for r in records if "train_loss" in r]
     assert [r["step"] for r in logged] == list(range(2, 21, 2))
     assert reads["n"] == len(logged)
+    # on_step: once after every step, with that step's batch; 20 steps stay inside one epoch (23 batches of 360
+    # rows), which never repeats a row
+    assert [s for s, _ in steps] == list(range(1, 21))
+    rows = [r for _, batch in steps for r in batch]
+    assert all(0 < len(batch) <= 16 for _, batch in steps) and len(set(rows)) == len(rows) >= 300

@@ -1,14 +1,17 @@
-"""Every adapter method: the planner's count equals peft's on built models, `--fill` finds the largest setting that
-fits, and one tiny run per method trains, saves in PEFT format, reloads to the same logits and merges."""
+"""Every adapter method: one record each, the planner's count equals peft's on built models, `--fill` finds the
+largest setting that fits, and one tiny run per method trains, saves in PEFT format, reloads to the same logits and
+merges to them."""
+import dataclasses
 import json
 
+import numpy as np
 import pytest
-import torch
 
 from budgetlora import cli
 from budgetlora.adapters import methods
 from budgetlora.adapters.budget import BudgetError, fill, plan
-from budgetlora.config import Config, ConfigError
+from budgetlora.config import METHODS, Config, ConfigError
+from budgetlora.config.sections import METHOD_SECTIONS
 
 from .conftest import tiny_config
 
@@ -57,6 +60,29 @@ def test_planner_matches_peft(case):
     assert p.head_params == (ROBERTA_HEAD if base is ROBERTA else MINILM_HEAD)
     heads = [n for n, prm in model.named_parameters() if prm.requires_grad and "modules_to_save" in n]
     assert heads, "the head must be trained in full (modules_to_save) for every method"
+
+
+def test_one_record_per_method():
+    """Every method the config accepts has exactly one complete record, a Config section of its own, and a case in
+    the planner-vs-peft test above and a tiny run below, so a new method cannot skip either."""
+    import peft
+
+    assert list(METHODS) == list(METHOD_SECTIONS) and sorted(methods.METHODS) == sorted(METHODS)
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    for name in METHODS:
+        record = methods.get(name)
+        assert record.name == name and record.section is METHOD_SECTIONS[name] is sections[name]
+        assert record.display and callable(record.build) and callable(record.module_params)
+        assert record.rank_field is None or record.rank(Config().replace(method=name)) >= 1
+        cfg = Config().replace(**{"method": name, "lora.targets": "q,v,ffn_out"})
+        built = record.build(cfg, {"target_modules": "query", "task_type": peft.TaskType.SEQ_CLS}, "")
+        assert isinstance(built, peft.PeftConfig) and built.peft_type.value.lower() == name
+    planned = {base.replace(**overrides).method for base, overrides, _ in CASES.values()}
+    assert planned == set(METHODS), "every method needs a case in test_planner_matches_peft"
+    assert {o.get("method", "lora") for o in RUNS.values()} == set(METHODS), "and a tiny run"
+    assert methods.get("lora").title(Config().replace(**{"lora.dora": True})) == "DoRA"
+    with pytest.raises(ConfigError, match="unknown method 'prefix'"):
+        methods.get("prefix")
 
 
 def _largest_fitting(p) -> int:
@@ -194,12 +220,16 @@ def test_tiny_run_reloads_and_merges(name, small_csvs, tmp_path):
     assert loaded.logits(["Stocks fell.", "The team won."]).shape == (2, 4)
     info = export_merged(out, tmp_path / "merged", log=lambda *a, **k: None)
     assert info["max_abs_logit_diff"] <= 1e-4
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    from budgetlora.training.evaluate import predict_logits
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert not any(k.startswith(("lora", "vera", "hada", "lokr", "ia3")) for n, _ in merged.named_modules()
                    for k in n.split(".")[-1:])
-    assert torch.is_tensor(next(merged.parameters()))
+    texts = ["Stocks fell as oil prices rose.", "The team won the final.", "A new chip doubles battery life."]
+    got = predict_logits(merged, AutoTokenizer.from_pretrained(tmp_path / "merged"), texts, cfg.model.max_length)
+    assert np.abs(got - loaded.logits(texts, exact=True)).max() <= 1e-4  # the plain folder computes the adapter's
     if name == "vera":  # continuing from a VeRA run: its file also holds the frozen projections, which never train
         child = train(cfg.replace(**{"train.init_from": str(out), "train.max_steps": 2}), root=tmp_path / "runs",
                       log=lambda *a, **k: None)
@@ -226,7 +256,7 @@ def test_methods_sweep_one_trial_per_variant_at_its_filled_setting(tmp_path):
     from pathlib import Path
 
     from budgetlora import runs
-    from budgetlora.experiments.leaderboard import collect, write_report
+    from budgetlora.experiments.leaderboard import _axis, collect, write_report
     from budgetlora.experiments.spec import load_spec
     from budgetlora.experiments.sweep import run_sweep
 
@@ -252,5 +282,9 @@ def test_methods_sweep_one_trial_per_variant_at_its_filled_setting(tmp_path):
         cfg = runs.load_config(spec.folder / r["path"])
         assert r["trainable_params"] == plan(cfg).total <= 1_000_000
         assert (cfg.data, cfg.train, cfg.lora.targets) == (spec.base.data, spec.base.train, spec.base.lora.targets)
+    # the ablation axes name each method's own size and scale fields ((IA)3 has neither, VeRA no scale)
+    assert _axis(rows, "r", "setting") == "adalora.init_r, loha.r, lokr.r, lora.r, vera.r"
+    assert _axis(rows, "alpha", "alpha_setting") == "loha.alpha, lokr.alpha, lora.alpha"
+    assert _axis([r for r in rows if r["method"] == "vera"], "r", "setting") == "vera.r"
     written = write_report(spec.folder)
     assert written["pareto"].stat().st_size > 0 and "vera" in written["md"].read_text()

@@ -14,6 +14,9 @@ import uvicorn
 
 import budgetlora
 from budgetlora import runs
+from budgetlora.cli import main
+from budgetlora.config.sections import ServeConfig
+from budgetlora.errors import ConfigError
 from budgetlora.inference.serve import MicroBatcher, create_app
 
 MAX_TEXTS, MAX_CHARS, MAX_BODY = 8, 300, 8_000
@@ -32,8 +35,8 @@ def classifier(tiny_run):
 @pytest.fixture(scope="module")
 def server(classifier):
     """The app under uvicorn in a background thread on a free loopback port; yields (base url, app)."""
-    app = create_app(classifier, max_batch=64, max_texts=MAX_TEXTS, max_chars=MAX_CHARS, max_body_bytes=MAX_BODY,
-                     batch_wait_ms=10)
+    app = create_app(classifier, ServeConfig(max_batch=64, max_texts=MAX_TEXTS, max_chars=MAX_CHARS,
+                                             max_body_bytes=MAX_BODY, batch_wait_ms=10))
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -187,3 +190,30 @@ def test_batcher_splits_results_and_survives_a_failed_pass():
     assert all(len(c) <= 4 for c in calls)  # max_batch is never exceeded by merging
     assert calls[0] == ["a", "bb", "ccc"]  # the third request would overflow max_batch, so it starts the next pass
     assert stats.merged_passes >= 1
+
+
+def test_serve_settings_from_yaml_and_flags_reach_the_app(tiny_run, tmp_path, monkeypatch):
+    """`serve --config FILE` reads the file's serve: section and the flags override it; what the app enforces and
+    reports is exactly that, with no second set of defaults in between."""
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
+    yaml = tmp_path / "serve.yaml"
+    yaml.write_text("serve:\n  max_texts: 3\n  max_chars: 50\n  port: 8123\n")
+    assert main(["serve", str(tiny_run), "--config", str(yaml), "--max-chars", "40", "--batch-wait-ms", "0"]) == 0
+    app = started["app"]
+    assert started["port"] == 8123 and started["host"] == "127.0.0.1"
+    settings = app.state.settings
+    assert (settings.max_texts, settings.max_chars, settings.batch_wait_ms) == (3, 40, 0.0)
+    texts = app.openapi()["components"]["schemas"]["PredictRequest"]["properties"]["texts"]
+    assert texts["maxItems"] == 3 and texts["items"]["maxLength"] == 40
+    assert settings.limits["max_body_bytes"] == 3 * (4 * 40 + 8) + 4096  # derived from the two when left at 0
+
+
+def test_serve_settings_are_checked_in_one_place():
+    assert ServeConfig().limits == {"max_batch": 64, "max_texts": 256, "max_chars": 10_000,
+                                    "max_body_bytes": 256 * (4 * 10_000 + 8) + 4096, "batch_wait_ms": 2.0}
+    for bad, message in [({"max_batch": 0}, "serve.max_batch"), ({"batch_wait_ms": -1.0}, "serve.batch_wait_ms"),
+                         ({"backend": "tf"}, "torch, onnx"), ({"port": 70_000}, "serve.port")]:
+        with pytest.raises(ConfigError, match=message):
+            ServeConfig(**bad)
+

@@ -22,6 +22,7 @@ import pytest
 import budgetlora
 from budgetlora import runs
 from budgetlora.cli import build_parser
+from budgetlora.config import from_flags
 from budgetlora.inference.serve import run_info
 from tests.test_serve import BAD_BODIES, MAX_BODY, MAX_CHARS, MAX_TEXTS, TEXTS
 
@@ -186,7 +187,7 @@ def test_info_shows_names_not_server_paths(server, tiny_run, classifier):
     assert str(tiny_run.parent) not in text and "/" + tiny_run.parent.name + "/" not in text
     assert not any(isinstance(v, str) and v.startswith("/") for v in _leaves(info)), "an absolute path leaked"
     # the operator can ask for them: `serve --show-paths`
-    assert build_parser().parse_args(["serve", str(tiny_run), "--show-paths"]).show_paths
+    assert from_flags(build_parser().parse_args(["serve", str(tiny_run), "--show-paths"])).serve.show_paths
     full = run_info(classifier, show_paths=True)
     assert full["run"] == str(tiny_run.resolve())
     assert full["adapter_config"]["base_model_name_or_path"] == \

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from budgetlora.cli import main
+from budgetlora.cli import build_parser, main
+from budgetlora.config import Config, from_flags
 from budgetlora.shift.analysis import domain_auc, vocab_overlap, weighted_auc
 from budgetlora.shift.priors import bbse_priors, decide, estimate_priors, total_variation
 
@@ -111,7 +112,7 @@ def test_gate_refuses_when_nothing_moved_and_modes_force():
     on = decide("on", em, None, None)
     assert on.apply and any("would refuse" in r for r in on.reasons)
     assert not decide("off", em, None, 0.5).apply
-    with pytest.raises(ValueError, match="auto, on, off"):
+    with pytest.raises(ValueError, match="off, auto, on"):
         decide("sometimes", em, None, 0.5)
 
 
@@ -195,3 +196,23 @@ def test_submit_end_to_end(tiny_run, small_csvs, tmp_path):
     assert rep["final_run"] == rep["base_run"] and rep["self_training"]["rounds"] == []
     assert priors["decision"]["apply"] and priors["label_counts_written"] == priors["label_counts_corrected"]
     assert np.bincount(pd.read_csv(out)["Label"], minlength=4).tolist() == priors["label_counts_corrected"]
+
+
+def test_submit_settings_come_from_the_preset_and_flags(tmp_path):
+    """The submit preset carries its adaptation settings; flags (old spellings included) override them, and none of
+    them changes the run id."""
+    preset = Config.from_yaml("minilm-submit")
+    assert (preset.submit.rounds, preset.submit.share, preset.submit.prior_correction) == (0, 0.3, "auto")
+    args = build_parser().parse_args(["submit", "--config", "minilm-submit", "--target", "t.csv", "--output", "o.csv",
+                                      "--rounds", "2", "--st-lr", "0.001", "--prior-correction", "off"])
+    cfg = from_flags(args)
+    assert (cfg.submit.rounds, cfg.submit.lr, cfg.submit.prior_correction) == (2, 0.001, "off")
+    assert (cfg.submit.share, cfg.submit.steps, cfg.model.max_length) == (0.3, 300, 256)  # the rest from the preset
+    assert cfg.run_id == preset.run_id
+    yaml = tmp_path / "st.yaml"
+    yaml.write_text("self_train:\n  share: 0.3\n  prior_correction: auto\n")
+    args = build_parser().parse_args(["self-train", "run", "--unlabelled", "u.csv", "--config", str(yaml),
+                                      "--mix", "0.25", "--balance", "false"])
+    st = from_flags(args).self_train
+    assert (st.share, st.mix, st.balance, st.prior_correction, st.min_confidence) == (0.3, 0.25, False, "auto", 0.0)
+

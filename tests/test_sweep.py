@@ -156,8 +156,8 @@ def test_bad_specs_and_tracking_give_clear_errors(tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(ConfigError, match="pip install tensorboard"):
-            run_sweep(spec, runner=fake_runner, tracking="tensorboard", log=lambda *a: None)
+        with pytest.raises(ConfigError, match="--track tensorboard needs"):
+            run_sweep(spec, runner=fake_runner, track="tensorboard", log=lambda *a: None)
 
 
 def test_search_runs_n_trials(tmp_path):

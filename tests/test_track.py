@@ -90,3 +90,64 @@ def test_mlflow_store_holds_what_it_was_given(tiny_run, tmp_path):
 def test_unknown_tracker_is_refused():
     with pytest.raises(ConfigError, match="--track must be one of"):
         check("wandb")
+
+
+def _sweep(tmp_path, kind):
+    from budgetlora.experiments.spec import load_spec
+    from budgetlora.experiments.sweep import run_sweep
+
+    from .test_sweep import fake_runner, write_spec
+
+    tmp_path.mkdir()
+    spec = load_spec(write_spec(tmp_path, grid={"lora.r": [1, 2]}), root=tmp_path / "sweeps")
+    run_sweep(spec, runner=fake_runner, track=kind, log=lambda *a: None)
+    metrics = {}
+    for run in runs.list_runs(spec.runs):
+        cfg, m = runs.load_config(run), runs.read_json(run / runs.METRICS)
+        metrics[cfg.lora.r] = m
+    return spec, metrics
+
+
+def test_sweep_tracks_each_trial_with_the_same_writers(tmp_path):
+    """`sweep --track` goes through training.track's writers: one TensorBoard folder per finished trial, and one
+    MLflow run per trial in the sweep's own store, each holding what the trial's metrics.json says."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec, metrics = _sweep(tmp_path / "tb", "tensorboard")
+    folders = sorted(p.name for p in (spec.folder / "tensorboard").iterdir())
+    assert folders == ["trial-0000", "trial-0001"]
+    got = set()
+    for number, folder in enumerate(folders):
+        events = EventAccumulator(str(spec.folder / "tensorboard" / folder))
+        events.Reload()
+        (point,) = events.Scalars("sweep/val_accuracy")
+        assert point.step == number
+        got.add(round(point.value, 5))
+        assert "sweep/trainable_params" in events.Tags()["scalars"]
+    assert got == {round(m["val_accuracy"], 5) for m in metrics.values()}
+
+    import mlflow
+
+    spec, metrics = _sweep(tmp_path / "mlflow", "mlflow")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{spec.folder / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name(spec.name).experiment_id])
+    assert sorted(r.info.run_name for r in found) == ["trial-0000", "trial-0001"]
+    for r in found:
+        m = metrics[int(r.data.params["lora.r"])]
+        assert r.info.status == "FINISHED" and r.data.tags["trial"] == r.info.run_name[-1]
+        assert r.data.metrics["sweep/val_accuracy"] == m["val_accuracy"]
+        assert r.data.metrics["sweep/trainable_params"] == m["trainable_params"]
+
+
+def test_train_and_sweep_share_the_flag_name(capsys):
+    from budgetlora.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["sweep", "s.yaml", "--track", "mlflow"]).track == "mlflow"
+    assert parser.parse_args(["sweep", "s.yaml", "--tracking", "tensorboard"]).track == "tensorboard"  # old name
+    assert parser.parse_args(["sweep", "s.yaml"]).track is None
+    assert parser.parse_args(["train", "--track", "tensorboard"]).track == "tensorboard"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sweep", "--help"])
+    shown = capsys.readouterr().out
+    assert "--track" in shown and "--tracking" not in shown  # the old name still works, unlisted

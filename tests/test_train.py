@@ -6,18 +6,30 @@ from safetensors.torch import load_file
 from budgetlora import runs
 from budgetlora.adapters.budget import BudgetError
 from budgetlora.config import Config
-from budgetlora.training.train import Interrupted, train
+from budgetlora.training.train import train
 
 from .conftest import tiny_config
 
 QUIET = {"log": lambda *a, **k: None}
 
 
+class Killed(Exception):
+    """Stands in for a kill: raised from the loop's step callback."""
+
+
+def kill_after(step: int):
+    def on_step(state, rows):
+        if state["step"] >= step:
+            raise Killed(f"killed after step {state['step']}")
+
+    return on_step
+
+
 def test_resume_after_kill_matches_uninterrupted(tmp_path, small_csvs):
     cfg = tiny_config(small_csvs, **{"train.max_steps": 8, "train.eval_every": 3, "lora.dropout": 0.1})
     whole = train(cfg, root=tmp_path / "a", **QUIET)
-    with pytest.raises(Interrupted):
-        train(cfg, root=tmp_path / "b", stop_after=5, **QUIET)
+    with pytest.raises(Killed, match="after step 5"):
+        train(cfg, root=tmp_path / "b", on_step=kill_after(5), **QUIET)
     killed = tmp_path / "b" / cfg.run_id
     assert (killed / runs.CHECKPOINT / "state.pt").is_file() and not runs.is_finished(killed)
     resumed = train(cfg, root=tmp_path / "b", **QUIET)
@@ -38,7 +50,12 @@ def test_finished_run_is_not_retrained_and_failures_keep_old_runs(tmp_path, smal
     with pytest.raises(BudgetError):
         train(cfg.replace(**{"lora.r": 400}), root=tmp_path, **QUIET)
     assert not (tmp_path / cfg.replace(**{"lora.r": 400}).run_id).exists()  # refused before anything is written
-    assert runs.is_finished(out)
+    # a forced retrain of the same run id that dies part way leaves the finished run exactly as it was
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(Killed):
+        train(cfg, root=tmp_path, force=True, on_step=kill_after(1), **QUIET)
+    assert {rel: (out / rel).read_bytes() for rel in files} == files
+    assert runs.is_finished(out) and train(cfg, root=tmp_path, **QUIET) == out
 
 
 def test_short_training_clearly_beats_chance(tmp_path):

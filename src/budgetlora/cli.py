@@ -7,7 +7,8 @@ import os
 import sys
 
 from budgetlora import config as config_mod
-from budgetlora.config.flags import parse_bool
+from budgetlora.config.flags import add_section_flags
+from budgetlora.config.sections import PRIOR_CORRECTION, SelfTrainConfig, ServeConfig, SubmitConfig
 from budgetlora.errors import BudgetloraError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenise in one call per split; no fork warnings
@@ -23,18 +24,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from budgetlora.training.train import train
+    from budgetlora.training.result import train_run
 
-    cfg = config_mod.from_flags(args)
-    if args.track:
-        from budgetlora.training.track import train_tracked
-
-        out = train_tracked(cfg, args.track, root=args.runs, force=args.force)
-    else:
-        out = train(cfg, root=args.runs, force=args.force)
-    m = json.loads((out / "metrics.json").read_text())
-    print(f"test accuracy {m['test_accuracy']:.4f} ({cfg.model.name}, {m['trainable_params']:,} trainable params) "
-          f"-> {out}")
+    print(train_run(config_mod.from_flags(args), root=args.runs, force=args.force, track=args.track).summary())
     return 0
 
 
@@ -47,53 +39,26 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import numpy as np
+    from budgetlora.shift.predict import predict
 
-    if args.prior_correction == "off":
-        from .inference.predict import predict_file
-
-        labels = predict_file(args.run, args.input, args.output, base=args.base, max_length=args.max_length)
-    else:
-        from .shift.predict import predict_adapted
-
-        labels = predict_adapted(args.run, args.input, args.output, mode=args.prior_correction, base=args.base,
-                                 max_length=args.max_length)
-    counts = dict(enumerate(np.bincount(labels).tolist()))
-    print(f"wrote {len(labels):,} predictions to {args.output} (label counts {counts})")
-    if args.prior_correction != "off":
-        from budgetlora.shift.priors import priors_path
-
-        est = json.loads(priors_path(args.output).read_text())
-        d = est["decision"]
-        print(f"estimated class priors {est['priors']} (EM; BBSE {(est['bbse'] or {}).get('priors')}; trained "
-              f"under {est['train_priors']}) -> {priors_path(args.output)}")
-        print(f"prior correction {'applied' if d['apply'] else 'not applied'} ({d['mode']}): "
-              + "; ".join(d["reasons"]))
+    done = predict(args.run, args.input, args.output, args.prior_correction, base=args.base,
+                   max_length=args.max_length)
+    print("\n".join(done.summary()))
     return 0
 
 
 def cmd_self_train(args) -> int:
-    from budgetlora.shift.selftrain import self_train
+    from budgetlora.shift.selftrain import self_training
 
-    overrides = {k: v for k, v in {"train.epochs": args.epochs, "train.max_steps": args.max_steps,
-                                   "train.lr": args.lr}.items() if v is not None}
-    threshold = args.threshold if args.threshold is not None else (0.0 if args.share else 0.9)
-    made = self_train(args.run, args.unlabelled, args.out, rounds=args.rounds, threshold=threshold, base=args.base,
-                      balance=args.balance, max_per_class=args.max_per_class,
-                      prior_correction=args.prior_correction, overrides=overrides, share=args.share, mix=args.mix,
-                      max_val_drop=args.max_val_drop)
-    for path in made:
-        m = json.loads((path / "metrics.json").read_text())
-        print(f"test accuracy {m['test_accuracy']:.4f} ({m['trainable_params']:,} trainable params) -> {path}")
+    done = self_training(args.run, args.unlabelled, args.out, config_mod.from_flags(args).self_train, base=args.base)
+    print("\n".join(done.summary()))
     return 0
 
 
 def cmd_serve(args) -> int:
     from budgetlora.inference.serve import serve
 
-    serve(args.run, host=args.host, port=args.port, verify=not args.no_verify, base=args.base, max_batch=args.max_batch,
-          max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
-          batch_wait_ms=args.batch_wait_ms, show_paths=args.show_paths, backend=args.backend)
+    serve(args.run, config_mod.from_flags(args).serve, verify=not args.no_verify, base=args.base)
     return 0
 
 
@@ -115,7 +80,7 @@ def cmd_sweep(args) -> int:
     from budgetlora.experiments.sweep import format_summary, run_sweep
 
     spec = load_spec(args.spec, root=args.root)
-    s = run_sweep(spec, storage=args.storage, workers=args.workers, n_trials=args.n_trials, tracking=args.tracking)
+    s = run_sweep(spec, storage=args.storage, workers=args.workers, n_trials=args.n_trials, track=args.track)
     print(format_summary(s))
     if s["states"].get("COMPLETE"):
         print(f"report: {write_report(spec.folder, title=spec.name)['html']}")
@@ -133,8 +98,7 @@ def cmd_report(args) -> int:
 def cmd_shift(args) -> int:
     from budgetlora.shift.submit import shift_report
 
-    result, files = shift_report(args.run, args.target, args.out or f"{args.run.rstrip('/')}/shift",
-                                 max_length=args.max_length, base=args.base)
+    result, files = shift_report(args.run, args.target, args.out, max_length=args.max_length, base=args.base)
     print("\n".join(result.report["advice"]))
     for kind, path in files.items():
         print(f"{kind}: {path}")
@@ -144,9 +108,7 @@ def cmd_shift(args) -> int:
 def cmd_submit(args) -> int:
     from budgetlora.shift.submit import submit
 
-    rep = submit(config_mod.from_flags(args), args.target, args.output, root=args.runs, rounds=args.rounds,
-                 share=args.share, mix=args.mix, steps=args.steps, lr=args.st_lr, max_val_drop=args.max_val_drop,
-                 prior_correction=args.prior_correction, max_length=args.max_length)
+    rep = submit(config_mod.from_flags(args), args.target, args.output, root=args.runs)
     print("\n".join(rep["summary"]))
     print(f"report: {args.output}.report.txt / .report.json")
     return 0
@@ -155,6 +117,13 @@ def cmd_submit(args) -> int:
 def add_base_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, metavar="PATH",
                    help="where the run's base model lives now, if it was trained on a local folder that has moved")
+
+
+def add_settings_flags(p: argparse.ArgumentParser, cls, section: str) -> None:
+    """`--config FILE` (of which only the `section:` section is read) and one flag per field of the section."""
+    p.add_argument("--config", help=f"YAML config file, or a shipped preset by name, whose {section}: section sets "
+                                    "these (the flags below override it)")
+    add_section_flags(p, cls, section)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_flag(p)
     p.add_argument("--input", required=True, help="texts to label (.csv/.csv.gz/.parquet/.pkl with a text column)")
     p.add_argument("--output", required=True, help="CSV to write (ID,Label)")
-    p.add_argument("--prior-correction", nargs="?", const="auto", default="off", choices=("auto", "on", "off"),
+    p.add_argument("--prior-correction", nargs="?", const="auto", default="off", choices=PRIOR_CORRECTION,
                    help="correct the posteriors for the input's class priors: auto (the flag alone) only where EM "
                         "and BBSE agree and the texts did not move, on = always, off = argmax (default); writes "
                         "OUTPUT.priors.json with the estimates and the decision")
@@ -203,44 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_flag(p)
     p.add_argument("--unlabelled", required=True, help="texts to pseudo-label (.csv/.csv.gz/.parquet/.pkl)")
     p.add_argument("--out", default="runs", help="folder for the new run folders")
-    p.add_argument("--rounds", type=int, default=1, help="self-training rounds, each from the previous round's run")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="minimum predicted probability to pseudo-label (default 0.9, or 0 with --share)")
-    p.add_argument("--share", type=float, default=0.0,
-                   help="pseudo-label each predicted class's most confident share of rows, e.g. 0.3 (0 = off)")
-    p.add_argument("--mix", type=float, default=0.0,
-                   help="repeat pseudo rows to about this share of the training rows, e.g. 0.3 (0 = as they come)")
-    p.add_argument("--max-val-drop", type=float, default=None,
-                   help="refuse a round whose validation accuracy falls more than this below its parent's "
-                        "(and stop there); default: keep every round")
-    p.add_argument("--balance", type=parse_bool, default=True, metavar="BOOL",
-                   help="same number of pseudo labels per predicted class, most confident first (default true)")
-    p.add_argument("--max-per-class", type=int, default=0,
-                   help="at most this many pseudo labels per class (0 = no cap)")
-    p.add_argument("--prior-correction", action="store_true", help="pseudo-label from prior-corrected posteriors")
-    p.add_argument("--epochs", type=float, default=None, help="train.epochs of the new runs (default: the parent's)")
-    p.add_argument("--max-steps", type=int, default=None, help="train.max_steps of the new runs")
-    p.add_argument("--lr", type=float, default=None, help="train.lr of the new runs")
+    add_settings_flags(p, SelfTrainConfig, "self_train")
     p.set_defaults(func=cmd_self_train)
 
     p = sub.add_parser("serve", help="HTTP service for a run: POST /predict, GET /health, GET /info, /docs")
     p.add_argument("run")
     add_base_flag(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=64, help="texts per forward pass when merging requests")
-    p.add_argument("--max-texts", type=int, default=256, help="texts per request")
-    p.add_argument("--max-chars", type=int, default=10_000, help="characters per text")
-    p.add_argument("--max-body-bytes", type=int, default=0,
-                   help="larger request bodies get 413 (0 = enough for max-texts texts of max-chars)")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0,
-                   help="how long a forward pass waits for more requests to merge")
     p.add_argument("--no-verify", action="store_true", help="skip re-checking the adapter against verify.json")
-    p.add_argument("--show-paths", action="store_true",
-                   help="GET /info shows the run's and base model's full paths on this server (default: names only)")
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                   help="onnx: serve an `export --onnx` folder (or a run folder holding one in onnx/) on "
-                        "onnxruntime, without torch")
+    add_settings_flags(p, ServeConfig, "serve")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="merge the adapter into the base and save a plain transformers model folder "
@@ -261,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
     p.add_argument("--n-trials", type=int, default=None, help="cap on counted trials (default: the spec's)")
     p.add_argument("--root", default="sweeps", help="folder holding sweep folders")
-    p.add_argument("--tracking", choices=("tensorboard", "mlflow"), default=None,
-                   help="also log each trial's metrics to TensorBoard or MLflow (needs the package)")
+    p.add_argument("--track", choices=("tensorboard", "mlflow"), default=None,
+                   help="also log each finished trial's metrics and parameters to SWEEP/tensorboard/trial-NNNN/ or "
+                        "the MLflow store SWEEP/mlflow.db (needs the track extra)")
+    p.add_argument("--tracking", dest="track", choices=("tensorboard", "mlflow"), help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="leaderboard, ablation plots and report.html for a folder of runs")
@@ -274,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     add_base_flag(p)
     p.add_argument("--target", required=True, help="texts to compare (.csv/.csv.gz/.parquet/.pkl)")
-    p.add_argument("--out", default="", help="folder for shift.json, shift.png, advice.txt (default RUN/shift)")
+    p.add_argument("--out", default=None, help="folder for shift.json, shift.png, advice.txt (default RUN/shift)")
     p.add_argument("--max-length", type=int, default=0, help="tokens read per text (0 = the run's max_length)")
     p.set_defaults(func=cmd_shift)
 
@@ -284,18 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="the texts to label (.csv/.csv.gz/.parquet/.pkl)")
     p.add_argument("--output", required=True, help="submission CSV to write (ID,Label)")
     p.add_argument("--runs", default="runs", help="folder holding run folders")
-    p.add_argument("--rounds", type=int, default=0,
-                   help="self-training rounds on the target texts, each kept only if validation holds (default 0: "
-                        "one round cost 0.75-0.9 points on two of three text shifts in benchmarks/shift_suite.py)")
-    p.add_argument("--share", type=float, default=0.3, help="self-training: top share of each predicted class")
-    p.add_argument("--mix", type=float, default=0.25, help="self-training: pseudo rows' share of the training rows")
-    p.add_argument("--steps", type=int, default=300, help="self-training: optimizer steps per round")
-    p.add_argument("--st-lr", type=float, default=5e-4, help="self-training: learning rate of a round")
-    p.add_argument("--max-val-drop", type=float, default=0.005,
-                   help="self-training round gate: largest validation accuracy loss a kept round may have")
-    p.add_argument("--prior-correction", choices=("auto", "on", "off"), default="auto",
-                   help="auto (default): only where EM and BBSE agree and the texts did not move")
-    p.add_argument("--max-length", type=int, default=0, help="tokens read per target text (0 = the config's)")
+    add_section_flags(p, SubmitConfig, "submit")
     p.set_defaults(func=cmd_submit)
     return parser
 

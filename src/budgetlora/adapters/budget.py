@@ -1,8 +1,8 @@
 """The parameter planner: exactly what a config trains, from the model config alone (no weights are loaded).
 
 The model is built on the meta device, so shapes are the real ones for any architecture transformers knows.
-LoRA on Linear(in, out) adds r·(in + out); DoRA adds one magnitude vector of `out`; every other method's count per
-module is in `methods`. The head is trained in full for every method. The same resolution also yields the peft
+LoRA on Linear(in, out) adds r·(in + out); DoRA adds one magnitude vector of `out`; each method's count per module
+is in its record in `methods`. The head is trained in full for every method. The same resolution also yields the peft
 `target_modules` regex, so what is planned is what is trained.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Plan:
     per_rank: int  # adapter params per unit of the setting, at rank 1 (exact per unit for LoRA, AdaLoRA, LoHa)
     head: dict[str, int]  # head module -> params
     bias_params: int
-    dora_params: int
+    dora_params: int  # per-module parameters apart from the setting (DoRA's magnitudes), summed
     r: int  # the method's setting (lora.r, adalora.init_r, vera.r, ...; 0 for (IA)3)
     max_params: int
     target_regex: str
@@ -42,7 +42,8 @@ class Plan:
     setting: str | None = "lora.r"  # the config field `r` comes from; None when the method has no size
     feedforward_regex: str = ""  # (IA)3: the modules whose input is scaled
     adapter_at: Callable[[int], int] | None = field(default=None, repr=False, compare=False)  # setting -> params
-    fill_cap: int | None = None  # largest setting worth solving for (see methods.fill_cap)
+    fill_cap: int | None = None  # largest setting worth solving for (the method's `cap`)
+    linear: bool = False  # the adapter's count is per_rank x the setting: solved in closed form
 
     @property
     def lora_params(self) -> int:
@@ -71,7 +72,7 @@ class Plan:
         if self.setting is None or self.adapter_at is None:
             return 0
         room = self.max_params - self.fixed_params
-        if self.method == "lora":  # linear in r: the closed form
+        if self.linear:
             best = max(0, room // self.per_rank)
             return min(best, self.fill_cap) if self.fill_cap else best
         lo, hi = 0, self.fill_cap or max(1, room)  # every method trains at least one value per unit of rank
@@ -173,21 +174,17 @@ def plan(cfg: Config, config=None) -> Plan:
     modules = sorted({n for found in matches.values() for n in found})
     linear = _linear_modules(model)
     shapes = {n: (linear[n].in_features, linear[n].out_features) for n in modules}
-    feedforward = set()
-    if cfg.method == "ia3":
-        feedforward = {n for t in cfg.ia3.feedforward for n in matches[str(t)]}
+    feedforward = {n for t in method.input_scaled(cfg) for n in matches[str(t)]}
 
     def per_module_at(r: int) -> dict[str, int]:
-        # DoRA's magnitudes are reported apart from the low-rank part, as before methods existed
-        return {n: method.module_params(cfg, i, o, r, n in feedforward) - (o if cfg.method == "lora" and lora.dora
-                                                                          else 0)
-                for n, (i, o) in shapes.items()}
+        # what grows with the setting; the fixed part (DoRA's magnitudes) is reported apart, as before methods existed
+        return {n: method.module_params(cfg, i, o, r, n in feedforward) for n, (i, o) in shapes.items()}
 
     r = method.rank(cfg)
     per_module = per_module_at(r)
     heads = head_modules(model)  # trained in full, as peft's SEQ_CLS task does
     head = {h: sum(p.numel() for p in getattr(model, h).parameters()) for h in heads}
-    dora = sum(o for _, o in shapes.values()) if cfg.method == "lora" and lora.dora else 0
+    dora = sum(method.fixed_params(cfg, i, o) for i, o in shapes.values())
     bias = 0
     if lora.bias == "all":  # peft makes every bias of the base model trainable
         bias = sum(p.numel() for n, p in model.named_parameters() if "bias" in n and n.split(".")[0] not in heads)
@@ -198,7 +195,8 @@ def plan(cfg: Config, config=None) -> Plan:
                 dora_params=dora, r=r, max_params=cfg.budget.max_params, target_regex=target_regex(modules),
                 head_names=heads, method=cfg.method, setting=method.rank_field,
                 feedforward_regex=target_regex(sorted(feedforward)) if feedforward else "",
-                adapter_at=lambda k: sum(per_module_at(k).values()), fill_cap=methods.fill_cap(cfg, shapes))
+                adapter_at=lambda k: sum(per_module_at(k).values()), fill_cap=method.cap(cfg, shapes),
+                linear=method.linear)
 
 
 def fill(cfg: Config, config=None) -> tuple[Config, Plan]:
@@ -217,16 +215,16 @@ def fill(cfg: Config, config=None) -> tuple[Config, Plan]:
 
 def check(p: Plan) -> Plan:
     if not p.fits:
-        hint = (f"; the largest {'rank' if p.setting == 'lora.r' else p.setting} that fits these targets is "
-                f"{p.max_rank()}" if p.setting else "")
+        hint = (f"; the largest {methods.get(p.method).size_name} that fits these targets is {p.max_rank()}"
+                if p.setting else "")
         raise BudgetError(f"over budget: this config trains {p.total:,} parameters, the budget is "
                           f"{p.max_params:,}{hint}")
     return p
 
 
 def format_plan(p: Plan) -> str:
-    size = {"lora": f"LoRA r={p.r}"}.get(p.method, f"{p.method} {p.setting}={p.r}" if p.setting else p.method)
-    lines = [f"model type {p.model_type}, {p.num_layers} layers, {size}"]
+    method = methods.get(p.method)
+    lines = [f"model type {p.model_type}, {p.num_layers} layers, {method.headline(p.r)}"]
     for target, names in p.matches.items():
         per = sum(p.lora_per_module[n] for n in names)
         lines.append(f"  target {target!r}: {len(names)} modules, {per:,} params")
@@ -239,8 +237,8 @@ def format_plan(p: Plan) -> str:
     if p.dora_params:
         lines.append(f"  DoRA magnitudes: {p.dora_params:,}")
     verdict = "fits" if p.fits else "OVER BUDGET"
-    what = "rank" if p.setting == "lora.r" else p.setting
-    fill = (f"; largest {what} that fits: {p.max_rank()}" + (" (the cap)" if p.fill_cap == p.max_rank() else "")
+    fill = (f"; largest {method.size_name} that fits: {p.max_rank()}"
+            + (" (the cap)" if p.fill_cap == p.max_rank() else "")
             if p.setting else "; no size to fill")
     lines.append(f"total trainable: {p.total:,} of {p.max_params:,} ({verdict}){fill}")
     return "\n".join(lines)

@@ -65,7 +65,7 @@ def build(cfg: Config):
     config = load_config(cfg.model.name, cfg.model.num_labels)
     plan = budget.check(budget.plan(cfg, config))
     model = get_peft_model(build_base(cfg, config), peft_config(cfg, plan))
-    methods.remember_initial(model, cfg)  # PiSSA/OLoRA: saving converts against the initial adapter
+    methods.prepare(model, cfg)  # PiSSA/OLoRA: saving converts against the initial adapter
     trainable = count_trainable(model)
     if trainable != plan.total:  # the planner and peft must agree, or the budget means nothing
         raise RuntimeError(f"planner counted {plan.total:,} trainable parameters but peft trains {trainable:,}")
@@ -91,7 +91,9 @@ def load_trained(run: Path, cfg: Config, moved: bool = False) -> torch.nn.Module
     try:
         saved = json.loads((run / "adapter_config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise AdapterError(f"{run}/adapter_config.json is corrupt") from None
+        saved = None
+    if not isinstance(saved, dict) or "peft_type" not in saved:  # peft cannot read any other shape
+        raise AdapterError(f"{run}/adapter_config.json is corrupt")
     trained_on = saved.get("base_model_name_or_path") or ""
     if trained_on and not moved and not cfg.model.random_init and _tail(trained_on) != _tail(resolve_name(cfg.model.name)):
         raise AdapterError(f"{run}: adapter was trained on {trained_on!r}, not on {cfg.model.name!r}")
@@ -101,6 +103,6 @@ def load_trained(run: Path, cfg: Config, moved: bool = False) -> torch.nn.Module
             model = PeftModel.from_pretrained(base, str(run))
     except Exception as e:  # safetensors header errors, size mismatches (wrong num_labels or base), ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise AdapterError(f"{run}: adapter does not load onto {cfg.model.name!r} with {cfg.model.num_labels} "
-                           f"labels: {first[:300]}") from None
+        raise AdapterError(f"{run}: adapter ({ADAPTER_FILES[1]}) does not load onto {cfg.model.name!r} with "
+                           f"{cfg.model.num_labels} labels: {first[:300]}") from None
     return model.eval()

@@ -20,6 +20,7 @@ import yaml
 from budgetlora.config import flags as _flags
 from budgetlora.config.flags import build as _build, field_ as _f, set_dotted as _set_dotted
 from budgetlora.config.sections import (
+    METHOD_SECTIONS,
     AdaLoraConfig,
     AugmentConfig,
     BudgetConfig,
@@ -30,6 +31,9 @@ from budgetlora.config.sections import (
     LokrConfig,
     LoraConfig,
     ModelConfig,
+    SelfTrainConfig,
+    ServeConfig,
+    SubmitConfig,
     TrainConfig,
     VeraConfig,
 )
@@ -66,6 +70,10 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    # how a trained run is used (USE_SECTIONS): read from the same YAML and flags, not part of the run id
+    self_train: SelfTrainConfig = field(default_factory=SelfTrainConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     name: str = _f("", "a human label for the run (not part of the run id)")
 
     def __post_init__(self):
@@ -111,13 +119,16 @@ class Config:
         return hashlib.sha1(canonical.encode()).hexdigest()[:10]
 
 
-METHODS = ("lora", "adalora", "vera", "loha", "lokr", "ia3")  # each method's settings live in the section of its name
+METHODS = tuple(METHOD_SECTIONS)  # each method's settings live in the section of its name
 _LORA_ONLY = {"init": "default", "b_lr_ratio": 1.0}  # lora fields that only the lora method reads
+USE_SECTIONS = ("self_train", "submit", "serve")  # settings of the commands that use a run, not of its training
 
 
 def _identity(d: dict) -> dict:
     """What makes two configs the same training: the name and the sections of methods not in use do not count, and
-    a plain LoRA config (method lora, LoRA-only fields at their defaults) hashes as it did before methods existed."""
+    a plain LoRA config (method lora, LoRA-only fields at their defaults) hashes as it did before methods existed.
+    Nor do the USE_SECTIONS: serving or adapting a run never changes which training it was."""
+    d = {k: v for k, v in d.items() if k not in USE_SECTIONS}
     d = {k: v for k, v in d.items() if k != "name" and not (k in METHODS and k not in ("lora", d["method"]))}
     # threads: how fast, not what is trained; base_dropout at its default (-1, the checkpoint's own): ids as before
     d["train"] = {k: v for k, v in d["train"].items() if k != "threads" and not (k == "base_dropout" and v == -1)}
@@ -171,10 +182,11 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_method(cfg: Config) -> None:
-    """The chosen method's section, and LoRA-only settings used with another method (silently ignored otherwise)."""
+    """The method's name, and LoRA-only settings used with another method (silently ignored otherwise); each
+    method's own section checks its values itself."""
     if cfg.method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    lc, ad = cfg.lora, cfg.adalora
+    lc = cfg.lora
     if cfg.method != "lora":
         for key, default in (*_LORA_ONLY.items(), ("dora", False), ("rslora", False), ("bias", "none")):
             if getattr(lc, key) != default:
@@ -183,17 +195,6 @@ def _validate_method(cfg: Config) -> None:
         (lc.b_lr_ratio > 0, "lora.b_lr_ratio must be > 0"),
         (not (lc.dora and lc.init in ("pissa", "olora")), "lora.init pissa/olora cannot be combined with lora.dora "
                                                           "(the saved adapter is converted to plain LoRA)"),
-        (1 <= ad.target_r <= ad.init_r, "adalora needs 1 <= target_r <= init_r"),
-        (0 <= ad.tinit and 0 <= ad.tfinal and ad.tinit + ad.tfinal < 1, "adalora.tinit + adalora.tfinal must be "
-                                                                         "in [0, 1): the rest is the pruning phase"),
-        (ad.delta_t >= 1, "adalora.delta_t must be >= 1"),
-        (0 <= ad.beta1 < 1 and 0 <= ad.beta2 < 1, "adalora.beta1 and beta2 must be in [0, 1)"),
-        (ad.orth_reg_weight >= 0, "adalora.orth_reg_weight must be >= 0"),
-        (cfg.vera.r >= 1, "vera.r must be >= 1"),
-        (cfg.loha.r >= 1 and cfg.lokr.r >= 1, "loha.r and lokr.r must be >= 1"),
-        (cfg.lokr.factor == -1 or cfg.lokr.factor >= 1, "lokr.factor must be -1 or >= 1"),
-        (all(0 <= x < 1 for x in (cfg.loha.rank_dropout, cfg.loha.module_dropout, cfg.lokr.rank_dropout,
-                                  cfg.lokr.module_dropout)), "loha/lokr dropouts must be in [0, 1)"),
         (all(str(t) in map(str, lc.targets) for t in cfg.ia3.feedforward) or cfg.method != "ia3",
          "ia3.feedforward must be a subset of lora.targets"),
     ]
@@ -204,8 +205,9 @@ def _validate_method(cfg: Config) -> None:
 
 # -- CLI -----------------------------------------------------------------------------------------------------------
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """`--config FILE` and one `--section.field` flag per config leaf, each with its help and default."""
-    _flags.add_flags(parser, Config)
+    """`--config FILE` and one `--section.field` flag per training config leaf, each with its help and default (the
+    USE_SECTIONS get their own flags on their own commands: `flags.add_section_flags`)."""
+    _flags.add_flags(parser, Config, skip=USE_SECTIONS)
 
 
 def from_flags(args: argparse.Namespace) -> Config:

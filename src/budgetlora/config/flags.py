@@ -104,12 +104,15 @@ def leaves(cls, prefix=""):
             yield prefix + f.name, t, default, f.metadata.get("help", "")
 
 
-def add_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """Add `--config FILE` and one `--section.field` flag per config leaf, each with its help and default."""
+def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """Add `--config FILE` and one `--section.field` flag per config leaf, each with its help and default; the
+    sections named in `skip` get none."""
     parser.add_argument("--config", help="YAML config file, or a shipped preset by name: minilm-default, "
                                          "minilm-quick, roberta-m3, ... (flags override it)")
     group = parser.add_argument_group("config fields (override the YAML)")
     for key, t, default, help in leaves(cls):
+        if key.split(".")[0] in skip:
+            continue
         kind = "list" if (t is list or typing.get_origin(t) is list) else getattr(t, "__name__", str(t))
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar=kind.upper(),
@@ -120,3 +123,21 @@ def from_flags(args: argparse.Namespace, cls):
     base = cls.from_yaml(args.config) if getattr(args, "config", None) else cls()
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
     return base.replace(**overrides) if overrides else base
+
+
+def add_section_flags(parser: argparse.ArgumentParser, cls, section: str) -> None:
+    """One `--field-name` flag per field of the config section `section` (of type `cls`), each with its help and
+    default, overriding `section.field` of `--config` (`from_flags` reads them back). A field's metadata may name
+    another spelling ("flag") and the allowed values ("choices"). A bool that defaults to false is a flag alone."""
+    group = parser.add_argument_group(f"{section} settings (override the {section}: section of --config)")
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        t, meta = hints[f.name], f.metadata
+        if t is bool and not f.default:
+            extra = {"action": "store_const", "const": "true"}
+        elif "choices" in meta:
+            extra = {"choices": meta["choices"]}
+        else:
+            extra = {"metavar": "BOOL" if t is bool else getattr(t, "__name__", "value").upper()}
+        group.add_argument(f"--{meta.get('flag', f.name.replace('_', '-'))}", dest=f"cfg:{section}.{f.name}",
+                           default=None, help=f"{meta['help']} (default: {f.default})", **extra)

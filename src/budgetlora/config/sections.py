@@ -47,7 +47,14 @@ class LoraConfig:
 
 
 # -- one section per adapter method besides LoRA; lora.targets, lora.layers (and lora.dropout and lora.alpha where a
-# method has an input dropout or a scale) say where and how every method adapts, so a method switch keeps targets
+# method has an input dropout or a scale) say where and how every method adapts, so a method switch keeps targets.
+# Each section checks its own values; METHOD_SECTIONS below names every method.
+def _check(rules) -> None:
+    for ok, msg in rules:
+        if not ok:
+            raise ConfigError(msg)
+
+
 @dataclass(frozen=True)
 class AdaLoraConfig:
     init_r: int = _f(12, "AdaLoRA: rank every module starts with (the budget counts this peak, not the final rank)")
@@ -59,6 +66,16 @@ class AdaLoraConfig:
     beta2: float = _f(0.85, "AdaLoRA: EMA factor of the importance uncertainty")
     orth_reg_weight: float = _f(0.5, "AdaLoRA: weight of the orthogonality penalty on A and B")
 
+    def __post_init__(self):
+        _check([
+            (1 <= self.target_r <= self.init_r, "adalora needs 1 <= target_r <= init_r"),
+            (0 <= self.tinit and 0 <= self.tfinal and self.tinit + self.tfinal < 1,
+             "adalora.tinit + adalora.tfinal must be in [0, 1): the rest is the pruning phase"),
+            (self.delta_t >= 1, "adalora.delta_t must be >= 1"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "adalora.beta1 and beta2 must be in [0, 1)"),
+            (self.orth_reg_weight >= 0, "adalora.orth_reg_weight must be >= 0"),
+        ])
+
 
 @dataclass(frozen=True)
 class VeraConfig:
@@ -67,6 +84,9 @@ class VeraConfig:
     d_initial: float = _f(0.1, "VeRA: initial value of the trained d vectors")
     prng_key: int = _f(0, "VeRA: seed of the shared frozen random matrices (saved with the adapter)")
 
+    def __post_init__(self):
+        _check([(self.r >= 1, "vera.r must be >= 1")])
+
 
 @dataclass(frozen=True)
 class LohaConfig:
@@ -74,6 +94,11 @@ class LohaConfig:
     alpha: float = _f(16.0, "LoHa alpha (scale = alpha / r)")
     rank_dropout: float = _f(0.0, "LoHa: dropout on the ranks during training")
     module_dropout: float = _f(0.0, "LoHa: probability of skipping a whole module during training")
+
+    def __post_init__(self):
+        _check([(self.r >= 1, "loha.r must be >= 1"),
+                (0 <= self.rank_dropout < 1 and 0 <= self.module_dropout < 1,
+                 "loha dropouts must be in [0, 1)")])
 
 
 @dataclass(frozen=True)
@@ -85,11 +110,23 @@ class LokrConfig:
     rank_dropout: float = _f(0.0, "LoKr: dropout on the ranks during training")
     module_dropout: float = _f(0.0, "LoKr: probability of skipping a whole module during training")
 
+    def __post_init__(self):
+        _check([(self.r >= 1, "lokr.r must be >= 1"),
+                (self.factor == -1 or self.factor >= 1, "lokr.factor must be -1 or >= 1"),
+                (0 <= self.rank_dropout < 1 and 0 <= self.module_dropout < 1,
+                 "lokr dropouts must be in [0, 1)")])
+
 
 @dataclass(frozen=True)
 class Ia3Config:
     feedforward: list = _f(["ffn_out"], "(IA)3: targets whose input (not output) is scaled, as for the FFN's second "
                                         "layer; each must be one of lora.targets")
+
+
+# every adapter method by its `method` name, which is also the name of its section in the config tree; the method
+# names the config accepts come from here, and adapters.methods holds one record for each
+METHOD_SECTIONS: dict[str, type] = {"lora": LoraConfig, "adalora": AdaLoraConfig, "vera": VeraConfig,
+                                    "loha": LohaConfig, "lokr": LokrConfig, "ia3": Ia3Config}
 
 
 @dataclass(frozen=True)
@@ -174,3 +211,148 @@ class BudgetConfig:
     max_params: int = _f(1_000_000, "hard limit on trainable parameters, head included")
 
 
+
+
+# -- the settings of the commands that use a run rather than train one: read from the same YAML and flags, never part
+# of the run id (the same training serves, self-trains and submits under any of them)
+PRIOR_CORRECTION = ("off", "auto", "on")  # off: argmax; auto: where the shift analysis' gate applies it; on: always
+
+
+def _flag(default, help: str, flag: str):
+    """A command setting whose command-line flag is not its field name with dashes (an older, shorter spelling)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+
+
+def _choice(default: str, help: str, choices: tuple[str, ...]):
+    """A setting with a fixed set of values: --help lists them, and `_one_of` checks against the same tuple."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _one_of(obj, name: str) -> tuple[bool, str]:
+    allowed = next(f for f in dataclasses.fields(obj) if f.name == name).metadata["choices"]
+    return getattr(obj, name) in allowed, f"{name} must be one of {', '.join(allowed)}, got {getattr(obj, name)!r}"
+
+
+def _require(section: str, checks: list[tuple[bool, str]]) -> None:
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{section}.{msg}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`budgetlora serve`: where it listens and how much one request and one forward pass may hold."""
+
+    host: str = _f("127.0.0.1", "address to listen on")
+    port: int = _f(8000, "port to listen on")
+    max_batch: int = _f(64, "texts per forward pass when merging requests")
+    max_texts: int = _f(256, "texts per request")
+    max_chars: int = _f(10_000, "characters per text")
+    max_body_bytes: int = _f(0, "larger request bodies get 413 (0 = enough for max_texts texts of max_chars)")
+    batch_wait_ms: float = _f(2.0, "how long a forward pass waits for more requests to merge")
+    show_paths: bool = _f(False, "GET /info shows the run's and base model's full paths on this server, not only "
+                                 "their names")
+    backend: str = _choice("torch", "torch, or onnx: serve an `export --onnx` folder (or a run folder holding one "
+                                    "in onnx/) on onnxruntime, without torch", ("torch", "onnx"))
+
+    def __post_init__(self):
+        _require("serve", [
+            (bool(self.host), "host must name an address"),
+            (0 <= self.port <= 65535, "port must be in 0..65535"),
+            (self.max_batch >= 1, "max_batch must be >= 1"),
+            (self.max_texts >= 1, "max_texts must be >= 1"),
+            (self.max_chars >= 1, "max_chars must be >= 1"),
+            (self.max_body_bytes >= 0, "max_body_bytes must be >= 0 (0 = derived from max_texts and max_chars)"),
+            (self.batch_wait_ms >= 0, "batch_wait_ms must be >= 0"),
+            _one_of(self, "backend"),
+        ])
+
+    @property
+    def body_limit(self) -> int:
+        """Request body bytes accepted: max_body_bytes, or room for max_texts texts of max_chars characters (UTF-8
+        takes up to 4 bytes a character) plus the JSON around them."""
+        return self.max_body_bytes or self.max_texts * (4 * self.max_chars + 8) + 4096
+
+    @property
+    def limits(self) -> dict:
+        return {"max_batch": self.max_batch, "max_texts": self.max_texts, "max_chars": self.max_chars,
+                "max_body_bytes": self.body_limit, "batch_wait_ms": self.batch_wait_ms}
+
+
+@dataclass(frozen=True)
+class SelfTrainConfig:
+    """`budgetlora self-train`: which unlabelled texts get pseudo labels, and how the new runs train on them."""
+
+    rounds: int = _f(1, "self-training rounds, each from the previous round's run")
+    threshold: float = _f(-1.0, "minimum predicted probability to pseudo-label (-1 = 0.9, or 0 with share)")
+    share: float = _f(0.0, "pseudo-label each predicted class's most confident share of rows, e.g. 0.3 (0 = off)")
+    mix: float = _f(0.0, "repeat pseudo rows to about this share of the training rows, e.g. 0.3 (0 = as they come)")
+    max_val_drop: float = _f(1.0, "refuse a round whose validation accuracy falls more than this below its "
+                                  "parent's, and stop there (1 = keep every round)")
+    balance: bool = _f(True, "same number of pseudo labels per predicted class, most confident first")
+    max_per_class: int = _f(0, "at most this many pseudo labels per class (0 = no cap)")
+    prior_correction: str = _choice("off", "pseudo-label from prior-corrected posteriors: off, on, or auto (each "
+                                           "round runs the shift analysis and corrects only where its gate applies)",
+                                    PRIOR_CORRECTION)
+    epochs: float = _f(0.0, "train.epochs of the new runs (0 = the parent's)")
+    max_steps: int = _f(-1, "train.max_steps of the new runs (-1 = the parent's, 0 = no limit)")
+    lr: float = _f(0.0, "train.lr of the new runs (0 = the parent's)")
+
+    def __post_init__(self):
+        _require("self_train", [
+            (self.rounds >= 1, "rounds must be >= 1"),
+            (self.threshold == -1 or 0 <= self.threshold <= 1, "threshold must be in [0, 1] (or -1: the default)"),
+            (0 <= self.share <= 1, f"share must be in [0, 1], got {self.share}"),
+            (0 <= self.mix < 1, f"mix must be in [0, 1), got {self.mix}"),
+            (-1 <= self.max_val_drop <= 1, "max_val_drop must be in [-1, 1] (1 = keep every round)"),
+            (self.max_per_class >= 0, "max_per_class must be >= 0"),
+            _one_of(self, "prior_correction"),
+            (self.epochs >= 0 and self.lr >= 0, "epochs and lr must be >= 0 (0 = the parent's)"),
+            (self.max_steps >= -1, "max_steps must be >= -1 (-1 = the parent's)"),
+        ])
+
+    @property
+    def min_confidence(self) -> float:
+        """The threshold in force: with a share, each class's top rows are taken whatever their confidence."""
+        return self.threshold if self.threshold >= 0 else (0.0 if self.share else 0.9)
+
+    @property
+    def overrides(self) -> dict:
+        """The training settings the new runs change from their parent's (dotted config keys)."""
+        return {k: v for k, v, keep in (("train.epochs", self.epochs, self.epochs > 0),
+                                        ("train.max_steps", self.max_steps, self.max_steps >= 0),
+                                        ("train.lr", self.lr, self.lr > 0)) if keep}
+
+
+@dataclass(frozen=True)
+class SubmitConfig:
+    """`budgetlora submit`: how the trained run is adapted to the target file before it is labelled."""
+
+    rounds: int = _f(0, "self-training rounds on the target texts, each kept only if validation holds (default 0: "
+                        "one round cost 0.75-0.9 points on two of three text shifts in benchmarks/shift_suite.py)")
+    share: float = _f(0.3, "self-training: top share of each predicted class")
+    mix: float = _f(0.25, "self-training: pseudo rows' share of the training rows")
+    steps: int = _f(300, "self-training: optimizer steps per round")
+    lr: float = _flag(5e-4, "self-training: learning rate of a round", "st-lr")
+    max_val_drop: float = _f(0.005, "self-training round gate: largest validation accuracy loss a kept round may have")
+    prior_correction: str = _choice("auto", "off, on, or auto: only where EM and BBSE agree and the texts did not "
+                                            "move", PRIOR_CORRECTION)
+    max_length: int = _f(0, "tokens read per target text (0 = model.max_length)")
+
+    def __post_init__(self):
+        _require("submit", [
+            (self.rounds >= 0, "rounds must be >= 0"),
+            (0 < self.share <= 1, f"share must be in (0, 1], got {self.share}"),
+            (0 <= self.mix < 1, f"mix must be in [0, 1), got {self.mix}"),
+            (self.steps >= 1, "steps must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (-1 <= self.max_val_drop <= 1, "max_val_drop must be in [-1, 1]"),
+            _one_of(self, "prior_correction"),
+            (self.max_length >= 0, "max_length must be >= 0 (0 = model.max_length)"),
+        ])
+
+    def self_training(self) -> SelfTrainConfig:
+        """The rounds as `self-train` runs them: each class's top share whatever its confidence, a fixed number of
+        steps at a round's own learning rate."""
+        return SelfTrainConfig(rounds=max(self.rounds, 1), threshold=0.0, share=self.share, mix=self.mix,
+                               max_val_drop=self.max_val_drop, max_steps=self.steps, lr=self.lr)

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from budgetlora.config import AugmentConfig
+from budgetlora.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------------------------
 # WordNet
@@ -44,6 +45,10 @@ _STOP = frozenset(
 _WORD_CORE = re.compile(r"^(\W*)([A-Za-z][A-Za-z'-]*[A-Za-z])(\W*)$")
 
 
+class WordNetMissing(ConfigError, RuntimeError):
+    """augment.synonym or augment.insert on a machine without the WordNet database (a RuntimeError, as it was)."""
+
+
 def wordnet_dir() -> Path:
     """The WordNet database folder: `$BUDGETLORA_WORDNET`, else the first standard location that has one."""
     env = os.environ.get(WORDNET_ENV)
@@ -51,7 +56,7 @@ def wordnet_dir() -> Path:
         if all((Path(d) / f"{kind}.{pos}").is_file() for kind in ("index", "data") for pos in _POS):
             return Path(d)
     where = f"${WORDNET_ENV}={env}" if env else ", ".join(_WORDNET_DIRS)
-    raise RuntimeError(f"WordNet database not found in {where}; install it with `bash scripts/install_wordnet.sh`")
+    raise WordNetMissing(f"WordNet database not found in {where}; install it with `bash scripts/install_wordnet.sh`")
 
 
 @functools.lru_cache(maxsize=4)

@@ -19,19 +19,25 @@ from budgetlora.errors import DataError  # noqa: F401 (raised here; importable f
 
 DATA_ENV = "BUDGETLORA_DATA"
 HUB_DEFAULT = "ag_news"
+TEST_SAMPLE_SEED = 0  # data.test_limit draws the same test rows whatever train.seed is
 
 
 @dataclass
 class Split:
     texts: list[str]
     labels: np.ndarray | None  # None for unlabelled data
+    rows: np.ndarray | None = None  # each text's row in its source file, once a subset was taken (None: all, in order)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx) -> "Split":
         idx = np.asarray(idx, dtype=np.int64)
-        return Split([self.texts[i] for i in idx], None if self.labels is None else self.labels[idx])
+        rows = idx if self.rows is None else self.rows[idx]
+        return Split([self.texts[i] for i in idx], None if self.labels is None else self.labels[idx], rows)
+
+    def source_rows(self) -> np.ndarray:
+        return np.arange(len(self)) if self.rows is None else self.rows
 
 
 # -- locating and reading sources ---------------------------------------------------------------------------------
@@ -297,6 +303,6 @@ def load_data(cfg) -> dict[str, Split]:
                         f"{cfg.model.num_labels} classes")
     train, val = train_val_split(full, d.val_fraction, seed)
     test = load_split(d.test, "test", d, cfg.model.num_labels)
-    if d.test_limit:
-        test = test.subset(stratified_indices(test.labels, d.test_limit, seed))
+    if d.test_limit:  # one sample for every seed and config, so that any two runs are scored on the same rows
+        test = test.subset(stratified_indices(test.labels, d.test_limit, TEST_SAMPLE_SEED))
     return {"train": train, "val": val, "test": test}

@@ -19,6 +19,8 @@ from budgetlora.adapters import methods
 COLUMNS = ["run_id", "name", "model", "r", "alpha", "targets", "layers", "dropout", "label_smoothing", "lr",
            "trainable_params", "val_accuracy", "test_accuracy", "val_loss", "wall_time_s", "method", "setting",
            "train_time_s"]
+# what the leaderboard sorts and plots by: a finished run without them is a damaged one
+RANKED_BY = ("val_accuracy", "test_accuracy", "trainable_params")
 PLOTS = ("acc_vs_rank", "acc_vs_alpha", "acc_by_targets", "pareto")
 
 
@@ -27,11 +29,13 @@ def collect(folder: str | Path) -> list[dict]:
     rows = []
     for path in runs.list_runs(Path(folder)):
         cfg = runs.load_config(path)
-        m = runs.read_json(path / runs.METRICS)
+        m = runs.read_json(path / runs.METRICS, keys=RANKED_BY)
+        method = methods.get(cfg.method)
+        size, alpha = methods.size(cfg)
         rows.append({
-            "run_id": cfg.run_id, "name": cfg.name, "model": cfg.model.name, "r": methods.size(cfg)[0],
-            "alpha": methods.size(cfg)[1], "targets": ",".join(map(str, cfg.lora.targets)),
-            "method": methods.label(cfg), "setting": methods.get(cfg.method).rank_field or "",
+            "run_id": cfg.run_id, "name": cfg.name, "model": cfg.model.name, "r": size,
+            "alpha": alpha, "targets": ",".join(map(str, cfg.lora.targets)),
+            "method": method.named(cfg), "setting": method.rank_field or "", "alpha_setting": method.alpha_field or "",
             "train_time_s": m.get("train_time_s"),
             "layers": ",".join(map(str, cfg.lora.layers)) or "all", "dropout": cfg.lora.dropout,
             "label_smoothing": cfg.train.label_smoothing, "lr": cfg.train.lr,
@@ -77,6 +81,12 @@ def to_markdown(rows: list[dict]) -> str:
     return head + body
 
 
+def _axis(rows: list[dict], field: str, setting: str) -> str:
+    """An ablation axis named by the config fields its runs vary ('lora.r', or 'adalora.init_r, lora.r' when
+    methods are mixed), counting only the runs the plot shows."""
+    return ", ".join(sorted({r[setting] for r in rows if r[field] is not None and r.get(setting)})) or field
+
+
 def _figures(rows: list[dict]) -> dict[str, bytes]:
     """PNG bytes of each ablation plot."""
     import matplotlib
@@ -93,7 +103,8 @@ def _figures(rows: list[dict]) -> dict[str, bytes]:
         plt.close(fig)
         out[name] = buf.getvalue()
 
-    for name, field, label in (("acc_vs_rank", "r", "LoRA rank r"), ("acc_vs_alpha", "alpha", "LoRA alpha")):
+    for name, field, setting in (("acc_vs_rank", "r", "setting"), ("acc_vs_alpha", "alpha", "alpha_setting")):
+        label = _axis(rows, field, setting)
         fig, ax = plt.subplots(figsize=(6, 4))
         for targets in sorted({r["targets"] for r in rows}):
             # (IA)3 has no rank and VeRA no alpha: those runs are left out of that plot

@@ -5,7 +5,6 @@ workers' trials failed and retried, and the summary.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -76,25 +75,6 @@ def train_runner(cfg: Config, root: Path) -> Path:
     return train(cfg, root=root)
 
 
-@contextlib.contextmanager
-def _run_lock(root: Path, run_id: str):
-    """Hold an exclusive lock on one run id, so two local workers never train the same config at once.
-    flock is released by the kernel when a worker dies, so a killed sweep leaves no stale lock behind."""
-    try:
-        import fcntl
-    except ImportError:  # no flock on this platform: run-id reuse still avoids most repeats
-        yield
-        return
-    lock = root / ".locks" / f"{run_id}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _objective(spec: Spec, runner: Runner):
     import optuna
 
@@ -118,7 +98,7 @@ def _objective(spec: Spec, runner: Runner):
                 trial.set_user_attr("pruned", f"over budget: {p.total:,} > {p.max_params:,}")
                 raise optuna.TrialPruned(f"over budget: {p.total:,} trainable parameters")
             out = runs.run_dir(cfg, spec.runs)
-            with _run_lock(spec.runs, cfg.run_id):
+            with runs.run_lock(spec.runs, cfg.run_id):
                 if runs.is_finished(out):
                     twin = _twin(trial, cfg.run_id) if spec.grid else None
                     if twin is not None:  # a concurrent worker drew the same grid point and already did it
@@ -180,13 +160,13 @@ def _done_count(study, since: int) -> int:
 
 
 def _work(spec: Spec, storage: str, worker: int, since: int, n_trials: int | None, runner: Runner,
-          tracking: str | None) -> None:
+          track: str | None) -> None:
     """One worker: draw and run trials until the grid is covered or the study holds n_trials."""
     from optuna.trial import TrialState
 
     study = open_study(spec, storage, worker)
     objective = _objective(spec, runner)
-    callbacks = [_tracker(spec, tracking)] if tracking else []
+    callbacks = [_trial_tracker(spec, track)] if track else []
     limit = n_trials if n_trials is not None else (None if spec.grid else spec.n_trials)
     while True:
         _fail_dead_trials(study)  # a dead worker's trial: FAIL, and its retry queued (WAITING) for us to take
@@ -256,12 +236,15 @@ def _threads_per_worker(workers: int):
 
 
 def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials: int | None = None,
-              runner: Runner = train_runner, tracking: str | None = None, log=print) -> dict:
-    """Run (or resume) a sweep; returns {"study": name, "storage": url, "states": {state: count}, ...}."""
+              runner: Runner = train_runner, track: str | None = None, log=print) -> dict:
+    """Run (or resume) a sweep; returns {"study": name, "storage": url, "states": {state: count}, ...}.
+    track: tensorboard or mlflow, to log every finished trial there (training.track)."""
     if workers < 1:
         raise ConfigError("--workers must be >= 1")
-    if tracking:
-        _check_tracking(tracking)
+    if track:
+        from budgetlora.training.track import check
+
+        check(track)
     storage = storage or default_storage(spec)
     spec.folder.mkdir(parents=True, exist_ok=True)
     spec.runs.mkdir(parents=True, exist_ok=True)
@@ -271,12 +254,12 @@ def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials
     total = len(spec.points()) if spec.grid else spec.n_trials
     log(f"sweep {spec.name}: {'grid of ' + str(total) + ' points' if spec.grid else str(total) + ' TPE trials'}"
         f", {since} trials already in {storage}" + (f", {queued} failed points queued again" if queued else ""))
-    args = (spec, storage, 0, since, n_trials, runner, tracking)
+    args = (spec, storage, 0, since, n_trials, runner, track)
     if workers == 1:
         _work(*args)
     else:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch threads or DB handles
-        procs = [ctx.Process(target=_worker_main, args=(spec, storage, i, since, n_trials, runner, tracking),
+        procs = [ctx.Process(target=_worker_main, args=(spec, storage, i, since, n_trials, runner, track),
                              name=f"sweep-worker-{i}") for i in range(workers)]
         with _threads_per_worker(workers):
             for p in procs:
@@ -324,38 +307,25 @@ def summary(spec: Spec, storage: str) -> dict:
 
 
 # -- optional tracking -----------------------------------------------------------------------------------------
-def _check_tracking(kind: str) -> None:
-    import importlib.util
-
-    need = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
-    if kind not in need:
-        raise ConfigError(f"--tracking must be one of {', '.join(need)}, got {kind!r}")
-    if importlib.util.find_spec(need[kind]) is None:
-        raise ConfigError(f"--tracking {kind} needs the {need[kind]} package: pip install {need[kind]}")
+TRIAL_METRICS = ("val_accuracy", "test_accuracy", "val_loss", "trainable_params", "wall_time_s")
 
 
-def _tracker(spec: Spec, kind: str):
-    """A study callback that logs each finished trial's metrics and config to TensorBoard or MLflow."""
+def _trial_tracker(spec: Spec, kind: str):
+    """A study callback that logs each finished trial's metrics and parameters with training.track's writers, one
+    tracked run per trial in the sweep folder (step = trial number)."""
+    from budgetlora.training.track import open_writer
 
     def log_trial(study, trial) -> None:
-        metrics = {k: float(v) for k, v in trial.user_attrs.items()
-                   if k in ("val_accuracy", "test_accuracy", "val_loss", "trainable_params", "wall_time_s")}
+        metrics = {f"sweep/{k}": float(v) for k, v in trial.user_attrs.items() if k in TRIAL_METRICS}
         if not metrics:
             return
-        if kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            with contextlib.closing(SummaryWriter(str(spec.folder / "tensorboard" / f"trial-{trial.number:04d}"))) as w:
-                for k, v in metrics.items():
-                    w.add_scalar(f"sweep/{k}", v, trial.number)
-                w.add_text("params", json.dumps(trial.params, sort_keys=True))
-        else:
-            import mlflow
-
-            mlflow.set_experiment(spec.name)
-            with mlflow.start_run(run_name=f"trial-{trial.number}"):
-                mlflow.log_params({k: str(v) for k, v in trial.params.items()})
-                mlflow.log_metrics(metrics)
+        tags = {"trial": str(trial.number), "run_id": str(trial.user_attrs.get("run_id", ""))}
+        tracker = open_writer(kind, spec.folder, f"trial-{trial.number:04d}", dict(trial.params),
+                              experiment=spec.name, tags=tags)
+        try:
+            tracker.scalars(metrics, trial.number)
+        finally:
+            tracker.close()
 
     return log_trial
 
@@ -371,6 +341,3 @@ def format_summary(s: dict) -> str:
     lines.append(f"runs in {s['runs']}; study in {s['storage']}")
     return "\n".join(lines)
 
-
-__all__ = ["Spec", "load_spec", "run_sweep", "summary", "format_summary", "open_storage", "open_study",
-           "train_runner", "trial_config", "default_storage"]

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetlora import runs
 from budgetlora.inference.load import LoadedRun, load_run
 from budgetlora.training.artifacts import class_names as default_class_names
 from budgetlora.training.evaluate import softmax
@@ -52,11 +51,9 @@ def load(run_dir: str | Path, verify: bool = True, base: str | None = None) -> C
 
 def _class_names(loaded: LoadedRun) -> list[str]:
     n = loaded.cfg.model.num_labels
-    path = loaded.path / runs.METRICS
-    if path.is_file():  # the names the run was reported with win over the built-in table
-        names = runs.read_json(path).get("class_names")
-        if isinstance(names, list) and len(names) == n:
-            return [str(x) for x in names]
+    names = loaded.metrics.get("class_names")  # the names the run was reported with win over the built-in table
+    if isinstance(names, list) and len(names) == n:
+        return [str(x) for x in names]
     return default_class_names(n)
 
 

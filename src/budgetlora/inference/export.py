@@ -10,10 +10,6 @@ for `budgetlora serve --backend onnx OUT`, which runs it on onnxruntime without 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -68,39 +64,6 @@ def merge(loaded: LoadedRun) -> torch.nn.Module:
     return merged.eval()
 
 
-def _publish(tmp: Path, out: Path, force: bool) -> None:
-    """Rename `tmp` to `out`; an existing non-empty `out` is replaced only with force, and only at the end."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ExportError(f"{out} is not empty; pass --force to replace it")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    if out.is_dir():
-        out.rmdir()
-    os.replace(tmp, out)
-
-
-@contextmanager
-def _staging(out: Path, force: bool):
-    """A temporary folder beside `out`, published to `out` in one rename only if the block completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published folder should look like any other
-    try:
-        yield tmp
-        _publish(tmp, out, force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _merged_run(run, out: Path, force: bool, base: str | None = None):
     """The verified run, its verification texts with the unmerged logits, and the merged model with label names."""
     if out.is_dir() and any(out.iterdir()) and not force:  # fail before minutes of loading, not after
@@ -143,7 +106,7 @@ def export_merged(run: str | Path, out: str | Path, force: bool = False, toleran
     out = Path(out).resolve()
     loaded, texts, unmerged, merged, names = _merged_run(run, out, force, base)
     cfg = loaded.cfg
-    with _staging(out, force) as tmp:
+    with runs.staged_folder(out, force) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
@@ -205,7 +168,7 @@ def export_onnx(run: str | Path, out: str | Path, force: bool = False, tolerance
     seq = Dim("sequence", min=1, max=max(cfg.model.max_length, args[0].shape[1]))
     shapes = {"input_ids": {0: Dim("batch", min=1, max=65536), 1: seq}}
     shapes["attention_mask"] = shapes["input_ids"]
-    with _staging(out, force) as tmp:
+    with runs.staged_folder(out, force) as tmp:
         program = torch.onnx.export(_LogitsOnly(merged).eval(), args, input_names=["input_ids", "attention_mask"],
                                     output_names=["logits"], dynamic_shapes=shapes, dynamo=True, verbose=False)
         program.save(str(tmp / MODEL_FILE))

@@ -2,7 +2,7 @@
 model before anything uses it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +11,7 @@ from budgetlora import runs
 from budgetlora.adapters.architectures import ModelNotFound, is_missing_folder
 from budgetlora.adapters.model import load_tokenizer, load_trained
 from budgetlora.config import Config
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, RunFolderError
 from budgetlora.hardware import inference_dtype
 from budgetlora.training.evaluate import exact_fp32, predict_logits
 
@@ -20,6 +20,24 @@ LOGIT_TOLERANCE = 1e-3
 
 class VerificationError(BudgetloraError, RuntimeError):
     """The adapter reloaded from disk does not reproduce the predictions made at the end of training."""
+
+
+class RunMetrics(dict):
+    """A loaded run's metrics.json. A value it lacks, asked for by key, is a RunFolderError naming the file (a run
+    folder damaged, or never finished), where a plain dict would end the command in a KeyError traceback."""
+
+    def __init__(self, path: Path, values: dict | None = None):
+        super().__init__(values or {})
+        self.path, self.found = path, values is not None
+
+    def __missing__(self, key):
+        raise RunFolderError(f"{self.path} {f'has no {key!r}' if self.found else 'is missing'}")
+
+
+def read_metrics(run: Path) -> RunMetrics:
+    """metrics.json of a run folder; an absent one reads as empty, since loading the model needs none of it."""
+    path = Path(run) / runs.METRICS
+    return RunMetrics(path, runs.read_json(path) if path.is_file() else None)
 
 
 @dataclass
@@ -31,6 +49,9 @@ class LoadedRun:
     # tokens read per text at prediction time; 0 = the trained model.max_length. Set it after load_run (the reload
     # check runs at the trained length); longer lets long target texts be read past the training cut
     max_length: int = 0
+    # metrics.json, read once here: class names, temperature, training priors and the validation confusion matrix
+    # all come from it, and nothing downstream opens the file again
+    metrics: dict = field(default_factory=dict)
 
     @property
     def read_length(self) -> int:
@@ -57,7 +78,8 @@ def load_run(run: str | Path, verify: bool = True, base: str | None = None) -> L
         missing = cfg.model.name if is_missing_folder(cfg.model.name) else cfg.model.tokenizer
         raise ModelNotFound(f"{run} was trained on the model folder {missing}, which is not on this machine; "
                             "point the run at its base with --base PATH")
-    loaded = LoadedRun(run, cfg, load_trained(run, cfg, moved=bool(base)), load_tokenizer(cfg))
+    metrics = read_metrics(run)
+    loaded = LoadedRun(run, cfg, load_trained(run, cfg, moved=bool(base)), load_tokenizer(cfg), metrics=metrics)
     if verify:
         verify_reload(loaded)
     return loaded

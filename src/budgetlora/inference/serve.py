@@ -1,8 +1,8 @@
 """`budgetlora serve RUN`: an HTTP service around a trained run, with micro-batching of concurrent requests.
 
 One worker task owns the model. Requests put their texts on an asyncio queue; the worker takes whatever is
-waiting (up to `max_batch` texts, after at most `batch_wait_ms`), runs one forward pass on a single inference
-thread, and hands each request its slice of the result. Under load, requests that arrive while a pass runs are
+waiting (up to `serve.max_batch` texts, after at most `serve.batch_wait_ms`), runs one forward pass on a single
+inference thread, and hands each request its slice of the result. Under load, requests that arrive while a pass runs are
 merged into the next one, so throughput grows with concurrency instead of queueing one pass per request.
 """
 from __future__ import annotations
@@ -25,30 +25,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model, field_validator
 
 from budgetlora import runs
+from budgetlora.config.sections import ServeConfig
 
 if TYPE_CHECKING:  # only for annotations: the ONNX backend serves without importing torch (which api pulls in)
     from budgetlora.inference.classifier import Classifier
 
 INFO_METRICS = ("val_accuracy", "val_loss", "val_macro_f1", "test_accuracy", "test_loss", "test_macro_f1",
                 "trainable_params", "budget", "steps", "best_step", "train_time_s", "wall_time_s")
-
-
-@dataclass
-class Limits:
-    max_batch: int = 64  # texts per forward pass when merging requests
-    max_texts: int = 256  # texts per request
-    max_chars: int = 10_000  # characters per text
-    max_body_bytes: int = 0  # 0: derived from the two above (UTF-8 can take 4 bytes a character)
-    batch_wait_ms: float = 2.0  # how long a pass waits for more requests once one is in hand
-
-    def __post_init__(self):
-        for name in ("max_batch", "max_texts", "max_chars"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.batch_wait_ms < 0:
-            raise ValueError("batch_wait_ms must be >= 0")
-        if not self.max_body_bytes:
-            self.max_body_bytes = self.max_texts * (4 * self.max_chars + 8) + 4096
 
 
 @dataclass
@@ -199,7 +182,7 @@ class PredictResponse(BaseModel):
     probabilities: list[list[float]] = Field(description="per text, one probability per class (in /info order)")
 
 
-def request_model(limits: Limits) -> type[BaseModel]:
+def request_model(limits: ServeConfig) -> type[BaseModel]:
     """The request schema, with this server's limits baked in (so they also show in the OpenAPI schema)."""
     text = Annotated[StrictStr, Field(min_length=1, max_length=limits.max_chars)]
 
@@ -235,8 +218,7 @@ def run_info(classifier: Classifier, show_paths: bool = False) -> dict:
         return classifier.info(show_paths)
     path = classifier.path
     adapter = runs.read_json(path / "adapter_config.json")
-    metrics = runs.read_json(path / runs.METRICS) if (path / runs.METRICS).is_file() else {}
-    cfg = classifier.run.cfg
+    metrics, cfg = classifier.run.metrics, classifier.run.cfg
     base_path = _public(adapter.get("base_model_name_or_path"), show_paths)
     adapter = {**adapter, "base_model_name_or_path": base_path}
     return {
@@ -264,23 +246,24 @@ def _error_text(errors: list[dict]) -> str:
     return "; ".join(parts[:5]) + (f" (+{len(parts) - 5} more)" if len(parts) > 5 else "")
 
 
-def create_app(classifier: Classifier, max_batch: int = 64, max_texts: int = 256, max_chars: int = 10_000,
-               max_body_bytes: int = 0, batch_wait_ms: float = 2.0, show_paths: bool = False) -> FastAPI:
-    limits = Limits(max_batch, max_texts, max_chars, max_body_bytes, batch_wait_ms)
-    PredictRequest = request_model(limits)
-    info = run_info(classifier, show_paths=show_paths)
+def create_app(classifier: Classifier, settings: ServeConfig | None = None) -> FastAPI:
+    """The service for a loaded classifier under `settings` (the serve: section of the config: limits, batching,
+    what /info shows; host, port and backend are for `serve`); the defaults when None."""
+    settings = settings or ServeConfig()
+    PredictRequest = request_model(settings)
+    info = run_info(classifier, show_paths=settings.show_paths)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.batcher = MicroBatcher(classifier.predict_proba, limits.max_batch, limits.batch_wait_ms / 1000)
+        app.state.batcher = MicroBatcher(classifier.predict_proba, settings.max_batch, settings.batch_wait_ms / 1000)
         app.state.batcher.start()
         yield
         await app.state.batcher.stop()
 
     app = FastAPI(title="budgetlora", version="0.1.0", lifespan=lifespan,
                   description=f"Text classification with run {info['run_id']} ({info['base_model']['name']})")
-    app.state.limits = limits
-    app.add_middleware(BodySizeLimit, limit=limits.max_body_bytes)
+    app.state.settings = settings
+    app.add_middleware(BodySizeLimit, limit=settings.body_limit)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -295,7 +278,7 @@ def create_app(classifier: Classifier, max_batch: int = 64, max_texts: int = 256
 
     @app.get("/info")
     async def get_info():
-        return {**info, "limits": limits.__dict__, "batching": app.state.batcher.stats.as_dict()}
+        return {**info, "limits": settings.limits, "batching": app.state.batcher.stats.as_dict()}
 
     async def predict(body):
         probs = await app.state.batcher.submit(body.texts)
@@ -309,12 +292,15 @@ def create_app(classifier: Classifier, max_batch: int = 64, max_texts: int = 256
     return app
 
 
-def serve(run: str, host: str = "127.0.0.1", port: int = 8000, verify: bool = True, log_level: str = "info",
-          base: str | None = None, backend: str = "torch", **limits) -> None:
+def serve(run: str, settings: ServeConfig | None = None, verify: bool = True, log_level: str = "info",
+          base: str | None = None) -> None:
+    """Load `run` (verified unless told not to) and serve it under `settings` until stopped."""
     import uvicorn
 
+    settings = settings or ServeConfig()
     t0 = time.perf_counter()
-    if backend == "onnx":  # an `export --onnx` folder on onnxruntime: torch is never imported
+    host, port = settings.host, settings.port
+    if settings.backend == "onnx":  # an `export --onnx` folder on onnxruntime: torch is never imported
         from budgetlora.inference.onnx_serve import load_onnx
 
         classifier = load_onnx(run)
@@ -330,7 +316,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, verify: bool = Tr
     main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
     previous = signal.signal(signal.SIGTERM, _exit_cleanly) if main else None
     try:
-        uvicorn.run(create_app(classifier, **limits), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(classifier, settings), host=host, port=port, log_level=log_level)
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from budgetlora import runs
 from budgetlora.data.readers import DataError, Split, load_data, stratified_indices
-from budgetlora.data.tokens import Tokens, encode, sorted_batches
+from budgetlora.data.tokens import encode
 from budgetlora.shift.priors import (
     BBSEEstimate,
     Decision,
@@ -36,7 +35,7 @@ from budgetlora.shift.priors import (
     train_priors,
     val_confusion,
 )
-from budgetlora.training.evaluate import eval_batch_size
+from budgetlora.training.evaluate import predict_logits
 
 MAX_SIDE = 2000  # rows per side for the separability classifier: enough for a stable AUC, bounded cost
 LONG_LENGTH = 256  # the longest input all-MiniLM-L6-v2 was trained on; what the advice offers for long targets
@@ -44,28 +43,11 @@ _WORD = re.compile(r"[a-z0-9']+")
 
 
 # -- measurements -----------------------------------------------------------------------------------------------------
-@torch.inference_mode()
 def logits_and_features(loaded, texts: list[str], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and mean-pooled last hidden states of a loaded run in one pass (the same batches as
+    """Logits and mean-pooled last hidden states of a loaded run in one pass, in fp32 (the batches and padding of
     `LoadedRun.logits`, so the logits are the ones prediction uses)."""
-    from tqdm.auto import tqdm
-
-    model, tok = loaded.model, loaded.tokenizer
-    device = next(model.parameters()).device
-    tokens = Tokens(encode(tok, texts, loaded.read_length), tok.pad_token_id)
-    batches = sorted_batches(tokens.lengths, eval_batch_size(loaded.cfg.train.eval_batch_size, device))
-    logits = np.zeros((len(texts), loaded.cfg.model.num_labels), dtype=np.float32)
-    feats = None
-    model.eval()
-    for b in tqdm(batches, desc="shift", leave=False, disable=not progress):
-        batch = {k: v.to(device) for k, v in tokens.batch(b).items()}
-        out = model(**batch, output_hidden_states=True)
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        pooled = (out.hidden_states[-1].float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        if feats is None:
-            feats = np.zeros((len(texts), pooled.shape[1]), dtype=np.float32)
-        logits[b], feats[b] = out.logits.float().cpu().numpy(), pooled.cpu().numpy()
-    return logits, feats if feats is not None else np.zeros((0, 0), dtype=np.float32)
+    return predict_logits(loaded.model, loaded.tokenizer, texts, loaded.read_length,
+                          loaded.cfg.train.eval_batch_size, progress=progress, features=True)
 
 
 def token_lengths(tokenizer, texts: list[str]) -> np.ndarray:
@@ -177,7 +159,7 @@ def analyse(loaded, texts: list[str], mode: str = "auto", progress: bool = False
     if len(texts) < 10:
         raise DataError(f"shift: {len(texts)} target texts; the separability check needs at least 10")
     train, val = reference_split(cfg)
-    cm = val_confusion(loaded.path)
+    cm = val_confusion(loaded.metrics)
     if cm is not None and (cm.shape != (n, n) or int(cm.sum()) != len(val)):
         log(f"shift: metrics.json's validation confusion matrix ({int(cm.sum())} rows) does not match the rebuilt "
             f"validation split ({len(val)} rows); BBSE is skipped")
@@ -188,10 +170,11 @@ def analyse(loaded, texts: list[str], mode: str = "auto", progress: bool = False
         f"max_length {loaded.read_length})")
     ref_logits, ref_feats = logits_and_features(loaded, ref.texts, progress)
     tgt_logits, tgt_feats = logits_and_features(loaded, texts, progress)
-    ref_probs = calibrated_probabilities(loaded.path, ref_logits)
-    probs = calibrated_probabilities(loaded.path, tgt_logits)
+    temperature = loaded.metrics.get("temperature")
+    ref_probs = calibrated_probabilities(ref_logits, temperature)
+    probs = calibrated_probabilities(tgt_logits, temperature)
 
-    pi_train = train_priors(loaded.path, n)
+    pi_train = train_priors(loaded.metrics, n)
     em = estimate_priors(probs, pi_train)
     pred_counts = np.bincount(probs.argmax(1), minlength=n)
     bbse = bbse_priors(cm, pred_counts) if cm is not None else None

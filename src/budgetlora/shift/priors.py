@@ -6,6 +6,7 @@
   calibrated, so the logits are first divided by the temperature fitted on validation at the end of training
   (metrics.json "temperature"); an uncalibrated, under-confident model drifts toward degenerate priors even when
   nothing shifted. Check `<output>.priors.json` before using the corrected labels.
+  Everything here works on arrays and the run's metrics dict (`LoadedRun.metrics`): no function opens a file.
 * `bbse_priors` estimates the same priors a second way, from the validation confusion matrix and the target's
   predicted shares (BBSE, Lipton et al. 2018), and `decide` is the gate: the correction is only worth applying
   when only the class mix moved, so it is applied when EM and BBSE agree, the texts are not separable once the
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetlora import runs
+from budgetlora.config.sections import PRIOR_CORRECTION
 
 
 @dataclass
@@ -66,10 +67,9 @@ def estimate_priors(probs: np.ndarray, train_priors: np.ndarray | None = None, t
     return PriorEstimate(adjusted, pi, pi_train, it, converged)
 
 
-def train_priors(run: str | Path, num_labels: int) -> np.ndarray | None:
-    """The class shares a run was trained on (metrics.json train_class_counts), or None when not recorded."""
-    path = Path(run) / runs.METRICS
-    counts = runs.read_json(path).get("train_class_counts") if path.is_file() else None
+def train_priors(metrics: dict, num_labels: int) -> np.ndarray | None:
+    """The class shares a run was trained on (its metrics' train_class_counts), or None when not recorded."""
+    counts = metrics.get("train_class_counts")
     if not counts or len(counts) != num_labels or min(counts) <= 0:
         return None
     counts = np.asarray(counts, dtype=np.float64)
@@ -82,9 +82,9 @@ def priors_path(output: str | Path) -> Path:
 
 
 def corrected_probabilities(loaded, texts: list[str], progress: bool = False) -> tuple[np.ndarray, PriorEstimate]:
-    """Raw and prior-corrected posteriors of a loaded run (predict.LoadedRun) on unlabelled texts."""
-    probs = calibrated_probabilities(loaded.path, loaded.logits(texts, progress=progress))
-    return probs, estimate_priors(probs, train_priors(loaded.path, loaded.cfg.model.num_labels))
+    """Raw and prior-corrected posteriors of a loaded run (inference.load.LoadedRun) on unlabelled texts."""
+    probs = calibrated_probabilities(loaded.logits(texts, progress=progress), loaded.metrics.get("temperature"))
+    return probs, estimate_priors(probs, train_priors(loaded.metrics, loaded.cfg.model.num_labels))
 
 
 # -- a second estimate, and the gate ----------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ MAX_DISAGREEMENT = 0.1
 MAX_SEPARABILITY = 0.65
 MIN_SHIFT = 0.05
 MAX_CONDITION = 50.0
-MODES = ("auto", "on", "off")
+MODES = PRIOR_CORRECTION
 
 
 @dataclass
@@ -201,17 +201,15 @@ def decide(mode: str, em: PriorEstimate, bbse: BBSEEstimate | None, auc_adjusted
                                  f"{checks['em_shift_tv']:.3f}"], checks)
 
 
-def calibrated_probabilities(run: Path, logits: np.ndarray) -> np.ndarray:
-    """softmax(logits / T) with the run's validation temperature (metrics.json), as EM assumes calibration."""
+def calibrated_probabilities(logits: np.ndarray, temperature: float | None) -> np.ndarray:
+    """softmax(logits / T) with the run's validation temperature (metrics "temperature"; None for runs that did not
+    record one), as EM assumes calibration."""
     from budgetlora.training.evaluate import softmax
 
-    metrics_path = Path(run) / runs.METRICS
-    t = runs.read_json(metrics_path).get("temperature") if metrics_path.is_file() else None
-    return softmax(np.asarray(logits, dtype=np.float64) / (t or 1.0))
+    return softmax(np.asarray(logits, dtype=np.float64) / (temperature or 1.0))
 
 
-def val_confusion(run: Path) -> np.ndarray | None:
+def val_confusion(metrics: dict) -> np.ndarray | None:
     """The run's validation confusion matrix (true x predicted counts), or None for runs that did not record it."""
-    path = Path(run) / runs.METRICS
-    cm = runs.read_json(path).get("val_confusion_matrix") if path.is_file() else None
+    cm = metrics.get("val_confusion_matrix")
     return np.asarray(cm, dtype=np.float64) if cm else None

@@ -8,8 +8,10 @@ self-trained run keeps its parent's layers.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,11 @@ import numpy as np
 from budgetlora import runs
 from budgetlora.adapters.budget import check, plan
 from budgetlora.config import Config, ConfigError
+from budgetlora.config.sections import SelfTrainConfig
 from budgetlora.inference.load import load_run
 from budgetlora.inference.predict import read_unlabelled
-from budgetlora.shift.priors import corrected_probabilities, estimate_priors, train_priors
+from budgetlora.shift.analysis import analyse
+from budgetlora.shift.priors import PriorEstimate, corrected_probabilities, estimate_priors, train_priors
 from budgetlora.training.train import train
 
 
@@ -76,77 +80,110 @@ def _write_pseudo_csv(folder: Path, cfg: Config, texts: list[str], labels: np.nd
     return path.resolve()
 
 
-def self_train(run: str | Path, unlabelled: str, out: str | Path, rounds: int = 1, threshold: float = 0.9,
-               balance: bool = True, max_per_class: int = 0, prior_correction: bool = False,
-               overrides: dict | None = None, base: str | None = None, share: float = 0.0, mix: float = 0.0,
-               max_val_drop: float | None = None, records: list | None = None, first_probs=None,
-               log=print) -> list[Path]:
-    """Pseudo-label `unlabelled` with the run's model and continue training its adapter; one new run per round,
-    each the parent of the next. `overrides` are dotted config changes for the new runs (e.g. train.epochs,
-    train.max_steps, train.lr); the model and LoRA setup are never changed, so the budget plan is the parent's.
+@dataclass
+class SelfTraining:
+    """One `self-train`: a record per round that trained (kept or refused), and the kept runs, each the parent of the
+    next."""
 
-    share: pseudo-label each predicted class's most confident share (see select_pseudo_labels); mix: repeat the
-    pseudo rows until they are about this share of the training rows (see mix_repeats).
-    max_val_drop: the round gate. A round whose run loses more than this validation accuracy against its parent
-    (the same held-out labelled rows) is refused: its run is not returned and no further round starts from it.
+    runs: list[Path]
+    rounds: list[dict]
+
+    def summary(self) -> list[str]:
+        """What `budgetlora self-train` prints: one line per kept run (refused rounds were logged as they ended)."""
+        return [f"test accuracy {r['test_accuracy']:.4f} ({r['trainable_params']:,} trainable params) -> {r['run']}"
+                for r in self.rounds if r["accepted"]]
+
+
+def self_train(run: str | Path, unlabelled: str, out: str | Path, settings: SelfTrainConfig | None = None, *,
+               overrides: dict | None = None, base: str | None = None, records: list | None = None,
+               first_probs=None, log=print, **changes) -> list[Path]:
+    """`self_training`, returning only the kept runs; `records` (a list) receives one dict per round."""
+    result = self_training(run, unlabelled, out, settings, overrides=overrides, base=base, first_probs=first_probs,
+                           log=log, **changes)
+    if records is not None:
+        records.extend(result.rounds)
+    return result.runs
+
+
+def self_training(run: str | Path, unlabelled: str, out: str | Path, settings: SelfTrainConfig | None = None, *,
+                  overrides: dict | None = None, base: str | None = None, first_probs=None, log=print,
+                  **changes) -> SelfTraining:
+    """Pseudo-label `unlabelled` with the run's model and continue training its adapter; one new run per round,
+    each the parent of the next. `settings` (the self_train: section of the config), with `changes` to its fields
+    (e.g. threshold=0.3), say how (see SelfTrainConfig); `overrides` are further dotted config changes for the new
+    runs (e.g. train.warmup). The model and adapter setup are never changed, so the budget plan is the parent's.
+
+    The round gate (settings.max_val_drop): a round whose run loses more than this validation accuracy against its
+    parent (the same held-out labelled rows) is refused: its run is not kept and no further round starts from it.
     The gate can only see labelled rows, so it guards against forgetting the task, not against confirmed mistakes
-    on the target; None accepts every round. `records` (a list) receives one dict per round.
-    first_probs: the calibrated posteriors of the unlabelled texts under `run`, when the caller already computed
-    them (shift.analyse does): round 1 then skips its own pass over the texts."""
-    if rounds < 1:
-        raise ConfigError("self-train: rounds must be >= 1")
-    if not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"self-train: threshold must be in [0, 1], got {threshold}")
-    bad = [k for k in (overrides or {}) if k.split(".")[0] in ("model", "lora", "budget")]
+    on the target. first_probs: the calibrated posteriors of the unlabelled texts under `run`, when the caller
+    already computed them (shift.analyse does): round 1 then skips its own pass over the texts."""
+    s = dataclasses.replace(settings or SelfTrainConfig(), **changes)  # __post_init__ checks every field
+    overrides = {**s.overrides, **(overrides or {})}
+    bad = [k for k in overrides if k.split(".")[0] in ("model", "lora", "budget")]
     if bad:
         raise ConfigError(f"self-train keeps the parent's model, LoRA and budget; cannot override {', '.join(bad)}")
     out = Path(out)
     source = str(Path(unlabelled).resolve()) if Path(unlabelled).exists() else unlabelled
-    parent, made = Path(run).resolve(), []
-    texts: list[str] | None = None
-    labelled = sum(runs.read_json(parent / runs.METRICS).get("train_class_counts") or [0])
-    for r in range(1, rounds + 1):
-        loaded = load_run(parent, base=base if r == 1 else None)  # reload check: the pseudo labels come from exactly the saved adapter
+    parent, result, texts, labelled = Path(run).resolve(), SelfTraining([], []), None, 0
+    for r in range(1, s.rounds + 1):
+        # the reload check runs here: the pseudo labels come from exactly the saved adapter
+        loaded = load_run(parent, base=base if r == 1 else None)
         if texts is None:
             texts = read_unlabelled(unlabelled, loaded.cfg)
-        if r == 1 and first_probs is not None and len(first_probs) == len(texts):
-            probs = np.asarray(first_probs)
-            est = estimate_priors(probs, train_priors(loaded.path, loaded.cfg.model.num_labels))
-        else:
-            probs, est = corrected_probabilities(loaded, texts, progress=True)
-        if prior_correction:
-            probs = est.posteriors
-        rows, labels = select_pseudo_labels(probs, threshold, balance, max_per_class, share)
-        counts = np.bincount(labels, minlength=loaded.cfg.model.num_labels).tolist()
-        log(f"self-train round {r}: {len(rows):,} of {len(texts):,} unlabelled texts pseudo-labelled "
-            f"(per class {counts}); estimated priors {est.priors.round(3).tolist()}")
-        if not len(rows):
-            raise ConfigError(f"self-train: no unlabelled text reaches confidence {threshold}; lower --threshold")
-        repeats = mix_repeats(labelled, len(rows), mix)
-        if repeats > 1:
-            log(f"self-train round {r}: pseudo rows repeated {repeats}x to make about {mix:.0%} of "
-                f"{labelled:,} labelled + pseudo rows")
-        pseudo = _write_pseudo_csv(out / "pseudo_labels", loaded.cfg, [texts[i] for i in rows] * repeats,
-                                   np.tile(labels, repeats))
-        name = f"{loaded.cfg.name or loaded.cfg.run_id} self-train {r}"
-        cfg = loaded.cfg.replace(**{"train.init_from": str(parent), "data.unlabelled": source,
-                                    "data.pseudo_labels": str(pseudo), "name": name, **(overrides or {})})
-        child_plan, parent_plan = check(plan(cfg)), plan(loaded.cfg)  # check raises when over budget
-        if child_plan.total != parent_plan.total:
-            raise ConfigError(f"self-train: plan changed from {parent_plan.total:,} to {child_plan.total:,} params")
+            labelled = sum(loaded.metrics.get("train_class_counts") or [0])
+        before = loaded.metrics["val_accuracy"]
+        cfg, record = _pseudo_round(r, loaded, texts, s, overrides, labelled, source, out,
+                                    first_probs if r == 1 else None, log)
         del loaded  # one model in memory while the next trains
         child = train(cfg, root=out, log=log).resolve()
-        before = runs.read_json(parent / runs.METRICS)["val_accuracy"]
-        after = runs.read_json(child / runs.METRICS)["val_accuracy"]
-        accepted = max_val_drop is None or after >= before - max_val_drop
-        if records is not None:
-            records.append({"round": r, "run": str(child), "parent": str(parent), "pseudo_rows": int(len(rows)),
-                            "per_class": counts, "repeats": repeats, "val_accuracy_parent": before,
-                            "val_accuracy": after, "accepted": accepted})
-        if not accepted:
-            log(f"self-train round {r} refused: validation accuracy {after:.4f} < parent's {before:.4f} - "
-                f"{max_val_drop}; keeping {parent}")
+        m = runs.read_json(child / runs.METRICS)  # the child is trained, not loaded: its metrics are read here
+        record.update(run=str(child), parent=str(parent), val_accuracy_parent=before, val_accuracy=m["val_accuracy"],
+                      test_accuracy=m["test_accuracy"], trainable_params=m["trainable_params"],
+                      accepted=m["val_accuracy"] >= before - s.max_val_drop)
+        result.rounds.append(record)
+        if not record["accepted"]:
+            log(f"self-train round {r} refused: validation accuracy {m['val_accuracy']:.4f} < parent's "
+                f"{before:.4f} - {s.max_val_drop}; keeping {parent}")
             break
         parent = child
-        made.append(parent)
-    return made
+        result.runs.append(child)
+    return result
+
+
+def _pseudo_round(r: int, loaded, texts: list[str], s: SelfTrainConfig, overrides: dict, labelled: int, source: str,
+                  out: Path, first_probs, log) -> tuple[Config, dict]:
+    """Round r's pseudo labels, written beside the runs, and the config of the run that trains on them."""
+    probs, est = _posteriors(loaded, texts, s.prior_correction, first_probs, log)
+    rows, labels = select_pseudo_labels(probs, s.min_confidence, s.balance, s.max_per_class, s.share)
+    counts = np.bincount(labels, minlength=loaded.cfg.model.num_labels).tolist()
+    log(f"self-train round {r}: {len(rows):,} of {len(texts):,} unlabelled texts pseudo-labelled "
+        f"(per class {counts}); estimated priors {est.priors.round(3).tolist()}")
+    if not len(rows):
+        raise ConfigError(f"self-train: no unlabelled text reaches confidence {s.min_confidence}; lower --threshold")
+    repeats = mix_repeats(labelled, len(rows), s.mix)
+    if repeats > 1:
+        log(f"self-train round {r}: pseudo rows repeated {repeats}x to make about {s.mix:.0%} of "
+            f"{labelled:,} labelled + pseudo rows")
+    pseudo = _write_pseudo_csv(out / "pseudo_labels", loaded.cfg, [texts[i] for i in rows] * repeats,
+                               np.tile(labels, repeats))
+    name = f"{loaded.cfg.name or loaded.cfg.run_id} self-train {r}"
+    cfg = loaded.cfg.replace(**{"train.init_from": str(loaded.path.resolve()), "data.unlabelled": source,
+                                "data.pseudo_labels": str(pseudo), "name": name, **overrides})
+    child_plan, parent_plan = check(plan(cfg)), plan(loaded.cfg)  # check raises when over budget
+    if child_plan.total != parent_plan.total:
+        raise ConfigError(f"self-train: plan changed from {parent_plan.total:,} to {child_plan.total:,} params")
+    return cfg, {"round": r, "pseudo_rows": int(len(rows)), "per_class": counts, "repeats": repeats}
+
+
+def _posteriors(loaded, texts: list[str], mode: str, first_probs, log) -> tuple[np.ndarray, PriorEstimate]:
+    """The posteriors to pseudo-label from (prior-corrected or not, as `mode` says) and the EM estimate."""
+    if mode == "auto":  # the shift analysis' gate: corrected only where only the class mix moved
+        result = analyse(loaded, texts, mode="auto", log=log)
+        return (result.em.posteriors if result.decision.apply else result.probs), result.em
+    if first_probs is not None and len(first_probs) == len(texts):
+        probs = np.asarray(first_probs)
+        est = estimate_priors(probs, train_priors(loaded.metrics, loaded.cfg.model.num_labels))
+    else:
+        probs, est = corrected_probabilities(loaded, texts, progress=True)
+    return (est.posteriors if mode == "on" else probs), est

@@ -6,9 +6,11 @@
    labelled rows, the same budget plan), each kept only if its validation accuracy holds (the round gate of
    `selftrain.self_train`). Off by default: on the shift suite one round did not help on shifted texts, and the
    round gate can only see labelled rows, so it cannot tell a round that hurt the target;
-4. predict the target with the last kept run, prior correction as gated by `adapt.decide` (or forced);
+4. predict the target with the last kept run, prior correction as gated by `priors.decide` (or forced);
 5. write OUTPUT (ID,Label), OUTPUT.priors.json (estimates and the decision) and OUTPUT.report.json / .txt (what was
    done, with the numbers it was decided on).
+
+How it adapts is the config's submit: section (`SubmitConfig`), so a preset can carry it.
 """
 from __future__ import annotations
 
@@ -16,21 +18,23 @@ import time
 from pathlib import Path
 
 from budgetlora import runs
-from budgetlora.config import Config, ConfigError
-from budgetlora.inference.load import load_run
-from budgetlora.inference.predict import predict_file, read_unlabelled
-from budgetlora.shift.analysis import analyse, write_report
-from budgetlora.shift.predict import predict_adapted, write_adapted
-from budgetlora.shift.priors import priors_path
-from budgetlora.shift.selftrain import self_train
+from budgetlora.config import Config
+from budgetlora.config.sections import SubmitConfig
+from budgetlora.inference.load import LoadedRun, load_run
+from budgetlora.inference.predict import read_unlabelled
+from budgetlora.shift.analysis import ShiftResult, analyse, write_report
+from budgetlora.shift.predict import Prediction, predict, write_adapted
+from budgetlora.shift.selftrain import self_training
 from budgetlora.training.train import train
 
 
-def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs.DEFAULT_ROOT, rounds: int = 0,
-           share: float = 0.3, mix: float = 0.25, steps: int = 300, lr: float = 5e-4, max_val_drop: float = 0.005,
-           prior_correction: str = "auto", max_length: int = 0, log=print) -> dict:
-    if rounds < 0:
-        raise ConfigError("submit: rounds must be >= 0")
+def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs.DEFAULT_ROOT, log=print,
+           **settings) -> dict:
+    """Train `cfg`, adapt to `target` as `cfg.submit` says (`settings` change its fields, e.g. rounds=1), label the
+    target into `output`; returns the report (also written as OUTPUT.report.json, its "summary" as .report.txt)."""
+    if settings:
+        cfg = cfg.replace(**{f"submit.{k}": v for k, v in settings.items()})
+    s = cfg.submit
     if not Path(target).exists():
         raise FileNotFoundError(f"submit: target file not found: {target}")
     output, t0, times = Path(output), time.time(), {}
@@ -38,76 +42,97 @@ def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs
     times["train_s"] = round(time.time() - t0, 1)
 
     t = time.time()
-    result, files = shift_report(base, target, Path(f"{output}.shift"), mode=prior_correction,
-                                 max_length=max_length, log=log)
+    loaded = _load(base, None, s.max_length)
+    metrics = loaded.metrics
+    result, files = _analyse(loaded, target, Path(f"{output}.shift"), s.prior_correction, log)
+    del loaded  # one model in memory while self-training trains the next
     times["shift_s"] = round(time.time() - t, 1)
     for line in result.report["advice"]:
         log(f"shift: {line}")
 
-    t, records, final = time.time(), [], base
-    if rounds:
-        made = self_train(base, target, Path(root) / "selftrain", rounds=rounds, threshold=0.0, share=share,
-                          mix=mix, max_val_drop=max_val_drop, records=records, log=log,
-                          # the analysis already has the base run's posteriors at the trained length: reuse them
-                          first_probs=None if max_length and max_length != cfg.model.max_length else result.probs,
-                          overrides={"train.max_steps": steps, "train.lr": lr, "train.warmup": 0.0})
-        final = made[-1] if made else base
+    t, final, rounds = time.time(), base, []
+    if s.rounds:
+        # the analysis already has the base run's posteriors at the trained length: round 1 reuses them
+        same_length = not s.max_length or s.max_length == cfg.model.max_length
+        done = self_training(base, target, Path(root) / "selftrain", s.self_training(),
+                             overrides={"train.warmup": 0.0}, first_probs=result.probs if same_length else None,
+                             log=log)
+        final, rounds = (done.runs[-1] if done.runs else base), done.rounds
     times["self_train_s"] = round(time.time() - t, 1)
 
     t = time.time()
-    if final == base and prior_correction != "off":  # nothing changed since the analysis: its labels stand
-        labels = write_adapted(output, result, target)
-    elif prior_correction == "off":
-        labels = predict_file(final, target, output, max_length=max_length)
+    if final == base and s.prior_correction != "off":  # nothing changed since the analysis: its labels stand
+        prediction = write_adapted(output, result, target)
     else:
-        labels = predict_adapted(final, target, output, mode=prior_correction, max_length=max_length)
+        prediction = predict(final, target, output, s.prior_correction, max_length=s.max_length)
     times["predict_s"] = round(time.time() - t, 1)
     times["total_s"] = round(time.time() - t0, 1)
-    priors = runs.read_json(priors_path(output)) if prior_correction != "off" else None
-    m = runs.read_json(base / runs.METRICS)
-    report = {
-        "target": str(target), "output": str(output), "rows": int(len(labels)), "model": cfg.model.name,
-        "base_run": str(base), "base_val_accuracy": m["val_accuracy"], "base_test_accuracy": m["test_accuracy"],
-        "trainable_params": m["trainable_params"], "budget": m["budget"],
-        "shift": {"report": str(files["json"]), "figure": str(files["png"]),
-                  "auc": result.report["separability"]["auc"],
-                  "auc_label_adjusted": result.report["separability"]["auc_label_adjusted"],
-                  "target_truncated_share": result.report["token_lengths"]["target"]["truncated_share"]},
-        "self_training": {"rounds_requested": rounds, "share": share, "mix": mix, "steps": steps,
-                          "max_val_drop": max_val_drop, "rounds": records},
-        "final_run": str(final),
-        "prior_correction": None if priors is None else priors["decision"],
-        "read_length": max_length or cfg.model.max_length,
-        "label_counts": [int((labels == c).sum()) for c in range(cfg.model.num_labels)], "times": times,
-    }
-    lines = [f"submission: {len(labels):,} rows -> {output} ({cfg.model.name}, {m['trainable_params']:,} trainable "
-             f"params of {m['budget']:,})",
-             f"trained {base.name}: val accuracy {m['val_accuracy']:.4f}, test accuracy {m['test_accuracy']:.4f}",
-             f"shift: AUC {report['shift']['auc']:.3f} (label-adjusted {report['shift']['auc_label_adjusted']:.3f}), "
-             f"{report['shift']['target_truncated_share']:.1%} of target texts cut at max_length; {files['json']}"]
-    for r in records:
-        lines.append(f"self-training round {r['round']}: {r['pseudo_rows']:,} pseudo labels (x{r['repeats']}), val "
-                     f"accuracy {r['val_accuracy_parent']:.4f} -> {r['val_accuracy']:.4f}: "
-                     f"{'kept' if r['accepted'] else 'refused'}")
-    if not rounds:
-        lines.append("self-training: not requested")
-    if priors is not None:
-        d = priors["decision"]
-        lines.append(f"prior correction ({d['mode']}): {'applied' if d['apply'] else 'not applied'} - "
-                     + "; ".join(d["reasons"]))
-    lines.append(f"predicted with {final.name} reading {report['read_length']} tokens; label counts "
-                 f"{report['label_counts']}; {times['total_s']:.0f}s in all")
-    report["summary"] = lines
+    report = _report(cfg, target, prediction, base, final, metrics, result, files, rounds, times)
     runs.write_json(Path(f"{output}.report.json"), report)
-    runs.write_text(Path(f"{output}.report.txt"), "\n".join(lines) + "\n")
+    runs.write_text(Path(f"{output}.report.txt"), "\n".join(report["summary"]) + "\n")
     return report
 
 
-def shift_report(run: str | Path, target: str, out: str | Path, mode: str = "auto", max_length: int = 0,
-                 base: str | None = None, log=print) -> tuple:
-    """`budgetlora shift`: load and verify the run, read the target texts, analyse, write the report."""
-    loaded = load_run(run, base=base)
+def _report(cfg: Config, target: str, prediction: Prediction, base: Path, final: Path, m: dict,
+            result: ShiftResult, files: dict, rounds: list[dict], times: dict) -> dict:
+    """What was done and the numbers it was decided on; "summary" is the same in a few lines."""
+    s, labels, rep = cfg.submit, prediction.labels, result.report
+    report = {
+        "target": str(target), "output": str(prediction.output), "rows": int(len(labels)), "model": cfg.model.name,
+        "base_run": str(base), "base_val_accuracy": m["val_accuracy"], "base_test_accuracy": m["test_accuracy"],
+        "trainable_params": m["trainable_params"], "budget": m["budget"],
+        "shift": {"report": str(files["json"]), "figure": str(files["png"]),
+                  "auc": rep["separability"]["auc"], "auc_label_adjusted": rep["separability"]["auc_label_adjusted"],
+                  "target_truncated_share": rep["token_lengths"]["target"]["truncated_share"]},
+        "self_training": {"rounds_requested": s.rounds, "share": s.share, "mix": s.mix, "steps": s.steps,
+                          "max_val_drop": s.max_val_drop, "rounds": rounds},
+        "final_run": str(final),
+        "prior_correction": prediction.decision,
+        "read_length": s.max_length or cfg.model.max_length,
+        "label_counts": [int((labels == c).sum()) for c in range(cfg.model.num_labels)], "times": times,
+    }
+    report["summary"] = _summary(report, s, Path(base).name, Path(final).name)
+    return report
+
+
+def _summary(report: dict, s: SubmitConfig, base: str, final: str) -> list[str]:
+    sh = report["shift"]
+    lines = [f"submission: {report['rows']:,} rows -> {report['output']} ({report['model']}, "
+             f"{report['trainable_params']:,} trainable params of {report['budget']:,})",
+             f"trained {base}: val accuracy {report['base_val_accuracy']:.4f}, test accuracy "
+             f"{report['base_test_accuracy']:.4f}",
+             f"shift: AUC {sh['auc']:.3f} (label-adjusted {sh['auc_label_adjusted']:.3f}), "
+             f"{sh['target_truncated_share']:.1%} of target texts cut at max_length; {sh['report']}"]
+    for r in report["self_training"]["rounds"]:
+        lines.append(f"self-training round {r['round']}: {r['pseudo_rows']:,} pseudo labels (x{r['repeats']}), val "
+                     f"accuracy {r['val_accuracy_parent']:.4f} -> {r['val_accuracy']:.4f}: "
+                     f"{'kept' if r['accepted'] else 'refused'}")
+    if not s.rounds:
+        lines.append("self-training: not requested")
+    d = report["prior_correction"]
+    if d is not None:
+        lines.append(f"prior correction ({d['mode']}): {'applied' if d['apply'] else 'not applied'} - "
+                     + "; ".join(d["reasons"]))
+    lines.append(f"predicted with {final} reading {report['read_length']} tokens; label counts "
+                 f"{report['label_counts']}; {report['times']['total_s']:.0f}s in all")
+    return lines
+
+
+def shift_report(run: str | Path, target: str, out: str | Path | None = None, mode: str = "auto",
+                 max_length: int = 0, base: str | None = None, log=print) -> tuple[ShiftResult, dict[str, Path]]:
+    """`budgetlora shift`: load and verify the run, read the target texts, analyse, write the report into `out`
+    (default RUN/shift); returns the analysis and the files written."""
+    loaded = _load(run, base, max_length)
+    return _analyse(loaded, target, Path(run) / "shift" if out is None else out, mode, log)
+
+
+def _load(run: str | Path, base: str | None, max_length: int) -> LoadedRun:
+    loaded = load_run(run, base=base)  # verify_reload runs here, before anything is read or written
     loaded.max_length = max_length
+    return loaded
+
+
+def _analyse(loaded: LoadedRun, target: str, out: str | Path, mode: str, log) -> tuple[ShiftResult, dict[str, Path]]:
     texts = read_unlabelled(target, loaded.cfg)
     result = analyse(loaded, texts, mode=mode, progress=True, log=log)
     result.report["target"] = str(target)

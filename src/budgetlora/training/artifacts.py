@@ -35,17 +35,13 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
                         train_time: float, total_time: float, log=print,
                         train_class_counts: list[int] | None = None, cost: dict | None = None,
                         memory=None) -> dict:
-    """Evaluate the best state on val and test, then write every artifact; metrics.json last marks completion."""
+    """Evaluate the best state on val and test, then write every artifact; metrics.json last marks completion. A
+    write that fails (a full disk) is a RunFolderError naming the folder, raised before anything is marked finished."""
     n, ml, bs = cfg.model.num_labels, cfg.model.max_length, cfg.train.eval_batch_size
     dtype = inference_dtype(cfg.train.precision, next(model.parameters()).device)  # as `evaluate` will score it
     val_logits = predict_logits(model, tokenizer, val.texts, ml, bs, dtype=dtype)
     test_logits = predict_logits(model, tokenizer, test.texts, ml, bs, progress=True, dtype=dtype)
     val_m, test_m = metrics(val_logits, val.labels, n), metrics(test_logits, test.labels, n)
-    save_adapter(model, out)  # PEFT format; PiSSA/OLoRA converted to plain LoRA on the original base
-    runs.write_json(out / runs.VERIFY, verification_sample(model, tokenizer, val.texts[:VERIFY_ROWS], ml))
-    runs.write_text(out / runs.HISTORY, history_csv(state["history"]))
-    runs.write_json(out / runs.VERSIONS, runs.versions())
-    plot_run(out, state["history"], test_m["confusion_matrix"], class_names(n), title=cfg.name or cfg.run_id)
     result = {
         "run_id": cfg.run_id, "name": cfg.name, "model": cfg.model.name,
         "val_accuracy": val_m["accuracy"], "val_loss": val_m["loss"], "val_macro_f1": val_m["macro_f1"],
@@ -64,8 +60,14 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
     }
     # the card is built from the JSON form of the same dict, so its numbers are exactly metrics.json's
     card = model_card(cfg, json.loads(json.dumps(result, default=runs._jsonable)), plan.as_dict())
-    runs.write_text(out / CARD, card)
-    runs.write_json(out / runs.METRICS, result)
+    with runs.writing(out):
+        save_adapter(model, out)  # PEFT format; PiSSA/OLoRA converted to plain LoRA on the original base
+        runs.write_json(out / runs.VERIFY, verification_sample(model, tokenizer, val.texts[:VERIFY_ROWS], ml))
+        runs.write_text(out / runs.HISTORY, history_csv(state["history"]))
+        runs.write_json(out / runs.VERSIONS, runs.versions())
+        plot_run(out, state["history"], test_m["confusion_matrix"], class_names(n), title=cfg.name or cfg.run_id)
+        runs.write_text(out / CARD, card)
+        runs.write_json(out / runs.METRICS, result)
     log(f"run {cfg.run_id}: val acc {val_m['accuracy']:.4f}, test acc {test_m['accuracy']:.4f} "
         f"({test_m['n']:,} rows), {plan.total:,} trainable params, {total_time:.0f}s -> {out}")
     return result

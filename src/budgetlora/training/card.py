@@ -7,10 +7,11 @@ to metrics.json beside it, so the two cannot disagree.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import yaml
+
+from budgetlora.adapters import methods
 
 CARD = "README.md"
 # the hub ids of the bases we ship or know, so `base_model` links to the real model page
@@ -58,20 +59,10 @@ def header(cfg, m: dict) -> dict:
     }
 
 
-METHOD_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "vera": "VeRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)3"}
-
-
 def _method(cfg) -> tuple[str, str]:
-    """The adapter method's display name and its settings, e.g. ('LoRA', 'r=8, alpha=16')."""
-    method = getattr(cfg, "method", "lora")
-    name = METHOD_NAMES.get(method, method)
-    if method == "lora":
-        lc = cfg.lora
-        parts = [f"r={lc.r}", f"alpha={lc.alpha:g}"] + (["rslora"] if lc.rslora else [])
-        return ("DoRA" if lc.dora else name), ", ".join(parts)
-    section = getattr(cfg, method, None)
-    fields = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
-    return name, ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+    """The adapter method's display name and its settings, e.g. ('LoRA', 'r=8, alpha=16'), from its record."""
+    method = methods.get(cfg.method)
+    return method.title(cfg), method.describe(cfg)
 
 
 def _table(head: list[str], rows: list[list]) -> list[str]:

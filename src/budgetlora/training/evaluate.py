@@ -16,11 +16,11 @@ def eval_batch_size(requested: int, device) -> int:
 
 @torch.inference_mode()
 def logits_for_ids(model, ids, batch_size: int, pad_id: int, device=None, rows=None, progress: bool = False,
-                   dtype: torch.dtype | None = None, padding: str = "buckets") -> np.ndarray:
+                   dtype: torch.dtype | None = None, padding: str = "buckets", features: bool = False):
     """Logits in input order, as fp32 numbers; `dtype` (hardware.inference_dtype) runs the forward under that
     autocast for speed, None in plain fp32. `ids` is a list of token id
     lists or a `Tokens`; batch_size 0 picks one for the device; `rows` restricts to those batch indices (used to
-    shard across processes)."""
+    shard across processes). With `features`, returns (logits, mean-pooled last hidden states) from the same pass."""
     from tqdm.auto import tqdm
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -32,12 +32,25 @@ def logits_for_ids(model, ids, batch_size: int, pad_id: int, device=None, rows=N
     if rows is not None:
         batches = [batches[i] for i in rows]
     out = np.zeros((len(tokens), model.config.num_labels), dtype=np.float32)
+    pooled = np.zeros((len(tokens), 0), dtype=np.float32)  # sized by the first batch: the encoder's width
     for b in tqdm(batches, desc="eval", leave=False, disable=not progress):
         batch = {k: v.to(device) for k, v in tokens.batch(b, padding).items()}
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out[b] = model(**batch).logits.float().cpu().numpy()
+            result = model(**batch, **({"output_hidden_states": True} if features else {}))
+        out[b] = result.logits.float().cpu().numpy()
+        if features:
+            mean = _mean_pooled(result.hidden_states[-1], batch["attention_mask"])
+            if pooled.shape[1] != mean.shape[1]:
+                pooled = np.zeros((len(tokens), mean.shape[1]), dtype=np.float32)
+            pooled[b] = mean
     model.train(was_training)
-    return out
+    return (out, pooled) if features else out
+
+
+def _mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """The mean of each row's hidden states over its real tokens (padding excluded), in fp32."""
+    mask = mask.unsqueeze(-1).float()
+    return ((hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu().numpy()
 
 
 @contextlib.contextmanager
@@ -55,9 +68,10 @@ def exact_fp32():
 
 
 def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 0,
-                   progress: bool = False, dtype: torch.dtype | None = None) -> np.ndarray:
+                   progress: bool = False, dtype: torch.dtype | None = None, features: bool = False):
+    """`logits_for_ids` of the texts (and with `features` the pooled hidden states as well)."""
     return logits_for_ids(model, encode(tokenizer, texts, max_length), batch_size, tokenizer.pad_token_id,
-                          progress=progress, dtype=dtype)
+                          progress=progress, dtype=dtype, features=features)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

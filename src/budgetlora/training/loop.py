@@ -13,12 +13,11 @@ and AdamW is fused.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,10 +27,6 @@ from budgetlora.adapters import methods
 from budgetlora.data.tokens import Tokens, length_grouped_batches
 from budgetlora.errors import BudgetloraError
 from budgetlora.hardware import resolve_precision
-
-
-class Interrupted(Exception):
-    """Raised by the `stop_after` hook, to test that a killed run resumes exactly."""
 
 
 class CheckpointError(BudgetloraError, RuntimeError):
@@ -75,6 +70,32 @@ def make_accelerator(tc):
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
     return Accelerator(mixed_precision=precision(tc), cpu=not torch.cuda.is_available(),
                        dynamo_backend="inductor" if tc.compile else "no")
+
+
+@dataclass(frozen=True)
+class Steps:
+    total: int  # optimizer steps of the whole run
+    per_epoch: int
+    eval_every: int  # validation (and checkpoint) interval
+
+
+def count_steps(tc, n_rows: int) -> Steps:
+    """The length of a run over `n_rows` training rows: train.epochs, cut at train.max_steps when that comes first;
+    validation every train.eval_every steps, or once per epoch."""
+    per_epoch = math.ceil(n_rows / tc.batch_size)
+    total = math.ceil(tc.epochs * per_epoch)
+    if tc.max_steps:
+        total = min(total, tc.max_steps)
+    return Steps(total, per_epoch, tc.eval_every or per_epoch)
+
+
+def prepare_method_training(acc, model, cfg, total_steps: int):
+    """`prepare_training` with what the config's adapter method adds: LoRA+'s learning rate for B, and the
+    method's step hooks (AdaLoRA's schedule is set from `total_steps`). Every pass that trains a model of `cfg`
+    comes through here, so they all optimise alike. Returns (model, optimizer, scheduler, loss_fn, hooks)."""
+    hooks = methods.step_hooks(model, cfg, total_steps)
+    model, optimizer, scheduler, loss_fn = prepare_training(acc, model, cfg.train, total_steps, cfg.lora.b_lr_ratio)
+    return model, optimizer, scheduler, loss_fn, hooks
 
 
 def prepare_training(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0):
@@ -152,10 +173,15 @@ def resolve_padding(padding: str, device) -> str:
 class LoopInputs:
     epoch_tokens: Callable[[int], Tokens]  # the training tokens of an epoch (augmentation redraws them)
     labels: torch.Tensor
-    evaluate: Callable[[], dict]  # validation metrics of the model as it is now
+    # validation metrics of the model as it is now; None: a pass without validation (no best state, no early stop)
+    evaluate: Callable[[], dict] | None
     total_steps: int
     steps_per_epoch: int
     eval_every: int
+
+
+# on_step(state, rows): after every step, in every process, with the rows that process just trained on
+StepCallback = Callable[[dict, np.ndarray], None]
 
 
 def new_state() -> dict:
@@ -164,10 +190,13 @@ def new_state() -> dict:
 
 
 def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: LoopInputs, state: dict,
-        ckpt: Path | None = None, stop_after: int | None = None, on_record: Callable[[dict], None] | None = None,
-        log=print, desc: str = "train", hooks: methods.StepHooks | None = None) -> dict:
+        ckpt: Path | None = None, on_record: Callable[[dict], None] | None = None,
+        on_step: StepCallback | None = None, log=print, desc: str = "train",
+        hooks: methods.StepHooks | None = None) -> dict:
     """Train until inputs.total_steps or early stop; returns the state (history, best trainable weights, ...).
-    hooks: what the adapter method adds to each step (methods.step_hooks)."""
+    hooks: what the adapter method adds to each step (methods.step_hooks). on_record: each history record, in the
+    main process. on_step: called after each step's validation and checkpoint, if any; an exception it raises ends
+    the run there, with the checkpoints written so far kept."""
     from tqdm.auto import tqdm
 
     main = acc.is_main_process
@@ -188,8 +217,6 @@ def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: 
         if on_record is not None and main:
             on_record(entry)
 
-    # debugging aid: BUDGETLORA_TRACE_ROWS=<dir> makes each process log the training rows it used, one line a step
-    trace = os.environ.get("BUDGETLORA_TRACE_ROWS")
     model.train()
     bar = tqdm(total=total, initial=state["step"], desc=desc, disable=not main)
     stop = False
@@ -199,9 +226,6 @@ def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: 
         batches = length_grouped_batches(tokens.lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length)
         local = [rows[acc.process_index::acc.num_processes] for rows in batches[in_epoch:]]  # disjoint shards
         for rows, batch, targets in device_batches(tokens, inputs.labels, local, acc.device, padding, max_length):
-            if trace:
-                with open(Path(trace) / f"rows.{acc.process_index}.txt", "a") as f:
-                    f.write(" ".join(map(str, rows)) + "\n")
             loss_sum += train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, tc.grad_clip,
                                    hooks=hooks, step=state["step"])
             loss_n += 1
@@ -213,32 +237,40 @@ def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: 
                 bar.set_postfix(loss=f"{mean:.4f}")
                 loss_sum.zero_()
                 loss_n = 0
-            if state["step"] % eval_every == 0 or state["step"] == total:
-                t_eval = time.time()
-                m = inputs.evaluate()
-                state["eval_time"] += time.time() - t_eval
-                record({"val_loss": m["loss"], "val_accuracy": m["accuracy"]})
-                log(f"step {state['step']}/{total}: val loss {m['loss']:.4f}, acc {m['accuracy']:.4f}")
-                if m["loss"] < state["best_loss"]:
-                    state.update(best=trainable_state(acc.unwrap_model(model)), best_loss=m["loss"],
-                                 best_step=state["step"], bad_evals=0)
-                else:
-                    state["bad_evals"] += 1
-                    if tc.patience and state["bad_evals"] >= tc.patience:
-                        log(f"early stop: val loss did not improve for {tc.patience} evaluations")
-                        stop = True
+            at_eval = state["step"] % eval_every == 0 or state["step"] == total
+            if at_eval and inputs.evaluate is not None:
+                stop = _validate(acc, model, tc, inputs.evaluate, total, state, record, log)
                 state["elapsed"] = time.time() - t0
                 # the partial loss of the steps since the last logging point is not kept: checkpoints fall on
                 # evaluation points, which are logging points too
                 if main and ckpt is not None and state["step"] < total and not stop:
                     save_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler, state)
-            if stop_after is not None and state["step"] >= stop_after:
-                raise Interrupted(f"stopped after step {state['step']}")
+            if on_step is not None:
+                on_step(state, rows)
             if stop or state["step"] >= total:
                 break
     bar.close()
     state["train_time"] = time.time() - t0
     return state
+
+
+def _validate(acc, model, tc, evaluate: Callable[[], dict], total: int, state: dict, record, log) -> bool:
+    """One validation point: record it, keep the best state, count evaluations without improvement. Returns whether
+    early stopping (train.patience) ends the run here."""
+    t_eval = time.time()
+    m = evaluate()
+    state["eval_time"] += time.time() - t_eval
+    record({"val_loss": m["loss"], "val_accuracy": m["accuracy"]})
+    log(f"step {state['step']}/{total}: val loss {m['loss']:.4f}, acc {m['accuracy']:.4f}")
+    if m["loss"] < state["best_loss"]:
+        state.update(best=trainable_state(acc.unwrap_model(model)), best_loss=m["loss"], best_step=state["step"],
+                     bad_evals=0)
+        return False
+    state["bad_evals"] += 1
+    if tc.patience and state["bad_evals"] >= tc.patience:
+        log(f"early stop: val loss did not improve for {tc.patience} evaluations")
+        return True
+    return False
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------

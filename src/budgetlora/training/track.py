@@ -1,4 +1,5 @@
-"""Experiment tracking for one training run: `budgetlora train --track tensorboard|mlflow`.
+"""Experiment tracking: `budgetlora train --track tensorboard|mlflow` for one training run, and the same
+writers for `budgetlora sweep --track`, which logs each finished trial.
 
 The loop hands each history record to `on_record` as it is made (train loss and learning rate at every logging
 point, validation loss and accuracy at every evaluation); the tracker writes them to TensorBoard event files or a
@@ -10,7 +11,8 @@ Logs go beside the run folders, not into them (a run folder only receives whole 
 `<runs>/tensorboard/<run id>/` (`tensorboard --logdir runs/tensorboard`), or the MLflow store `<runs>/mlflow.db`
 (`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`; experiment "budgetlora", run name = run id). MLflow's
 plain-folder store is in maintenance mode and refuses to start by default, hence SQLite (which optuna's
-dependencies already bring).
+dependencies already bring). A sweep logs the same way inside its own folder: `<sweep>/tensorboard/trial-NNNN/` or
+`<sweep>/mlflow.db` (experiment = the sweep's name, run name = trial-NNNN).
 """
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ import os
 import time
 from pathlib import Path
 
+import yaml
+
 from budgetlora import runs
 from budgetlora.config import Config, ConfigError
 
+EXPERIMENT = "budgetlora"  # the MLflow experiment of single runs; a sweep logs to one named after it
 KINDS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # kind -> the module it needs (mlflow-skinny has it)
 # history keys -> scalar names, grouped the way TensorBoard shows them
 RECORD_TAGS = {"train_loss": "train/loss", "lr": "train/lr", "val_loss": "val/loss", "val_accuracy": "val/accuracy"}
@@ -38,12 +43,14 @@ def check(kind: str) -> None:
 
 
 class TensorBoardTracker:
-    def __init__(self, folder: Path, cfg: Config):
+    """One event folder per tracked run; its parameters shown as YAML text beside the scalars."""
+
+    def __init__(self, folder: Path, params: dict):
         from torch.utils.tensorboard import SummaryWriter
 
         self.folder = folder
         self.writer = SummaryWriter(str(folder))
-        self.writer.add_text("config", "```yaml\n" + cfg.to_yaml() + "\n```")
+        self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(params, sort_keys=False) + "\n```")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -55,17 +62,19 @@ class TensorBoardTracker:
 
 
 class MlflowTracker:
-    def __init__(self, db: Path, cfg: Config):
+    """One MLflow run in the SQLite store `db`: its parameters flattened to dotted names."""
+
+    def __init__(self, db: Path, name: str, params: dict, experiment: str = EXPERIMENT, tags: dict | None = None):
         import mlflow
         from mlflow.entities import Param
 
         self.folder = db
         db.parent.mkdir(parents=True, exist_ok=True)
         self.client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db.resolve()}")
-        exp = self.client.get_experiment_by_name("budgetlora")
-        exp_id = exp.experiment_id if exp else self.client.create_experiment("budgetlora")
-        self.run_id = self.client.create_run(exp_id, run_name=cfg.run_id, tags={"run_id": cfg.run_id}).info.run_id
-        params = [Param(k, str(v)[:500]) for k, v in _flatten(cfg.to_dict()).items()]
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags or {}).info.run_id
+        params = [Param(k, str(v)[:500]) for k, v in _flatten(params).items()]
         self.client.log_batch(self.run_id, params=params)  # one transaction, not one per field
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -99,14 +108,23 @@ class NoTracker:
         pass
 
 
-def open_tracker(kind: str, cfg: Config, root: str | Path):
+def open_writer(kind: str, root: str | Path, name: str, params: dict, experiment: str = EXPERIMENT,
+                tags: dict | None = None):
+    """A tracker for one run called `name` under `root`: the event folder `root/tensorboard/<name>/`, or a run of
+    `experiment` in the MLflow store `root/mlflow.db`. `train --track` opens one per run, `sweep --track` one per
+    finished trial."""
     check(kind)
     root = Path(root)
+    if kind == "tensorboard":
+        return TensorBoardTracker(root / "tensorboard" / name, params)
+    return MlflowTracker(root / "mlflow.db", name, params, experiment, tags)
+
+
+def open_tracker(kind: str, cfg: Config, root: str | Path):
+    check(kind)
     if int(os.environ.get("RANK", "0")) != 0:  # set by torch.distributed.run / accelerate for every process
         return NoTracker()
-    if kind == "tensorboard":
-        return TensorBoardTracker(root / "tensorboard" / cfg.run_id, cfg)
-    return MlflowTracker(root / "mlflow.db", cfg)
+    return open_writer(kind, root, cfg.run_id, cfg.to_dict(), tags={"run_id": cfg.run_id})
 
 
 def record_values(entry: dict) -> dict[str, float]:

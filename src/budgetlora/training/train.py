@@ -23,7 +23,6 @@ from budgetlora.data.tokens import Tokens, encode
 from budgetlora.hardware import PeakMemory, inference_dtype, set_threads, trim_memory
 from budgetlora.training import loop
 from budgetlora.training.evaluate import eval_batch_size, logits_for_ids, metrics
-from budgetlora.training.loop import Interrupted  # noqa: F401  (re-exported: callers stop a run with it in tests)
 from budgetlora.training.prepare import prepare
 
 
@@ -52,24 +51,27 @@ def init_from_run(model, cfg: Config) -> None:
 
 
 def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Split] | None = None,
-          force: bool = False, stop_after: int | None = None, on_record=None, log=print) -> Path:
+          force: bool = False, on_record=None, on_step: loop.StepCallback | None = None, log=print) -> Path:
     """Train one config into `root/<run id>/` and return that folder. A finished run is not trained again.
 
     data: train/val/test splits to use instead of the config's sources (pseudo labels and filters still apply).
-    on_record: called with each history record (train loss and lr, or validation metrics) as it is made."""
+    on_record: called with each history record (train loss and lr, or validation metrics) as it is made.
+    on_step: called after every training step with the loop's state and the rows trained on (loop.run)."""
     out = runs.run_dir(cfg, root)
-    if runs.is_finished(out) and not force:
-        log(f"run {cfg.run_id} already finished: {out}")
-        return out
-    threads = torch.get_num_threads()
-    try:
-        with PeakMemory() as memory:  # the run's own peak, even when several runs share a process
-            return _train(cfg, out, memory, data, force, stop_after, on_record, log)
-    finally:
-        torch.set_num_threads(threads)  # train.threads holds for the run, not for the caller's process after it
+    # the finished check is made under the lock: a second process on the same run id waits, then reuses the run
+    with runs.run_lock(root, cfg.run_id):
+        if runs.is_finished(out) and not force:
+            log(f"run {cfg.run_id} already finished: {out}")
+            return out
+        threads = torch.get_num_threads()
+        try:
+            with PeakMemory() as memory:  # the run's own peak, even when several runs share a process
+                return _train(cfg, out, memory, data, force, on_record, on_step, log)
+        finally:
+            torch.set_num_threads(threads)  # train.threads holds for the run, not for the caller's process after it
 
 
-def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, stop_after, on_record, log) -> Path:
+def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, on_step, log) -> Path:
     tc = cfg.train
     threads = set_threads(tc.threads)
     acc = loop.make_accelerator(tc)
@@ -99,12 +101,8 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, stop_after, 
         from budgetlora.data.augment import augment_texts  # fresh edits every epoch, reproducible from (seed, epoch)
         return Tokens(encode(tokenizer, augment_texts(train_split.texts, cfg.augment, tc.seed, epoch), ml), pad)
 
-    steps_per_epoch = math.ceil(len(train_split) / tc.batch_size)
-    total_steps = math.ceil(tc.epochs * steps_per_epoch)
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
-    hooks = methods.step_hooks(model, cfg, total_steps)  # AdaLoRA: its schedule needs the run's length
-    model, optimizer, scheduler, loss_fn = loop.prepare_training(acc, model, tc, total_steps, cfg.lora.b_lr_ratio)
+    steps = loop.count_steps(tc, len(train_split))
+    model, optimizer, scheduler, loss_fn, hooks = loop.prepare_method_training(acc, model, cfg, steps.total)
     eval_batch = eval_batch_size(tc.eval_batch_size, acc.device)
     infer_dtype = inference_dtype(tc.precision, acc.device)  # validation under the training precision
 
@@ -121,10 +119,10 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, stop_after, 
     if ckpt.is_file() and not force:
         state = loop.load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler)
         log(f"resuming run {cfg.run_id} from step {state['step']}")
-    inputs = loop.LoopInputs(epoch_tokens, torch.as_tensor(train_split.labels), evaluate_val, total_steps,
-                             steps_per_epoch, tc.eval_every or steps_per_epoch)
+    inputs = loop.LoopInputs(epoch_tokens, torch.as_tensor(train_split.labels), evaluate_val, steps.total,
+                             steps.per_epoch, steps.eval_every)
     state = loop.run(acc, model, optimizer, scheduler, loss_fn, tc, ml, inputs, state, ckpt=ckpt,
-                     stop_after=stop_after, on_record=on_record, log=log, desc=f"train {cfg.run_id}", hooks=hooks)
+                     on_record=on_record, on_step=on_step, log=log, desc=f"train {cfg.run_id}", hooks=hooks)
 
     trim_memory()  # the loop's freed activations back to the OS before evaluation and saving
     # the plain module: accelerate's autocast wrapper removed, so what is evaluated and saved is the fp32 model
