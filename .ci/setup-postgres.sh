@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A PostgreSQL server for the sweep tests (tests/test_sweep_postgres.py): Debian's postgresql package, one cluster
+# A PostgreSQL server for the sweep tests (tests/experiments/test_sweep_postgres.py): Debian's postgresql package, one cluster
 # on 127.0.0.1 on a free port, run by a non-root user, and one database. Prints the database URL on stdout (all
 # else goes to stderr). Idempotent: a cluster this script started and still running is reused at once.
 set -euo pipefail

@@ -11,6 +11,7 @@ from budgetlora.config import Config
 from budgetlora.data.readers import default_data_dir
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+QUIET = {"log": lambda *a, **k: None}
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +47,21 @@ def tiny_run(tmp_path_factory, small_csvs) -> Path:
     from budgetlora.training.train import train
 
     return train(tiny_config(small_csvs), root=tmp_path_factory.mktemp("runs"), log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="session")
+def noisy_run(tmp_path_factory, small_csvs):
+    """A tiny run trained with the noisy-label filter: 222 rows -> 22 validation + 200 training rows."""
+    from budgetlora.training.train import train
+
+    cfg = tiny_config(small_csvs, **{"data.train_limit": 222, "data.test_limit": 40, "train.max_steps": 6,
+                                     "filter.noisy_fraction": 0.05})
+    return train(cfg, root=tmp_path_factory.mktemp("runs"), **QUIET)
+
+
+@pytest.fixture(scope="session")
+def unlabelled(tmp_path_factory, small_csvs):
+    """100 test texts without their label column: nothing downstream can read a gold label."""
+    path = tmp_path_factory.mktemp("unl") / "unlabelled.csv"
+    pd.read_csv(small_csvs[1])[["text"]].head(100).to_csv(path, index=False)
+    return path

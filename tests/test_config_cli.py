@@ -67,6 +67,7 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "o.csv").exists()
 
 
+@pytest.mark.slow
 def test_cli_train_evaluate_predict(tmp_path, small_csvs, tiny_run):
     """The console script end to end: train on tiny data, evaluate, predict a pickled Dataset."""
     import datasets

@@ -137,6 +137,7 @@ METRICS_CASES = [(c, "garbage") for c in ALL] + [("predict --prior-correction", 
     (c, d) for c in ("predict --prior-correction", "self-train", "serve", "report") for d in ("missing", "no_keys")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command,damage", METRICS_CASES)
 def test_metrics_readers(tiny_run, tmp_path, inputs, capsys, served, command, damage):
     run = damaged(tiny_run, tmp_path, runs.METRICS, damage)

@@ -67,6 +67,7 @@ def test_free_cores_leaves_busy_cores_alone(monkeypatch):
         assert hardware.free_cores() == expected
 
 
+@pytest.mark.slow
 def test_busy_cores_sees_a_spinning_process():
     import multiprocessing
 
@@ -145,10 +146,10 @@ def test_the_api_answers_a_text_the_same_whatever_shares_its_batch(tiny_run):
     assert np.abs(together[:6] - alone).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_train_threads_hold_for_the_run_only(small_csvs, tmp_path):
     from budgetlora.training.train import train
-
-    from .conftest import tiny_config
+    from tests.conftest import tiny_config
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # the caller's own setting, which the run's single thread must not outlive

@@ -5,14 +5,14 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from budgetlora.data.tokens import WIDTH_LADDER, Tokens, padded_width
 from budgetlora.inference.load import load_run
 from budgetlora.training.evaluate import logits_for_ids
 from budgetlora.training.train import train
-
-from .conftest import tiny_config
+from tests.conftest import tiny_config
 
 
 def test_bucketed_widths_are_few_and_bounded():
@@ -44,6 +44,7 @@ def test_bucketed_padding_changes_no_prediction(tiny_run):
     np.testing.assert_allclose(buckets, longest, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_loop_reads_the_loss_only_at_logging_points(small_csvs, tmp_path, monkeypatch):
     """20 steps logged every 2: the loop itself moves a value from the device to the host once per logging point
     (the optimizer's own reads are the library's business and differ between CPU and GPU kernels)."""

@@ -22,7 +22,7 @@ import pytest
 from budgetlora.cli import main
 from budgetlora.experiments.spec import load_spec
 from budgetlora.experiments.sweep import default_storage, run_sweep, summary
-from tests.test_sweep import GRID, calls, fake_runner, write_spec
+from tests.experiments.test_sweep import GRID, calls, fake_runner, write_spec
 
 SLOW_POINT = {"lora.r": 4, "lora.alpha": 8}
 
@@ -73,6 +73,7 @@ def _trials(spec, url):
     return optuna.load_study(study_name=spec.name, storage=url).get_trials()
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_postgres_study(tmp_path, monkeypatch, pg_url):
     monkeypatch.setenv("FAKE_RUN_S", "0.5")  # inherited by the spawned workers: trials overlap
     spec = _spec(tmp_path)
@@ -91,10 +92,12 @@ def test_two_workers_share_one_postgres_study(tmp_path, monkeypatch, pg_url):
     optuna.delete_study(study_name=spec.name, storage=pg_url)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_trial_is_failed_retried_and_the_sweep_completes(tmp_path, monkeypatch, pg_url):
     _kill_one_worker(tmp_path, monkeypatch, pg_url)
 
 
+@pytest.mark.slow
 def test_the_same_on_sqlite(tmp_path, monkeypatch):
     """Heartbeats work on any RDB storage: the default SQLite file behaves the same."""
     _kill_one_worker(tmp_path, monkeypatch, None)

@@ -6,14 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from budgetlora import runs
 from budgetlora.data.readers import load_data
 from budgetlora.training import loop
 from budgetlora.training.noisy import record_points, training_probabilities
 from budgetlora.training.train import train
-
-from .conftest import tiny_config
-
-QUIET = {"log": lambda *a, **k: None}
+from tests.conftest import QUIET, tiny_config
 
 
 def test_record_points():
@@ -26,6 +24,7 @@ def test_record_points():
     assert loop.count_steps(cfg.replace(**{"train.max_steps": 7}).train, 100).total == 7
 
 
+@pytest.mark.slow
 def test_training_probabilities_shape(small_csvs):
     cfg = tiny_config(small_csvs, **{"data.train_limit": 60, "train.max_steps": 3})
     train_split = load_data(cfg)["train"]
@@ -64,6 +63,7 @@ class LoopSpy:
         return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,hooks", [
     ({"method": "lora", "lora.b_lr_ratio": 4.0}, "StepHooks"),
     ({"method": "adalora", "adalora.init_r": 4, "adalora.target_r": 2, "adalora.delta_t": 1}, "AdaLoraHooks"),
@@ -92,3 +92,12 @@ def test_first_pass_trains_as_the_run_does(small_csvs, tmp_path, monkeypatch, ov
     assert first["weights"].keys() == run["weights"].keys()
     for name, w in first["weights"].items():
         torch.testing.assert_close(w, run["weights"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_noisy_filter_report_in_metrics(noisy_run):
+    m = runs.read_json(noisy_run / runs.METRICS)
+    rep = m["filters"]["noisy_fraction"]
+    assert rep["removed"] == round(0.05 * 200) == sum(rep["per_class"])
+    assert len(rep["per_class"]) == 4 and rep["records"] == 3
+    assert rep["kept"] == m["filters"]["kept"] == 190 == sum(m["train_class_counts"])

@@ -75,6 +75,7 @@ def trials(spec, state):
 GRID = {"lora.r": [1, 2, 4, 8], "lora.alpha": [8, 16]}
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_RUN_S", "1.0")  # inherited by the spawned workers
     spec = load_spec(write_spec(tmp_path, grid=GRID), root=tmp_path / "sweeps")
@@ -89,6 +90,7 @@ def test_two_workers_share_one_study(tmp_path, monkeypatch):
     assert s["best"]["params"] == {"lora.r": 8, "lora.alpha": 16}
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_retraining(tmp_path):
     path = write_spec(tmp_path, grid=GRID)
     spec = load_spec(path, root=tmp_path / "sweeps")
@@ -160,6 +162,7 @@ def test_bad_specs_and_tracking_give_clear_errors(tmp_path):
             run_sweep(spec, runner=fake_runner, track="tensorboard", log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_search_runs_n_trials(tmp_path):
     spec = load_spec(write_spec(tmp_path, n_trials=5, search={"lora.r": {"low": 1, "high": 8},
                                                              "lora.alpha": {"choices": [8, 16]}}),
@@ -168,6 +171,7 @@ def test_search_runs_n_trials(tmp_path):
     assert s["states"]["COMPLETE"] == 5 and len(calls(spec)) == len(set(calls(spec))) <= 5
 
 
+@pytest.mark.slow
 def test_real_training_sweep(tmp_path, small_csvs):
     """Two grid points through the real training loop on tiny data, then the report."""
     train, test = small_csvs
@@ -188,6 +192,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(tmp_path):
     browser = _chromium()
     if browser is None:
@@ -218,6 +223,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(re.findall(r'<tr class="run', dom)) == n
 
 
+@pytest.mark.slow
 def test_a_grid_point_drawn_twice_is_not_trained_twice(tmp_path):
     """The duplicate a racing worker could draw is recorded as a pruned duplicate, without a second training."""
     spec = load_spec(write_spec(tmp_path, grid={"lora.r": [2, 4]}), root=tmp_path / "sweeps")

@@ -11,8 +11,7 @@ from budgetlora import runs
 from budgetlora.cli import main
 from budgetlora.config import ConfigError
 from budgetlora.training.track import FINAL_TAGS, check, open_tracker, record_values
-
-from .conftest import tiny_config
+from tests.conftest import tiny_config
 
 REL = 1e-6  # event files store scalars as float32
 
@@ -39,6 +38,7 @@ def _close(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> bool:
         abs(g - w) <= REL * max(1.0, abs(w)) for (_, g), (_, w) in zip(got, want))
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_history_and_final_metrics(small_csvs, tiny_run, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -65,6 +65,7 @@ def test_tensorboard_events_hold_history_and_final_metrics(small_csvs, tiny_run,
         assert _close(scalars(tag), [(m["steps"], m[key])]), (tag, scalars(tag), m[key])
 
 
+@pytest.mark.slow
 def test_mlflow_store_holds_what_it_was_given(tiny_run, tmp_path):
     """The MLflow backend, fed the tiny run's real history records and final metrics, reads back the same."""
     import mlflow
@@ -95,8 +96,7 @@ def test_unknown_tracker_is_refused():
 def _sweep(tmp_path, kind):
     from budgetlora.experiments.spec import load_spec
     from budgetlora.experiments.sweep import run_sweep
-
-    from .test_sweep import fake_runner, write_spec
+    from tests.experiments.test_sweep import fake_runner, write_spec
 
     tmp_path.mkdir()
     spec = load_spec(write_spec(tmp_path, grid={"lora.r": [1, 2]}), root=tmp_path / "sweeps")
@@ -108,6 +108,7 @@ def _sweep(tmp_path, kind):
     return spec, metrics
 
 
+@pytest.mark.slow
 def test_sweep_tracks_each_trial_with_the_same_writers(tmp_path):
     """`sweep --track` goes through training.track's writers: one TensorBoard folder per finished trial, and one
     MLflow run per trial in the sweep's own store, each holding what the trial's metrics.json says."""

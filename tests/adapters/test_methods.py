@@ -12,8 +12,7 @@ from budgetlora.adapters import methods
 from budgetlora.adapters.budget import BudgetError, fill, plan
 from budgetlora.config import METHODS, Config, ConfigError
 from budgetlora.config.sections import METHOD_SECTIONS
-
-from .conftest import tiny_config
+from tests.conftest import tiny_config
 
 ROBERTA = Config().replace(**{"model.name": "roberta-base", "model.random_init": True, "model.tokenizer": "minilm",
                               "lora.targets": "q,v"})
@@ -47,6 +46,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_planner_matches_peft(case):
     """The plan (meta device, no weights) equals the hand count and peft's own count on the built model."""
@@ -193,6 +193,7 @@ RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_tiny_run_reloads_and_merges(name, small_csvs, tmp_path):
     from safetensors.torch import load_file
@@ -250,6 +251,7 @@ def test_export_refuses_a_method_that_cannot_merge(tmp_path, monkeypatch):
         export_merged(run, tmp_path / "out", log=lambda *a, **k: None)
 
 
+@pytest.mark.slow
 def test_methods_sweep_one_trial_per_variant_at_its_filled_setting(tmp_path):
     """The shipped methods spec: one trial per variant, each at its largest setting under the same budget, with
     the same data, steps and seed; the leaderboard names every method."""
@@ -259,10 +261,9 @@ def test_methods_sweep_one_trial_per_variant_at_its_filled_setting(tmp_path):
     from budgetlora.experiments.leaderboard import _axis, collect, write_report
     from budgetlora.experiments.spec import load_spec
     from budgetlora.experiments.sweep import run_sweep
+    from tests.experiments.test_sweep import fake_runner
 
-    from .test_sweep import fake_runner
-
-    spec_path = Path(__file__).parent.parent / "configs" / "sweeps" / "methods-minilm.yaml"
+    spec_path = Path(__file__).resolve().parents[2] / "configs" / "sweeps" / "methods-minilm.yaml"
     spec = load_spec(spec_path, root=tmp_path / "sweeps")
     assert spec.grid == {"variant": ["lora", "dora", "rslora", "lora-plus", "pissa", "olora", "adalora", "vera",
                                      "loha", "lokr", "ia3"]}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from budgetlora import runs
 from budgetlora.training.card import CARD, model_card, read_header
 
@@ -12,6 +14,7 @@ def _card(run):
     return (run / CARD).read_text(), json.loads((run / runs.METRICS).read_text())
 
 
+@pytest.mark.slow
 def test_card_header_parses_and_holds_the_metrics(tiny_run):
     text, m = _card(tiny_run)
     head = read_header(text)

@@ -73,6 +73,7 @@ def _full_disk_in_safetensors(monkeypatch):
     monkeypatch.setattr(PeftModel, "save_pretrained", full)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fill", [_full_disk_on_verify, _full_disk_in_safetensors])
 def test_a_full_disk_is_one_line_and_marks_nothing_finished(tmp_path, small_csvs, tiny_run, capsys, monkeypatch,
                                                            fill):
@@ -103,8 +104,9 @@ def _train_in_child(cfg, root: str, report: str, barrier) -> None:
     Path(report).write_text(json.dumps({"out": str(out), "log": lines}))
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_run_train_it_once(tmp_path, small_csvs):
-    from .conftest import tiny_config
+    from tests.conftest import tiny_config
 
     cfg = tiny_config(small_csvs, **{"train.max_steps": 2, "train.eval_every": 2})
     ctx = multiprocessing.get_context("spawn")

@@ -131,6 +131,7 @@ def test_vocab_overlap():
 
 
 # -- the report of a real run -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_shift_report_files(tiny_run, small_csvs, tmp_path, capsys):
     test = pd.read_csv(small_csvs[1])
     target = tmp_path / "target.csv"
@@ -163,6 +164,7 @@ def test_shift_refuses_a_tiny_target(tiny_run, tmp_path, capsys):
     assert "at least 10" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_submit_end_to_end(tiny_run, small_csvs, tmp_path):
     """Train (the tiny run is found finished and reused), analyse, one gated self-training round, gated prior
     correction, ID,Label CSV and the report of what was done."""

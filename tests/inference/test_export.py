@@ -57,6 +57,7 @@ def test_merged_logits_match_unmerged(exported, tiny_run):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
 
 
+@pytest.mark.slow
 def test_export_loads_without_peft(exported, tiny_run):
     out, _ = exported
     texts = runs.read_json(tiny_run / runs.VERIFY)["texts"][:12]

@@ -24,7 +24,7 @@ from budgetlora import runs
 from budgetlora.cli import build_parser
 from budgetlora.config import from_flags
 from budgetlora.inference.serve import run_info
-from tests.test_serve import BAD_BODIES, MAX_BODY, MAX_CHARS, MAX_TEXTS, TEXTS
+from tests.inference.test_serve import BAD_BODIES, MAX_BODY, MAX_CHARS, MAX_TEXTS, TEXTS
 
 CONCURRENCY = 32
 ROUND = 160  # requests per load round
@@ -163,6 +163,7 @@ def _check_prediction(res, classifier) -> None:
     assert (np.asarray(res["body"]["labels"])[clear] == expected.argmax(1)[clear]).all()
 
 
+@pytest.mark.slow
 def test_mixed_load_is_answered_correctly_with_bounded_memory(server, classifier):
     warm = asyncio.run(_load(server.url, _requests(ROUND, seed=0)))
     _check_answered(warm, classifier)
@@ -205,6 +206,7 @@ def _leaves(obj):
         yield obj
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_finishes_in_flight_requests_and_exits_cleanly(tiny_run, classifier, tmp_path):
     srv = Server(tiny_run, tmp_path / "server.log")
     sent: dict = {}

@@ -18,10 +18,7 @@ from budgetlora.hardware import inference_dtype
 from budgetlora.inference.load import LOGIT_TOLERANCE, VerificationError, load_run, verify_reload
 from budgetlora.inference.predict import predict_file
 from budgetlora.training.train import train
-
-from .conftest import tiny_config
-
-QUIET = {"log": lambda *a, **k: None}
+from tests.conftest import QUIET, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +27,7 @@ def bf16_run(tmp_path_factory, small_csvs) -> Path:
     return train(cfg, root=tmp_path_factory.mktemp("bf16"), **QUIET)
 
 
+@pytest.mark.slow
 def test_bf16_run_stores_plain_fp32_logits(bf16_run):
     """The verification sample comes from the model without its autocast wrapper: a fp32 reload matches it far
     inside the tolerance (bf16 logits drift by ~1e-3 on this model)."""
@@ -45,6 +43,7 @@ def test_bf16_run_stores_plain_fp32_logits(bf16_run):
         assert 0 < np.abs(fast - stored).max() < 0.1
 
 
+@pytest.mark.slow
 def test_bf16_run_predicts_loads_serves_and_exports(bf16_run, small_csvs, tmp_path):
     from fastapi.testclient import TestClient
 
@@ -84,6 +83,7 @@ def test_decided_label_change_or_drift_is_refused(tmp_path):
         verify_reload(_fake_loaded(tmp_path, expected, expected + 5 * LOGIT_TOLERANCE))
 
 
+@pytest.mark.slow
 def test_moved_run_with_moved_base(tmp_path, small_csvs, capsys):
     """Train on a local base folder, then move both: loading needs --base, and works with it."""
     first = tmp_path / "models" / "base-a"

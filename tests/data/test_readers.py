@@ -21,7 +21,7 @@ from budgetlora.config import Config
 from budgetlora.data.readers import DataError, load_data, load_split
 
 CFG = Config()
-KAGGLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "agnews_kaggle" / "test_unlabelled.pkl"
+KAGGLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "agnews_kaggle" / "test_unlabelled.pkl"
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -56,6 +56,7 @@ def texts(small_csvs) -> list[str]:
     return test + ["x", "A very long headline " * 40]  # one token; far past max_length (truncated)
 
 
+@pytest.mark.slow
 def test_export_writes_a_checked_onnx_folder(onnx_export, tiny_run):
     out, info = onnx_export
     assert (out / MODEL_FILE).is_file() and (out / "tokenizer.json").is_file()
@@ -69,6 +70,7 @@ def test_export_writes_a_checked_onnx_folder(onnx_export, tiny_run):
         export_onnx(tiny_run, out, log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_onnxruntime_logits_match_torch(onnx_export, tiny_run, texts):
     out, _ = onnx_export
     torch_logits = budgetlora.load(tiny_run, verify=False).logits(texts)
@@ -86,6 +88,7 @@ def test_onnxruntime_logits_match_torch(onnx_export, tiny_run, texts):
         model.logits("one string")
 
 
+@pytest.mark.slow
 def test_onnx_service_runs_without_torch(onnx_export, tiny_run, texts):
     out, _ = onnx_export
     sample = texts[:5]
@@ -109,6 +112,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_cli_serves_a_run_folder_holding_an_onnx_export(onnx_export, tmp_path):
     out, _ = onnx_export
     run = tmp_path / "run"  # a run folder with its export in onnx/, as the hint in the error message suggests

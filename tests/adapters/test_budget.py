@@ -24,6 +24,7 @@ def test_roberta_base_counts(r, targets, total):
     assert p.head_params == 593_668
 
 
+@pytest.mark.slow
 def test_counts_match_peft():
     """Build the real (random-weight) model for two configs and let peft count."""
     from budgetlora.adapters.model import build, count_trainable

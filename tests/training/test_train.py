@@ -7,10 +7,7 @@ from budgetlora import runs
 from budgetlora.adapters.budget import BudgetError
 from budgetlora.config import Config
 from budgetlora.training.train import train
-
-from .conftest import tiny_config
-
-QUIET = {"log": lambda *a, **k: None}
+from tests.conftest import QUIET, tiny_config
 
 
 class Killed(Exception):
@@ -25,6 +22,7 @@ def kill_after(step: int):
     return on_step
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(tmp_path, small_csvs):
     cfg = tiny_config(small_csvs, **{"train.max_steps": 8, "train.eval_every": 3, "lora.dropout": 0.1})
     whole = train(cfg, root=tmp_path / "a", **QUIET)
@@ -41,6 +39,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, small_csvs):
     assert ma["val_loss"] == mb["val_loss"] and ma["best_step"] == mb["best_step"]
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_retrained_and_failures_keep_old_runs(tmp_path, small_csvs):
     cfg = tiny_config(small_csvs, **{"train.max_steps": 2, "train.eval_every": 2})
     out = train(cfg, root=tmp_path, **QUIET)
@@ -58,6 +57,7 @@ def test_finished_run_is_not_retrained_and_failures_keep_old_runs(tmp_path, smal
     assert runs.is_finished(out) and train(cfg, root=tmp_path, **QUIET) == out
 
 
+@pytest.mark.slow
 def test_short_training_clearly_beats_chance(tmp_path):
     """The embedded model on 1,200 shipped training rows, one epoch: far above the 25% of chance."""
     cfg = Config().replace(**{"data.train_limit": 1200, "data.test_limit": 400, "model.max_length": 48,

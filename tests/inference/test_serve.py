@@ -143,6 +143,7 @@ def test_wrong_method_and_content_type(server):
     _ok(url)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_merged(server, classifier):
     url, app = server
     n = 50

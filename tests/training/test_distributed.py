@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -65,6 +66,7 @@ def _rows(path) -> list[list[int]]:
     return [[int(x) for x in line.split()] for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_match_one(tmp_path):
     _table(168, 0).to_csv(tmp_path / "train.csv", index=False)  # 160 train + 8 validation rows
     _table(40, 1).to_csv(tmp_path / "test.csv", index=False)
