@@ -94,6 +94,22 @@ def test_a_full_disk_is_one_line_and_marks_nothing_finished(tmp_path, small_csvs
     assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == kept
 
 
+@pytest.mark.slow
+def test_a_forced_retrain_that_cannot_be_written_leaves_the_finished_run_whole(tmp_path, small_csvs, capsys,
+                                                                              monkeypatch):
+    from budgetlora.cli import main
+
+    root = tmp_path / "runs"
+    assert main(["train", "--runs", str(root), *_flags(small_csvs, seed=3)]) == 0
+    (run,) = [p for p in root.iterdir() if p.is_dir() and p.name != runs.LOCKS]
+    kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    _full_disk_on_verify(monkeypatch)  # the new adapter is written, then the disk fills before metrics.json
+    assert main(["train", "--force", "--runs", str(root), *_flags(small_csvs, seed=3)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in kept} == kept  # every file of the finished run, byte for byte
+    assert runs.is_finished(run) and not [p for p in run.glob(".staging*")]
+
+
 # -- one run id, two processes ----------------------------------------------------------------------------------------
 def _train_in_child(cfg, root: str, report: str, barrier) -> None:
     from budgetlora.training.train import train

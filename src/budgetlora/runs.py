@@ -24,6 +24,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 VERIFY = "verify.json"
+PREDICTIONS = "test_predictions.csv"  # per-row test answers, for paired comparisons
 VERSIONS = "versions.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHECKPOINT = "checkpoint"
@@ -243,7 +244,9 @@ def versions() -> dict:
 
 
 def list_runs(root: Path) -> list[Path]:
-    return sorted(p.parent for p in Path(root).glob(f"**/{METRICS}") if is_finished(p.parent))
+    # a hidden folder is a run's staging area or a lock, never a run
+    return sorted(p.parent for p in Path(root).glob(f"**/{METRICS}")
+                  if is_finished(p.parent) and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 # -- whole folders --------------------------------------------------------------------------------------------------
@@ -278,3 +281,25 @@ def _publish_folder(tmp: Path, out: Path, force: bool) -> None:
     if out.is_dir():
         out.rmdir()
     os.replace(tmp, out)
+
+
+@contextmanager
+def staged_files(out: Path):
+    """Yield a hidden folder inside `out` to write a run's files into; when the block completes, each file is renamed
+    into `out` (metrics.json last, since it marks the run finished), and when it fails the folder is removed. A
+    retrain over a finished run so either replaces it whole or leaves it as it was: the writes that can fail for want
+    of space all happen in the staging folder, and renames need none."""
+    out = Path(out)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".staging.", dir=out))
+    try:
+        yield tmp
+        files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: (p.name == METRICS, str(p)))
+        with writing(out):
+            for f in files:
+                dest = out / f.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ TEXTS = ["Stocks rallied as oil prices fell.", "The striker scored twice in the 
 
 def test_run_folder_contents(tiny_run):
     for name in (*runs.ADAPTER_FILES, runs.CONFIG, runs.METRICS, runs.HISTORY, runs.VERIFY, runs.VERSIONS,
-                 "plots/loss.png", "plots/val_accuracy.png", "plots/confusion_matrix.png", "plots/summary.png"):
+                 runs.PREDICTIONS, "plots/loss.png", "plots/val_accuracy.png", "plots/confusion_matrix.png", "plots/summary.png"):
         assert (tiny_run / name).is_file(), name
     assert not (tiny_run / runs.CHECKPOINT).exists()
     m = runs.read_json(tiny_run / runs.METRICS)
@@ -25,6 +25,16 @@ def test_run_folder_contents(tiny_run):
 
     assert m["trainable_params"] == plan(runs.load_config(tiny_run)).total and 0 <= m["test_accuracy"] <= 1
     assert np.asarray(m["test_confusion_matrix"]).sum() == 120
+    assert not [p for p in tiny_run.iterdir() if p.name.startswith(".staging")]
+    # what the run cost, as PEFT's method comparison records it
+    assert m["adapter_bytes"] == sum((tiny_run / f).stat().st_size for f in runs.ADAPTER_FILES)
+    assert m["train_samples_per_s"] > 0 and m["train_tokens_per_s"] > m["train_samples_per_s"]
+    assert m["peak_rss_mb"] > 100 and m["wall_time_s"] >= m["train_time_s"] > 0
+    # per-row answers: one line per test row, agreeing with the accuracy and the confusion matrix
+    rows = np.loadtxt(tiny_run / runs.PREDICTIONS, delimiter=",", skiprows=1, dtype=np.int64)
+    assert rows.shape == (120, 3) and len(set(rows[:, 0])) == 120
+    assert (rows[:, 1] == rows[:, 2]).mean() == pytest.approx(m["test_accuracy"])
+    assert np.bincount(rows[:, 2], minlength=4).tolist() == np.asarray(m["test_confusion_matrix"]).sum(0).tolist()
     history = (tiny_run / runs.HISTORY).read_text().splitlines()
     assert len([r for r in history[1:] if r.split(",")[2]]) >= 2  # train loss rows are present
     weights = load_file(str(tiny_run / "adapter_model.safetensors"))

@@ -58,19 +58,31 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         # what the run cost: precision, threads, validation time inside train_time_s, peak memory (MiB)
         **(cost or {}), **(memory.as_dict() if memory is not None else {}),
     }
-    # the card is built from the JSON form of the same dict, so its numbers are exactly metrics.json's
-    card = model_card(cfg, json.loads(json.dumps(result, default=runs._jsonable)), plan.as_dict())
-    with runs.writing(out):
-        save_adapter(model, out)  # PEFT format; PiSSA/OLoRA converted to plain LoRA on the original base
-        runs.write_json(out / runs.VERIFY, verification_sample(model, tokenizer, val.texts[:VERIFY_ROWS], ml))
-        runs.write_text(out / runs.HISTORY, history_csv(state["history"]))
-        runs.write_json(out / runs.VERSIONS, runs.versions())
-        plot_run(out, state["history"], test_m["confusion_matrix"], class_names(n), title=cfg.name or cfg.run_id)
-        runs.write_text(out / CARD, card)
-        runs.write_json(out / runs.METRICS, result)
+    # the card is built from the JSON form of the same dict (below), so its numbers are exactly metrics.json's
+    with runs.staged_files(out) as stage:  # a retrain over a finished run replaces it whole or not at all
+        save_adapter(model, stage)  # PEFT format; PiSSA/OLoRA converted to plain LoRA on the original base
+        result["adapter_bytes"] = sum((stage / f).stat().st_size for f in runs.ADAPTER_FILES)
+        runs.write_json(stage / runs.VERIFY, verification_sample(model, tokenizer, val.texts[:VERIFY_ROWS], ml))
+        runs.write_text(stage / runs.PREDICTIONS, predictions_csv(test, test_logits))
+        runs.write_text(stage / runs.HISTORY, history_csv(state["history"]))
+        runs.write_json(stage / runs.VERSIONS, runs.versions())
+        plot_run(stage, state["history"], test_m["confusion_matrix"], class_names(n), title=cfg.name or cfg.run_id)
+        runs.write_text(stage / CARD, model_card(cfg, json.loads(json.dumps(result, default=runs._jsonable)),
+                                                 plan.as_dict()))
+        runs.write_json(stage / runs.METRICS, result)
     log(f"run {cfg.run_id}: val acc {val_m['accuracy']:.4f}, test acc {test_m['accuracy']:.4f} "
         f"({test_m['n']:,} rows), {plan.total:,} trainable params, {total_time:.0f}s -> {out}")
     return result
+
+
+def predictions_csv(test, logits) -> str:
+    """Per-row test answers, one line each (source row, gold label, predicted label): what a paired comparison of
+    two runs scored on the same rows needs, at a few bytes a row."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["row", "label", "predicted"])
+    w.writerows(zip(test.source_rows().tolist(), np.asarray(test.labels).tolist(), logits.argmax(1).tolist()))
+    return buf.getvalue()
 
 
 def verification_sample(model, tokenizer, texts: list[str], max_length: int) -> dict:

@@ -50,6 +50,16 @@ def init_from_run(model, cfg: Config) -> None:
                           f"{count_trainable(model):,}")
 
 
+def throughput(state: dict, steps, tokens: Tokens, batch_size: int) -> dict:
+    """Training rows and real (unpadded) tokens per second of training time. Rows seen are counted from the steps
+    taken: whole epochs, then full batches (exact but for a partial last batch inside an unfinished epoch)."""
+    n, done = len(tokens), state["step"]
+    rows = done // steps.per_epoch * n + min(done % steps.per_epoch * batch_size, n)
+    seconds = max(state["train_time"], 1e-9)
+    return {"train_samples_per_s": round(rows / seconds, 2),
+            "train_tokens_per_s": round(rows * float(tokens.lengths.mean()) / seconds, 1)}
+
+
 def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Split] | None = None,
           force: bool = False, on_record=None, on_step: loop.StepCallback | None = None, log=print) -> Path:
     """Train one config into `root/<run id>/` and return that folder. A finished run is not trained again.
@@ -140,7 +150,8 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
     write_run_artifacts(out, cfg, model, tokenizer, val, test, state, plan, filter_report,
                         train_time=state["train_time"], total_time=time.time() - t_start, log=log,
                         memory=memory, cost={"precision": loop.precision(tc).replace("no", "fp32"),
-                                             "threads": threads, "val_time_s": round(state["eval_time"], 2)},
+                                             "threads": threads, "val_time_s": round(state["eval_time"], 2),
+                                             **throughput(state, steps, base_tokens, tc.batch_size)},
                         train_class_counts=np.bincount(train_split.labels, minlength=cfg.model.num_labels).tolist())
     shutil.rmtree(out / runs.CHECKPOINT, ignore_errors=True)
     acc.wait_for_everyone()
