@@ -219,7 +219,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     m = re.search(r'<body[^>]*data-images-loaded="(\d+)/(\d+)"', dom)
     assert m, f"the page's load script did not run:\n{dom[:500]}"
-    assert m.group(1) == m.group(2) == "4"  # four ablation plots, all decoded
+    assert m.group(1) == m.group(2) == "5"  # four ablation plots and the intervals, all decoded
     assert len(re.findall(r'<tr class="run', dom)) == n
 
 
@@ -234,3 +234,49 @@ def test_a_grid_point_drawn_twice_is_not_trained_twice(tmp_path):
     assert s["states"] == {"COMPLETE": 2, "PRUNED": 1} and len(calls(spec)) == 2
     (dup,) = trials(spec, optuna.trial.TrialState.PRUNED)
     assert dup.user_attrs["pruned"].startswith("duplicate of trial")
+
+
+def recording_runner(cfg, root, on_record=None):
+    """A fake runner that reports validation every 10 steps (accuracy growing with lora.r) before finishing, as the
+    real loop does; a pruned trial stops inside on_record, leaving its folder unfinished."""
+    out = Path(root) / cfg.run_id
+    out.mkdir(parents=True, exist_ok=True)
+    (out / runs.CHECKPOINT).mkdir(exist_ok=True)
+    final = 0.5 + cfg.lora.r / 100
+    for step in (10, 20, 30, 40):
+        if on_record is not None:
+            on_record({"step": step, "val_accuracy": final * step / 40, "val_loss": 1 - final})
+    return fake_runner(cfg, root)
+
+
+def test_a_pruned_trial_is_recorded_with_its_step_and_not_rerun(tmp_path):
+    body = {"search": {"lora.r": {"low": 1, "high": 32}}, "n_trials": 10, "prune": "median",
+            "seed": 3}
+    spec = load_spec(write_spec(tmp_path, **body), root=tmp_path / "sweeps")
+    run_sweep(spec, runner=recording_runner, log=lambda *a: None)
+    pruned = [t for t in trials(spec, optuna.trial.TrialState.PRUNED) if "pruned_at_step" in t.user_attrs]
+    assert pruned, "low-rank trials below the median should be stopped"
+    for t in pruned:
+        assert t.user_attrs["pruned_at_step"] in (10, 20, 30, 40)
+        assert not runs.is_finished(spec.runs / t.user_attrs["run_id"])  # stopped: never marked finished
+    done = len(trials(spec, optuna.trial.TrialState.COMPLETE))
+    before = len(calls(spec))
+    run_sweep(spec, runner=recording_runner, log=lambda *a: None)  # resumed: the study already holds n_trials
+    assert len(calls(spec)) == before and len(trials(spec, optuna.trial.TrialState.COMPLETE)) == done
+    assert len([t for t in trials(spec, optuna.trial.TrialState.PRUNED) if "pruned_at_step" in t.user_attrs]) \
+        == len(pruned)
+
+
+def test_seeds_run_every_config_once_per_seed(tmp_path):
+    spec = load_spec(write_spec(tmp_path, grid={"lora.r": [2, 4]}, seeds=3), root=tmp_path / "sweeps")
+    assert spec.prune == "none"  # a grid wants every point: no pruning unless asked
+    run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    assert len(calls(spec)) == 6 and len(set(calls(spec))) == 6  # 2 configs x 3 seeds, each once
+    seeds = sorted(runs.load_config(p).train.seed for p in runs.list_runs(spec.runs))
+    assert seeds == [42, 42, 43, 43, 44, 44]
+    for t in trials(spec, optuna.trial.TrialState.COMPLETE):
+        assert len(t.user_attrs["seed_values"]) == 3 and t.value == pytest.approx(sum(t.user_attrs["seed_values"]) / 3)
+    with pytest.raises(ConfigError, match="seeds"):
+        load_spec(write_spec(tmp_path, name="bad", grid={"lora.r": [2]}, seeds=0))
+    with pytest.raises(ConfigError, match="prune"):
+        load_spec(write_spec(tmp_path, name="bad2", grid={"lora.r": [2]}, prune="hyperband"))

@@ -1,7 +1,9 @@
 """`budgetlora report DIR`: one leaderboard over every finished run under DIR (a sweep folder or any folder of run
 folders), ablation plots, and a single self-contained report.html (plots embedded as data URIs).
 
-Written into DIR: leaderboard.csv, leaderboard.md, plots/{acc_vs_rank,acc_vs_alpha,acc_by_targets,pareto}.png and
+Written into DIR: leaderboard.csv, leaderboard.md (one row per run), comparison.csv (one row per config: seeds
+grouped, intervals, paired marks against the best; see `compare`), report.md (the comparison, the leaderboard and
+the plots in one Markdown document), plots/{acc_vs_rank,acc_vs_alpha,acc_by_targets,pareto,intervals}.png and
 report.html. Every file is written to a temporary name and renamed into place.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from budgetlora import runs
 from budgetlora.adapters import methods
+from budgetlora.experiments import compare
 
 # r and alpha are the method's own size and scale (lora.r, adalora.init_r, vera.r, ...; empty for (IA)3)
 COLUMNS = ["run_id", "name", "model", "r", "alpha", "targets", "layers", "dropout", "label_smoothing", "lr",
@@ -42,6 +45,9 @@ def collect(folder: str | Path) -> list[dict]:
             "trainable_params": m.get("trainable_params"), "val_accuracy": m.get("val_accuracy"),
             "test_accuracy": m.get("test_accuracy"), "val_loss": m.get("val_loss"),
             "wall_time_s": m.get("wall_time_s"), "path": str(path.relative_to(folder)),
+            # the runs of one config over several seeds share this key (see compare.group_runs)
+            "config_key": cfg.replace(**{"train.seed": 0}).run_id, "seed": cfg.train.seed,
+            **{k: m.get(k) for k in compare.COST_FIELDS if k != "wall_time_s"},
         })
     return sorted(rows, key=lambda r: (-(r["val_accuracy"] or 0.0), r["run_id"]))
 
@@ -208,11 +214,29 @@ def write_report(folder: str | Path, title: str | None = None) -> dict[str, Path
     written = {"csv": folder / "leaderboard.csv", "md": folder / "leaderboard.md", "html": folder / "report.html"}
     runs.write_text(written["csv"], to_csv(rows))
     runs.write_text(written["md"], f"# Leaderboard: {title or folder.name}\n\n" + to_markdown(rows))
-    pngs = _figures(rows)
+    groups = compare.group_runs(rows, folder)
+    written["comparison"] = folder / "comparison.csv"
+    runs.write_text(written["comparison"], compare.to_csv(groups))
+    pngs = {**_figures(rows), "intervals": compare.interval_figure(groups)}
     for name, png in pngs.items():
         path = folder / "plots" / f"{name}.png"
         with runs.atomic_path(path) as tmp:
             tmp.write_bytes(png)
         written[name] = path
     runs.write_text(written["html"], to_html(rows, pngs, f"budgetlora report: {title or folder.name}"))
+    written["report"] = folder / "report.md"
+    runs.write_text(written["report"], report_markdown(title or folder.name, rows, groups, list(pngs)))
     return written
+
+
+def report_markdown(title: str, rows: list[dict], groups: list, plots: list[str]) -> str:
+    """One Markdown document: configs compared with their intervals and marks, every run, and the plots."""
+    seeds = sorted({g.seeds for g in groups})
+    n_rows = sorted({g.n_rows for g in groups if g.n_rows})
+    return "\n".join([
+        f"# {title}", "",
+        f"{len(groups)} configs, {len(rows)} finished runs; seeds per config: {', '.join(map(str, seeds))}; "
+        f"test rows per run: {', '.join(f'{n:,}' for n in n_rows) or 'not recorded'}.", "",
+        "## Configs compared", "", compare.to_markdown(groups),
+        "## Every run", "", to_markdown(rows),
+        "## Plots", "", *(f"![{name}](plots/{name}.png)" for name in plots), ""])

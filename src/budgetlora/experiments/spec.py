@@ -24,6 +24,11 @@ Spec format (YAML)::
                                     # becomes the largest that fits the budget; `fill:` is the same key
     runs: sweeps/<stem>/runs        # where run folders go (default shown); relative to the working directory
     seed: 0                         # sampler seed
+    seeds: 1                        # train every config this many times (train.seed, +1, ...); the objective is
+                                    # their mean, and the report shows each config's mean with its interval
+    prune: median                   # stop a trial whose periodic validation accuracy is below the median of
+                                    # earlier trials at the same step (Optuna's MedianPruner); none = off. The
+                                    # default is median for a search, none for a grid (every point is wanted)
     heartbeat_s: 10                 # a worker records a heartbeat this often while a trial runs, and a RUNNING
     grace_s: 60                     # trial silent for grace_s belongs to a dead worker: failed, then retried
 
@@ -34,6 +39,9 @@ interrupted sweep resumes by rerunning the same command (the study is stored in 
 any SQLAlchemy URL given with `--storage`, so several machines can share one study). A trial that raises is
 recorded FAIL with its error as the user attribute `error`, and the sweep goes on; grid points that failed are
 retried once when the sweep is rerun.
+
+A trial stopped by the pruner is recorded PRUNED with the step it stopped at (user attribute `pruned_at_step`);
+its run folder keeps its checkpoint, and a rerun of the sweep counts the trial as done rather than training it.
 
 A worker killed mid-trial (SIGKILL, a lost machine) leaves its trial RUNNING with a heartbeat that stops. Any
 worker of the study that is still alive fails it once the heartbeat is `grace_s` old and queues it again (up to
@@ -57,10 +65,10 @@ HEARTBEAT_S = 10  # a worker writes a heartbeat this often while a trial runs ..
 GRACE_S = 60  # ... and a RUNNING trial silent for this long belongs to a dead worker: failed, then retried
 VARIANT = "variant"  # the swept key that picks one of the spec's named `variants:`
 SPEC_KEYS = {"base", "set", "grid", "search", "n_trials", "objective", "max_rank", "fill", "variants", "runs", "seed",
-             "name",
-             "heartbeat_s", "grace_s"}
+             "seeds", "prune", "name", "heartbeat_s", "grace_s"}
+PRUNERS = ("median", "none")
 
-Runner = Callable[[Config, Path], Path]  # (config, runs folder) -> the finished run folder
+Runner = Callable[..., Path]  # (config, runs folder[, on_record=callback]) -> the finished run folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +86,8 @@ class Spec:
     heartbeat_s: int = HEARTBEAT_S
     grace_s: int = GRACE_S
     variants: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> dotted overrides
+    seeds: int = 1  # runs per config: train.seed, train.seed + 1, ...
+    prune: str = "none"  # median: Optuna's MedianPruner on the periodic validation accuracy
 
     @property
     def direction(self) -> str:
@@ -100,7 +110,12 @@ class Spec:
         """What makes two specs the same study: the space and the base, not the trial count."""
         return json.dumps({"base": self.base.run_id, "grid": self.grid, "search": self.search,
                            "max_rank": self.max_rank, "objective": self.objective,
-                           **({"variants": self.variants} if self.variants else {})}, sort_keys=True)
+                           **({"variants": self.variants} if self.variants else {}),
+                           **({"seeds": self.seeds} if self.seeds != 1 else {})}, sort_keys=True)
+
+    def seed_configs(self, cfg: Config) -> list[Config]:
+        """The config once per seed: the first is `cfg` itself, so one seed is exactly a plain sweep."""
+        return [cfg] + [cfg.replace(**{"train.seed": cfg.train.seed + i}) for i in range(1, self.seeds)]
 
 
 def _resolve(ref: str, spec_dir: Path) -> Path:
@@ -160,13 +175,18 @@ def load_spec(path: str | Path, root: str | Path = DEFAULT_ROOT) -> Spec:
     if not (isinstance(heartbeat, int) and isinstance(grace, int) and 1 <= heartbeat < grace):
         raise ConfigError(f"{path}: heartbeat_s and grace_s must be whole seconds with 1 <= heartbeat_s < grace_s "
                           f"(got {heartbeat!r}, {grace!r})")
+    seeds, prune = d.get("seeds", 1), str(d.get("prune", "median" if search else "none"))
+    if not (isinstance(seeds, int) and not isinstance(seeds, bool) and 1 <= seeds <= 100):
+        raise ConfigError(f"{path}: seeds must be a whole number from 1 to 100, got {seeds!r}")
+    if prune not in PRUNERS:
+        raise ConfigError(f"{path}: prune must be one of {', '.join(PRUNERS)}, got {prune!r}")
     name = str(d.get("name") or path.stem)
     folder = Path(root) / name
     return Spec(name=name, base=cfg, grid=grid, search=search, n_trials=int(n_trials) if n_trials else None,
                 objective=str(d.get("objective", "val_accuracy")),
                 max_rank=bool(d.get("max_rank", d.get("fill", False))),
                 runs=Path(d["runs"]) if d.get("runs") else folder / "runs", folder=folder, seed=int(d.get("seed", 0)),
-                heartbeat_s=heartbeat, grace_s=grace, variants=variants)
+                heartbeat_s=heartbeat, grace_s=grace, variants=variants, seeds=seeds, prune=prune)
 
 
 def _variants(raw, cfg: Config, path: Path) -> dict[str, dict]:

@@ -5,6 +5,7 @@ workers' trials failed and retried, and the summary.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import multiprocessing
 import os
@@ -55,8 +56,9 @@ def _sampler(spec: Spec, worker: int):
 def open_study(spec: Spec, storage: str, worker: int = 0):
     import optuna
 
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if spec.prune == "median" else optuna.pruners.NopPruner()
     study = optuna.create_study(study_name=spec.name, storage=open_storage(storage, spec.heartbeat_s, spec.grace_s),
-                                sampler=_sampler(spec, worker),
+                                sampler=_sampler(spec, worker), pruner=pruner,
                                 direction=spec.direction, load_if_exists=True)
     known = study.user_attrs.get("budgetlora_spec")
     if known is None:
@@ -68,11 +70,38 @@ def open_study(spec: Spec, storage: str, worker: int = 0):
 
 
 # -- one trial -------------------------------------------------------------------------------------------------
-def train_runner(cfg: Config, root: Path) -> Path:
-    """The real runner: train (or find finished) `cfg` under `root`."""
+def train_runner(cfg: Config, root: Path, on_record=None) -> Path:
+    """The real runner: train (or find finished) `cfg` under `root`; `on_record` sees each history record (the
+    pruner's view of the periodic validation)."""
     from budgetlora.training.train import train
 
-    return train(cfg, root=root)
+    return train(cfg, root=root, on_record=on_record)
+
+
+def _takes_records(runner: Runner) -> bool:
+    """A runner that cannot report validation records as they come (a stand-in, an external trainer) is never
+    pruned: it runs to the end."""
+    try:
+        return "on_record" in inspect.signature(runner).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _pruning_reporter(spec: Spec, trial):
+    """An on_record callback: report the objective at each validation, and stop the run when the pruner says so.
+    The run keeps its checkpoint, so a config the sweep meets again resumes instead of starting over."""
+    import optuna
+
+    def on_record(record: dict) -> None:
+        if record.get(spec.objective) is None:
+            return
+        trial.report(float(record[spec.objective]), int(record["step"]))
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at_step", int(record["step"]))
+            trial.set_user_attr("pruned", f"below the median at step {record['step']}")
+            raise optuna.TrialPruned(f"pruned at step {record['step']}")
+
+    return on_record
 
 
 def _objective(spec: Spec, runner: Runner):
@@ -97,26 +126,15 @@ def _objective(spec: Spec, runner: Runner):
             if not p.fits:
                 trial.set_user_attr("pruned", f"over budget: {p.total:,} > {p.max_params:,}")
                 raise optuna.TrialPruned(f"over budget: {p.total:,} trainable parameters")
-            out = runs.run_dir(cfg, spec.runs)
-            with runs.run_lock(spec.runs, cfg.run_id):
-                if runs.is_finished(out):
-                    twin = _twin(trial, cfg.run_id) if spec.grid else None
-                    if twin is not None:  # a concurrent worker drew the same grid point and already did it
-                        trial.set_user_attr("pruned", f"duplicate of trial {twin}")
-                        raise optuna.TrialPruned(f"duplicate of trial {twin}")
-                    trial.set_user_attr("reused", True)
-                else:
-                    out = Path(runner(cfg, spec.runs))
-                    if not runs.is_finished(out):
-                        raise RuntimeError(f"the runner returned {out}, which is not a finished run folder")
-                trial.set_user_attr("run_dir", str(out))  # set under the lock: marks this trial as the owner
-            m = runs.read_json(out / runs.METRICS)
-            for k in ("val_accuracy", "test_accuracy", "val_loss", "wall_time_s"):
-                if k in m:
-                    trial.set_user_attr(k, m[k])
-            if spec.objective not in m:
-                raise KeyError(f"objective {spec.objective!r} is not in {out / runs.METRICS}")
-            return float(m[spec.objective])
+            values = []
+            for i, seed_cfg in enumerate(spec.seed_configs(cfg)):
+                m = _run_one(spec, trial, seed_cfg, runner, first=i == 0)
+                if spec.objective not in m:
+                    raise KeyError(f"objective {spec.objective!r} is not in {spec.runs / seed_cfg.run_id}")
+                values.append(float(m[spec.objective]))
+            if spec.seeds > 1:
+                trial.set_user_attr("seed_values", values)
+            return sum(values) / len(values)
         except optuna.TrialPruned:
             raise
         except Exception as e:  # recorded on the trial; optimize(catch=...) then marks it FAIL and goes on
@@ -124,6 +142,34 @@ def _objective(spec: Spec, runner: Runner):
             raise
 
     return objective
+
+
+def _run_one(spec: Spec, trial, cfg: Config, runner: Runner, first: bool) -> dict:
+    """Train (or reuse) one seed of a trial's config and return its metrics; the first seed's run is the trial's."""
+    import optuna
+
+    out = runs.run_dir(cfg, spec.runs)
+    with runs.run_lock(spec.runs, cfg.run_id):
+        if runs.is_finished(out):
+            twin = _twin(trial, cfg.run_id) if spec.grid and first else None
+            if twin is not None:  # a concurrent worker drew the same grid point and already did it
+                trial.set_user_attr("pruned", f"duplicate of trial {twin}")
+                raise optuna.TrialPruned(f"duplicate of trial {twin}")
+            trial.set_user_attr("reused", True)
+        else:
+            prunable = spec.prune != "none" and first and _takes_records(runner)
+            kwargs = {"on_record": _pruning_reporter(spec, trial)} if prunable else {}
+            out = Path(runner(cfg, spec.runs, **kwargs))
+            if not runs.is_finished(out):
+                raise RuntimeError(f"the runner returned {out}, which is not a finished run folder")
+        if first:
+            trial.set_user_attr("run_dir", str(out))  # set under the lock: marks this trial as the owner
+    m = runs.read_json(out / runs.METRICS)
+    if first:
+        for k in ("val_accuracy", "test_accuracy", "val_loss", "wall_time_s"):
+            if k in m:
+                trial.set_user_attr(k, m[k])
+    return m
 
 
 def _twin(trial, run_id: str) -> int | None:
