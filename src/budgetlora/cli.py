@@ -42,7 +42,7 @@ def cmd_predict(args) -> int:
     from budgetlora.shift.predict import predict
 
     done = predict(args.run, args.input, args.output, args.prior_correction, base=args.base,
-                   max_length=args.max_length)
+                   max_length=args.max_length, target_prior=args.target_prior)
     print("\n".join(done.summary()))
     return 0
 
@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="correct the posteriors for the input's class priors: auto (the flag alone) only where EM "
                         "and BBSE agree and the texts did not move, on = always, off = argmax (default); writes "
                         "OUTPUT.priors.json with the estimates and the decision")
+    p.add_argument("--target-prior", default="", metavar="MIX",
+                   help="the input's class mix when it is known: 'uniform' or one share per class "
+                        "('0.4,0.2,0.2,0.2'); the posteriors of all its texts are fitted to it before argmax, and "
+                        "the shares before and after go to OUTPUT.priors.json (serve answers per request: no mix)")
     p.add_argument("--max-length", type=int, default=0,
                    help="tokens read per text (0 = the run's model.max_length; 256 reads long texts further)")
     p.set_defaults(func=cmd_predict)

@@ -198,6 +198,15 @@ def test_submit_end_to_end(tiny_run, small_csvs, tmp_path):
     assert rep["final_run"] == rep["base_run"] and rep["self_training"]["rounds"] == []
     assert priors["decision"]["apply"] and priors["label_counts_written"] == priors["label_counts_corrected"]
     assert np.bincount(pd.read_csv(out)["Label"], minlength=4).tolist() == priors["label_counts_corrected"]
+    # a known class mix: the analysis' posteriors fitted to it, the fit in the report and the priors file
+    assert main(["submit", *flags, "--runs", str(tiny_run.parent), "--target", str(target), "--output", str(out),
+                 "--target-prior", "uniform"]) == 0
+    rep = json.loads((tmp_path / "submission.csv.report.json").read_text())
+    fit = rep["class_mix_fit"]
+    assert rep["prior_correction"]["mode"] == "known-mix" and fit["target_prior"] == [0.25] * 4
+    assert max(abs(x - 0.25) for x in fit["shares_after"]) <= max(abs(x - 0.25) for x in fit["shares_before"])
+    assert np.bincount(pd.read_csv(out)["Label"], minlength=4).tolist() == \
+        json.loads((tmp_path / "submission.csv.priors.json").read_text())["label_counts_written"]
 
 
 def test_submit_settings_come_from_the_preset_and_flags(tmp_path):

@@ -112,3 +112,32 @@ def test_temperature_scaling_recovers_a_known_temperature():
     labels = np.array([rng.choice(4, p=p) for p in softmax(true_logits)])
     assert abs(fit_temperature(true_logits / 4.0, labels) - 0.25) < 0.03
     assert abs(fit_temperature(true_logits, labels) - 1.0) < 0.1
+
+
+def test_predict_with_a_known_class_mix(noisy_run, unlabelled, tmp_path, capsys):
+    out = tmp_path / "sub.csv"
+    assert main(["predict", str(noisy_run), "--input", str(unlabelled), "--output", str(out),
+                 "--target-prior", "uniform"]) == 0
+    fit = json.loads((tmp_path / "sub.csv.priors.json").read_text())
+    assert fit["decision"]["mode"] == "known-mix" and fit["rows"] == 100 and fit["target_prior"] == [0.25] * 4
+    labels = pd.read_csv(out)["Label"].to_numpy()
+    assert np.bincount(labels, minlength=4).tolist() == fit["label_counts_written"]
+    moved = np.abs(np.asarray(fit["label_counts_written"]) - np.asarray(fit["label_counts_uncorrected"])).sum()
+    assert fit["labels_changed"] >= moved // 2  # every net move between classes is at least one changed label
+    assert max(abs(x - 0.25) for x in fit["shares_after"]) <= max(abs(x - 0.25) for x in fit["shares_before"])
+    assert "fitted to the class mix" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target-prior", "0.5,0.5"], "has 2 shares"),
+    (["--target-prior", "0.4,0.4,0.4,-0.2"], ">= 0"),
+    (["--target-prior", "0.3,0.3,0.3,0.3"], "sum to 1"),
+    (["--target-prior", "uniform", "--prior-correction", "auto"], "not both"),
+])
+def test_a_malformed_class_mix_is_one_line_and_writes_nothing(noisy_run, unlabelled, tmp_path, capsys, flags,
+                                                               message):
+    out = tmp_path / "sub.csv"
+    assert main(["predict", str(noisy_run), "--input", str(unlabelled), "--output", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("budgetlora: error:") and message in err[0]
+    assert not out.exists() and not (tmp_path / "sub.csv.priors.json").exists()

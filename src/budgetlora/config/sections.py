@@ -338,6 +338,9 @@ class SubmitConfig:
     prior_correction: str = _choice("auto", "off, on, or auto: only where EM and BBSE agree and the texts did not "
                                             "move", PRIOR_CORRECTION)
     max_length: int = _f(0, "tokens read per target text (0 = model.max_length)")
+    target_prior: str = _f("", "the target's class mix when it is known: 'uniform' or one share per class "
+                               "('0.4,0.2,0.2,0.2'); the target's posteriors are fitted to it, instead of prior "
+                               "correction ('' = not known)")
 
     def __post_init__(self):
         _require("submit", [

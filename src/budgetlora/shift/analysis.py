@@ -23,6 +23,7 @@ import numpy as np
 from budgetlora import runs
 from budgetlora.data.readers import DataError, Split, load_data, stratified_indices
 from budgetlora.data.tokens import encode
+from budgetlora.shift.mix import shares_differ
 from budgetlora.shift.priors import (
     BBSEEstimate,
     Decision,
@@ -212,7 +213,10 @@ def analyse(loaded, texts: list[str], mode: str = "auto", progress: bool = False
         "class_shares": {"train_priors": None if pi_train is None else pi_train.round(4).tolist(),
                          "target_predicted": (pred_counts / len(texts)).round(4).tolist(),
                          "em_priors": em.priors.round(4).tolist(),
-                         "bbse_priors": None if bbse is None else bbse.priors.round(4).tolist()},
+                         "bbse_priors": None if bbse is None else bbse.priors.round(4).tolist(),
+                         # classes whose predicted share strays from the training mix beyond sampling noise
+                         "stray_classes": shares_differ(probs.argmax(1), np.full(n, 1.0 / n) if pi_train is None
+                                                        else pi_train)},
         "separability": {"auc": round(auc_raw, 4), "auc_label_adjusted": round(auc_adj, 4),
                          "features": "mean-pooled last hidden state of the run's encoder"},
         "prior_correction": decision.as_dict(),
@@ -248,6 +252,11 @@ def advice(rep: dict) -> list[str]:
     cs = rep["class_shares"]
     out.append(f"predicted class shares {cs['target_predicted']} vs training priors {cs['train_priors']}; "
                f"EM estimates {cs['em_priors']}, BBSE {cs['bbse_priors']}")
+    if cs.get("stray_classes"):
+        out.append(f"the predicted shares of classes {cs['stray_classes']} stray from the training mix by more than "
+                   "sampling noise (3 standard errors): if the target's true class mix is known (benchmark test sets "
+                   "are often balanced), pass it with --target-prior (predict, submit) to fit the predictions to it; "
+                   "an estimated prior follows the skew instead of removing it when the texts moved")
     c = rep["confidence"]
     if c["target_mean"] < c["val_mean"] - 0.03:
         out.append(f"the model is less sure on the target (mean confidence {c['target_mean']:.3f} vs "

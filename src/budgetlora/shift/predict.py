@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from budgetlora import runs
+from budgetlora.errors import ConfigError
 from budgetlora.inference.load import load_run
 from budgetlora.inference.predict import predict_file, read_unlabelled, write_submission
 from budgetlora.shift.analysis import analyse
-from budgetlora.shift.priors import priors_path
+from budgetlora.shift.mix import fit_to_mix, parse_prior
+from budgetlora.shift.priors import calibrated_probabilities, priors_path
 
 
 @dataclass
@@ -35,7 +37,11 @@ class Prediction:
         """What `budgetlora predict` prints."""
         counts = dict(enumerate(np.bincount(self.labels).tolist()))
         lines = [f"wrote {len(self.labels):,} predictions to {self.output} (label counts {counts})"]
-        if self.priors is not None:
+        if self.priors is not None and self.priors["decision"]["mode"] == "known-mix":
+            est = self.priors
+            lines += [f"fitted to the class mix {est['target_prior']}: predicted shares {est['shares_before']} -> "
+                      f"{est['shares_after']}, {est['labels_changed']:,} labels changed -> {self.priors_file}"]
+        elif self.priors is not None:
             est, d = self.priors, self.priors["decision"]
             lines += [f"estimated class priors {est['priors']} (EM; BBSE {(est['bbse'] or {}).get('priors')}; trained "
                       f"under {est['train_priors']}) -> {self.priors_file}",
@@ -45,9 +51,15 @@ class Prediction:
 
 
 def predict(run: str | Path, source: str, output: str | Path, prior_correction: str = "off",
-            base: str | None = None, max_length: int = 0) -> Prediction:
-    """`budgetlora predict`: argmax labels (prior_correction 'off'), or prior-corrected ones ('auto': where
-    priors.decide lets them; 'on': always) with `<output>.priors.json` beside them."""
+            base: str | None = None, max_length: int = 0, target_prior: str = "") -> Prediction:
+    """`budgetlora predict`: argmax labels (prior_correction 'off'), prior-corrected ones ('auto': where
+    priors.decide lets them; 'on': always), or, with `target_prior`, posteriors fitted to a known class mix; the
+    last two with `<output>.priors.json` beside them."""
+    if target_prior:
+        if prior_correction != "off":
+            raise ConfigError("give either --target-prior (a known class mix) or --prior-correction (an estimated "
+                              "one), not both")
+        return predict_known_mix(run, source, output, target_prior, base=base, max_length=max_length)
     if prior_correction == "off":
         labels = predict_file(run, source, output, base=base, max_length=max_length)
         return Prediction(labels, Path(output))
@@ -78,3 +90,38 @@ def write_adapted(output: str | Path, result, source: str) -> Prediction:
     runs.write_json(priors_path(output), priors)
     write_submission(output, labels)
     return Prediction(labels, Path(output), priors)
+
+
+def predict_known_mix(run: str | Path, source: str, output: str | Path, target_prior, base: str | None = None,
+                      max_length: int = 0, probs: np.ndarray | None = None) -> Prediction:
+    """Labels for every row of `source` from posteriors fitted to a class mix the user knows (shift.mix): the
+    validation-calibrated posteriors of the whole set are scaled per class until they average to the mix, then
+    argmax. The mix, the shares before and after and the labels changed go to `<output>.priors.json`.
+    probs: the run's calibrated posteriors for these texts when the caller already has them."""
+    mix = parse_prior(target_prior, runs.load_config(Path(run)).model.num_labels)  # refused before any loading
+    loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
+    loaded.max_length = max_length
+    if probs is None:
+        texts = read_unlabelled(source, loaded.cfg)
+        probs = calibrated_probabilities(loaded.logits(texts, progress=True), loaded.metrics.get("temperature"))
+    return write_known_mix(output, fit_to_mix(probs, mix), source, loaded.read_length)
+
+
+def write_known_mix(output: str | Path, fit, source: str, read_length: int) -> Prediction:
+    """The labels of a mix fit, written as ID,Label, with the fit and its decision in `<output>.priors.json`."""
+    reasons = [f"the class mix was given: {fit.target.round(4).tolist()}"]
+    if not fit.converged:
+        reasons.append(f"the fit stopped after {fit.iterations} iterations without reaching it (a class the model "
+                       "never predicts cannot be raised)")
+    priors = {**fit.as_dict(), "source": str(source), "read_length": read_length,
+              "decision": {"mode": "known-mix", "apply": True, "reasons": reasons},
+              "label_counts_uncorrected": _counts(fit, before=True),
+              "label_counts_written": _counts(fit, before=False)}
+    runs.write_json(priors_path(output), priors)
+    write_submission(output, fit.labels)
+    return Prediction(fit.labels, Path(output), priors)
+
+
+def _counts(fit, before: bool) -> list[int]:
+    shares = fit.shares_before if before else fit.shares_after
+    return [int(round(x * len(fit.posteriors))) for x in shares]

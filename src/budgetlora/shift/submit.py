@@ -23,7 +23,8 @@ from budgetlora.config.sections import SubmitConfig
 from budgetlora.inference.load import LoadedRun, load_run
 from budgetlora.inference.predict import read_unlabelled
 from budgetlora.shift.analysis import ShiftResult, analyse, write_report
-from budgetlora.shift.predict import Prediction, predict, write_adapted
+from budgetlora.shift.mix import parse_prior
+from budgetlora.shift.predict import Prediction, predict, predict_known_mix, write_adapted
 from budgetlora.shift.selftrain import self_training
 from budgetlora.training.train import train
 
@@ -35,6 +36,8 @@ def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs
     if settings:
         cfg = cfg.replace(**{f"submit.{k}": v for k, v in settings.items()})
     s = cfg.submit
+    if s.target_prior:
+        parse_prior(s.target_prior, cfg.model.num_labels)  # a malformed mix is refused before anything trains
     if not Path(target).exists():
         raise FileNotFoundError(f"submit: target file not found: {target}")
     output, t0, times = Path(output), time.time(), {}
@@ -61,7 +64,10 @@ def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs
     times["self_train_s"] = round(time.time() - t, 1)
 
     t = time.time()
-    if final == base and s.prior_correction != "off":  # nothing changed since the analysis: its labels stand
+    if s.target_prior:  # a known class mix replaces the estimated one; the analysis' posteriors serve when unchanged
+        prediction = predict_known_mix(final, target, output, s.target_prior, max_length=s.max_length,
+                                       probs=result.probs if final == base else None)
+    elif final == base and s.prior_correction != "off":  # nothing changed since the analysis: its labels stand
         prediction = write_adapted(output, result, target)
     else:
         prediction = predict(final, target, output, s.prior_correction, max_length=s.max_length)
@@ -88,6 +94,9 @@ def _report(cfg: Config, target: str, prediction: Prediction, base: Path, final:
                           "max_val_drop": s.max_val_drop, "rounds": rounds},
         "final_run": str(final),
         "prior_correction": prediction.decision,
+        "class_mix_fit": ({k: prediction.priors[k] for k in ("target_prior", "shares_before", "shares_after",
+                                                              "labels_changed", "converged")}
+                          if prediction.decision and prediction.decision["mode"] == "known-mix" else None),
         "read_length": s.max_length or cfg.model.max_length,
         "label_counts": [int((labels == c).sum()) for c in range(cfg.model.num_labels)], "times": times,
     }
@@ -110,7 +119,11 @@ def _summary(report: dict, s: SubmitConfig, base: str, final: str) -> list[str]:
     if not s.rounds:
         lines.append("self-training: not requested")
     d = report["prior_correction"]
-    if d is not None:
+    if d is not None and d["mode"] == "known-mix":
+        f = report["class_mix_fit"]
+        lines.append(f"class mix given {f['target_prior']}: predicted shares {f['shares_before']} -> "
+                     f"{f['shares_after']}, {f['labels_changed']:,} labels changed")
+    elif d is not None:
         lines.append(f"prior correction ({d['mode']}): {'applied' if d['apply'] else 'not applied'} - "
                      + "; ".join(d["reasons"]))
     lines.append(f"predicted with {final} reading {report['read_length']} tokens; label counts "
