@@ -339,9 +339,9 @@ def repeat_races(args, argv: list[str]) -> None:
 
 
 def attn_impl(cfg: Config) -> str:
-    from budgetlora.adapters.architectures import load_config, skeleton
+    from budgetlora.adapters.architectures import load_model_config, skeleton
 
-    return str(skeleton(load_config(cfg.model.name, cfg.model.num_labels)).config._attn_implementation)
+    return str(skeleton(load_model_config(cfg.model.name, cfg.model.num_labels)).config._attn_implementation)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_plan_command(capsys):
     assert main(["plan", "--model.name", "roberta-base", "--lora.r", "12", "--lora.targets", "q,v"]) == 3
 
 
-def test_plan_json_max_rank(capsys):
+def test_plan_json_fill(capsys):
     main(["plan", "--model.name", "roberta-base", "--max-rank", "--json", "--lora.targets", "q,k,v"])
     out = json.loads(capsys.readouterr().out)
     assert out["r"] == 7 and out["total"] == 980_740 and out["fits"]

@@ -96,9 +96,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_shift(args) -> int:
-    from budgetlora.shift.submit import shift_report
+    from budgetlora.shift.submit import shift_analysis
 
-    result, files = shift_report(args.run, args.target, args.out, max_length=args.max_length, base=args.base)
+    result, files = shift_analysis(args.run, args.target, args.out, max_length=args.max_length, base=args.base)
     print("\n".join(result.report["advice"]))
     for kind, path in files.items():
         print(f"{kind}: {path}")
@@ -110,7 +110,7 @@ def cmd_submit(args) -> int:
 
     rep = submit(config_mod.from_flags(args), args.target, args.output, root=args.runs)
     print("\n".join(rep["summary"]))
-    print(f"report: {args.output}.report.txt / .report.json")
+    print(f"report: {args.output}.summary.txt / .summary.json")
     return 0
 
 
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shift)
 
     p = sub.add_parser("submit", help="train, adapt to a target file (gated self-training and prior correction), "
-                                      "predict and write ID,Label with a report of what was done")
+                                      "predict and write ID,Label with a summary of what was done")
     config_mod.add_flags(p)
     p.add_argument("--target", required=True, help="the texts to label (.csv/.csv.gz/.parquet/.pkl)")
     p.add_argument("--output", required=True, help="submission CSV to write (ID,Label)")

@@ -48,14 +48,14 @@ def test_suffix_trap_is_visible():
     assert not any("attention" in n for n in short.matches["ffn_out"])
 
 
-def test_max_rank_and_over_budget():
+def test_fill_size_and_over_budget():
     qv = plan(ROBERTA.replace(**{"lora.r": 12}))
     assert not qv.fits and qv.total == 1_036_036
     with pytest.raises(BudgetError, match="largest rank that fits these targets is 11"):
         check(qv)
     for targets, rank in [("q,v", 11), ("q,k,v", 7), ("q,k,v,o", 5), ("q,k,v,o,ffn_in,ffn_out", 2)]:
         p = plan(ROBERTA.replace(**{"lora.targets": targets}))
-        assert p.max_rank() == rank
+        assert p.fill_size() == rank
         assert plan(ROBERTA.replace(**{"lora.targets": targets, "lora.r": rank})).fits
         assert not plan(ROBERTA.replace(**{"lora.targets": targets, "lora.r": rank + 1})).fits
 

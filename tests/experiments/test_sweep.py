@@ -135,15 +135,15 @@ def test_over_budget_is_pruned_before_loading_and_failures_are_recorded(tmp_path
     assert not (spec.runs / ".locks").exists() or all(p.suffix == ".lock" for p in (spec.runs / ".locks").iterdir())
 
 
-def test_max_rank_fills_the_budget(tmp_path):
-    spec = load_spec(write_spec(tmp_path, grid={"lora.targets": ["q,v", "q,k,v,o"]}, max_rank=True,
+def test_fill_solves_the_size_for_the_budget(tmp_path):
+    spec = load_spec(write_spec(tmp_path, grid={"lora.targets": ["q,v", "q,k,v,o"]}, fill=True,
                                 base={"model": {"name": "minilm"}, "budget": {"max_params": 100_000}}),
                      root=tmp_path / "sweeps")
     run_sweep(spec, runner=fake_runner, log=lambda *a: None)
     for t in trials(spec, optuna.trial.TrialState.COMPLETE):
         cfg = spec.base.replace(**t.params)
         r = t.user_attrs["lora.r"]
-        assert r == plan(cfg).max_rank() and t.user_attrs["trainable_params"] <= 100_000
+        assert r == plan(cfg).fill_size() and t.user_attrs["trainable_params"] <= 100_000
         assert plan(cfg.replace(**{"lora.r": r + 1})).total > 100_000
 
 

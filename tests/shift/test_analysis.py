@@ -132,7 +132,7 @@ def test_vocab_overlap():
 
 # -- the report of a real run -----------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_shift_report_files(tiny_run, small_csvs, tmp_path, capsys):
+def test_shift_analysis_files(tiny_run, small_csvs, tmp_path, capsys):
     test = pd.read_csv(small_csvs[1])
     target = tmp_path / "target.csv"
     # a text shift a reader can see: every text doubled, so far more of them pass max_length
@@ -180,7 +180,7 @@ def test_submit_end_to_end(tiny_run, small_csvs, tmp_path):
     sub = pd.read_csv(out)
     assert list(sub.columns) == ["ID", "Label"] and sub["ID"].tolist() == list(range(120))
     assert sub["Label"].between(0, 3).all()
-    rep = json.loads((tmp_path / "submission.csv.report.json").read_text())
+    rep = json.loads((tmp_path / "submission.csv.summary.json").read_text())
     assert rep["base_run"] == str(tiny_run.resolve())
     (rnd,) = rep["self_training"]["rounds"]
     assert rnd["accepted"] and rep["final_run"] == rnd["run"] != rep["base_run"]  # a 1.0 drop always passes
@@ -189,11 +189,11 @@ def test_submit_end_to_end(tiny_run, small_csvs, tmp_path):
         sub["Label"], minlength=4).tolist()
     assert (tmp_path / "submission.csv.shift" / "shift.png").is_file()
     assert (tmp_path / "submission.csv.priors.json").is_file()
-    assert (tmp_path / "submission.csv.report.txt").read_text().splitlines() == rep["summary"]
+    assert (tmp_path / "submission.csv.summary.txt").read_text().splitlines() == rep["summary"]
     # without self-training the analysis' own decision is what gets written: no second pass over the target
     assert main(["submit", *flags, "--runs", str(tiny_run.parent), "--target", str(target), "--output", str(out),
                  "--prior-correction", "on"]) == 0
-    rep = json.loads((tmp_path / "submission.csv.report.json").read_text())
+    rep = json.loads((tmp_path / "submission.csv.summary.json").read_text())
     priors = json.loads((tmp_path / "submission.csv.priors.json").read_text())
     assert rep["final_run"] == rep["base_run"] and rep["self_training"]["rounds"] == []
     assert priors["decision"]["apply"] and priors["label_counts_written"] == priors["label_counts_corrected"]
@@ -201,7 +201,7 @@ def test_submit_end_to_end(tiny_run, small_csvs, tmp_path):
     # a known class mix: the analysis' posteriors fitted to it, the fit in the report and the priors file
     assert main(["submit", *flags, "--runs", str(tiny_run.parent), "--target", str(target), "--output", str(out),
                  "--target-prior", "uniform"]) == 0
-    rep = json.loads((tmp_path / "submission.csv.report.json").read_text())
+    rep = json.loads((tmp_path / "submission.csv.summary.json").read_text())
     fit = rep["class_mix_fit"]
     assert rep["prior_correction"]["mode"] == "known-mix" and fit["target_prior"] == [0.25] * 4
     assert max(abs(x - 0.25) for x in fit["shares_after"]) <= max(abs(x - 0.25) for x in fit["shares_before"])

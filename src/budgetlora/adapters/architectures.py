@@ -76,7 +76,7 @@ def _builtin_config(name: str) -> PretrainedConfig | None:
     return None
 
 
-def load_config(name: str, num_labels: int) -> PretrainedConfig:
+def load_model_config(name: str, num_labels: int) -> PretrainedConfig:
     """The model's config (a small JSON file), never its weights."""
     path = resolve_name(name)
     if is_missing_folder(path):  # else transformers reads it as a malformed hub id and says so

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from budgetlora.adapters import methods
-from budgetlora.adapters.architectures import head_modules, load_config, short_name_map, skeleton
+from budgetlora.adapters.architectures import head_modules, load_model_config, short_name_map, skeleton
 from budgetlora.config import Config, ConfigError
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -66,7 +66,7 @@ class Plan:
     def fits(self) -> bool:
         return self.total <= self.max_params
 
-    def max_rank(self) -> int:
+    def fill_size(self) -> int:
         """Largest setting whose total stays within the budget (0 if even rank 1 does not fit, or the method has no
         setting), at most `fill_cap`. Every method's count grows with its setting, so a bisection finds it."""
         if self.setting is None or self.adapter_at is None:
@@ -87,7 +87,7 @@ class Plan:
     def as_dict(self) -> dict:
         return {"method": self.method, "setting": self.setting, "total": self.total, "lora": self.lora_params,
                 "head": self.head_params, "bias": self.bias_params, "dora": self.dora_params,
-                "max_params": self.max_params, "fits": self.fits, "r": self.r, "max_rank": self.max_rank(),
+                "max_params": self.max_params, "fits": self.fits, "r": self.r, "fill_size": self.fill_size(),
                 "fill_cap": self.fill_cap, "modules": self.lora_per_module, "head_modules": self.head,
                 "matches": self.matches, "target_regex": self.target_regex}
 
@@ -165,7 +165,7 @@ def _candidates(groups):
 
 def plan(cfg: Config, config=None) -> Plan:
     """Count what `cfg` trains. `config` may pass an already loaded transformers config."""
-    config = config or load_config(cfg.model.name, cfg.model.num_labels)
+    config = config or load_model_config(cfg.model.name, cfg.model.num_labels)
     model = skeleton(config)
     num_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layers", 0))
     lora = cfg.lora
@@ -205,7 +205,7 @@ def fill(cfg: Config, config=None) -> tuple[Config, Plan]:
     p = plan(cfg, config)
     if p.setting is None:
         return cfg, p
-    r = p.max_rank()
+    r = p.fill_size()
     if r < 1:
         raise BudgetError(f"no {p.setting} fits: at rank 1 this config trains {p.fixed_params + p.per_rank:,} "
                           f"parameters, the budget is {p.max_params:,}")
@@ -215,7 +215,7 @@ def fill(cfg: Config, config=None) -> tuple[Config, Plan]:
 
 def check(p: Plan) -> Plan:
     if not p.fits:
-        hint = (f"; the largest {methods.get(p.method).size_name} that fits these targets is {p.max_rank()}"
+        hint = (f"; the largest {methods.get(p.method).size_name} that fits these targets is {p.fill_size()}"
                 if p.setting else "")
         raise BudgetError(f"over budget: this config trains {p.total:,} parameters, the budget is "
                           f"{p.max_params:,}{hint}")
@@ -237,8 +237,8 @@ def format_plan(p: Plan) -> str:
     if p.dora_params:
         lines.append(f"  DoRA magnitudes: {p.dora_params:,}")
     verdict = "fits" if p.fits else "OVER BUDGET"
-    fill = (f"; largest {method.size_name} that fits: {p.max_rank()}"
-            + (" (the cap)" if p.fill_cap == p.max_rank() else "")
+    fill = (f"; largest {method.size_name} that fits: {p.fill_size()}"
+            + (" (the cap)" if p.fill_cap == p.fill_size() else "")
             if p.setting else "; no size to fill")
     lines.append(f"total trainable: {p.total:,} of {p.max_params:,} ({verdict}){fill}")
     return "\n".join(lines)

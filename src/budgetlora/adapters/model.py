@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from budgetlora.adapters import budget, methods
-from budgetlora.adapters.architectures import load_config, quiet, resolve_name
+from budgetlora.adapters.architectures import load_model_config, quiet, resolve_name
 from budgetlora.config import Config
 from budgetlora.errors import BudgetloraError
 from budgetlora.runs import ADAPTER_FILES
@@ -41,7 +41,7 @@ def set_base_dropout(config, p: float):
 
 def build_base(cfg: Config, config=None) -> torch.nn.Module:
     """The frozen base with a fresh head. Seeded, so random-weight bases and heads are reproducible."""
-    config = set_base_dropout(config or load_config(cfg.model.name, cfg.model.num_labels), cfg.train.base_dropout)
+    config = set_base_dropout(config or load_model_config(cfg.model.name, cfg.model.num_labels), cfg.train.base_dropout)
     torch.manual_seed(cfg.train.seed)
     with quiet():  # "some weights were newly initialised" is expected: that is the head we train
         if cfg.model.random_init:
@@ -62,7 +62,7 @@ def build(cfg: Config):
     """Plan (refusing over-budget configs before any weight loads), then wrap the base with the adapter."""
     from peft import get_peft_model
 
-    config = load_config(cfg.model.name, cfg.model.num_labels)
+    config = load_model_config(cfg.model.name, cfg.model.num_labels)
     plan = budget.check(budget.plan(cfg, config))
     model = get_peft_model(build_base(cfg, config), peft_config(cfg, plan))
     methods.prepare(model, cfg)  # PiSSA/OLoRA: saving converts against the initial adapter

@@ -20,8 +20,8 @@ Spec format (YAML)::
       lora.targets: {choices: ["q,v", "q,k,v"]}
     n_trials: 20                    # search: how many trials in total; grid: optional cap (default: the grid)
     objective: val_accuracy         # a key of the run's metrics.json; maximised (minimised if it names a loss)
-    max_rank: false                 # true: the method's size (lora.r, adalora.init_r, vera.r, loha.r, lokr.r)
-                                    # becomes the largest that fits the budget; `fill:` is the same key
+    fill: false                     # true: the method's size (lora.r, adalora.init_r, vera.r, loha.r, lokr.r)
+                                    # becomes the largest that fits the budget (`max_rank:`, its old name, works)
     runs: sweeps/<stem>/runs        # where run folders go (default shown); relative to the working directory
     seed: 0                         # sampler seed
     seeds: 1                        # train every config this many times (train.seed, +1, ...); the objective is
@@ -79,7 +79,7 @@ class Spec:
     search: dict[str, dict]
     n_trials: int | None
     objective: str
-    max_rank: bool
+    fill: bool  # solve the method's size for the budget (plan --fill)
     runs: Path
     folder: Path  # sweeps/<name>: study.db, report, tracking logs
     seed: int = 0
@@ -109,7 +109,7 @@ class Spec:
     def fingerprint(self) -> str:
         """What makes two specs the same study: the space and the base, not the trial count."""
         return json.dumps({"base": self.base.run_id, "grid": self.grid, "search": self.search,
-                           "max_rank": self.max_rank, "objective": self.objective,
+                           "max_rank": self.fill, "objective": self.objective,  # key kept: older studies resume
                            **({"variants": self.variants} if self.variants else {}),
                            **({"seeds": self.seeds} if self.seeds != 1 else {})}, sort_keys=True)
 
@@ -184,7 +184,7 @@ def load_spec(path: str | Path, root: str | Path = DEFAULT_ROOT) -> Spec:
     folder = Path(root) / name
     return Spec(name=name, base=cfg, grid=grid, search=search, n_trials=int(n_trials) if n_trials else None,
                 objective=str(d.get("objective", "val_accuracy")),
-                max_rank=bool(d.get("max_rank", d.get("fill", False))),
+                fill=bool(d.get("fill", d.get("max_rank", False))),
                 runs=Path(d["runs"]) if d.get("runs") else folder / "runs", folder=folder, seed=int(d.get("seed", 0)),
                 heartbeat_s=heartbeat, grace_s=grace, variants=variants, seeds=seeds, prune=prune)
 
@@ -216,7 +216,7 @@ def _label(spec: Spec, params: dict) -> str:
 
 
 def trial_config(spec: Spec, trial) -> Config:
-    """Ask the trial for every swept field and build the config (rank solved last when max_rank is set)."""
+    """Ask the trial for every swept field and build the config (the size solved last when `fill` is set)."""
     params = {}
     for key, values in spec.grid.items():
         params[key] = trial.suggest_categorical(key, values)

@@ -113,8 +113,8 @@ def _objective(spec: Spec, runner: Runner):
         try:
             cfg = trial_config(spec, trial)
             p = plan(cfg)  # meta-device shapes only: nothing is loaded for a config we are about to refuse
-            if spec.max_rank and p.setting:  # (IA)3 has no size to fill: it runs as planned
-                r = p.max_rank()
+            if spec.fill and p.setting:  # (IA)3 has no size to fill: it runs as planned
+                r = p.fill_size()
                 if r < 1:
                     trial.set_user_attr("trainable_params", p.fixed_params + p.per_rank)
                     trial.set_user_attr("pruned", "over budget: no rank fits these targets")
@@ -244,7 +244,7 @@ def _worker_main(*args) -> None:
     _work(*args)
 
 
-def _prepare(spec: Spec, study, since: int) -> int:
+def _retry_failed_points(spec: Spec, study, since: int) -> int:
     """Before workers start: fail trials of dead workers, and queue one retry of every grid point that only
     ever failed (a kill or an error in an earlier sweep). Returns the number queued."""
     from optuna.trial import TrialState
@@ -296,7 +296,7 @@ def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials
     spec.runs.mkdir(parents=True, exist_ok=True)
     study = open_study(spec, storage)
     since = len(study.get_trials(deepcopy=False))
-    queued = _prepare(spec, study, since)
+    queued = _retry_failed_points(spec, study, since)
     total = len(spec.points()) if spec.grid else spec.n_trials
     log(f"sweep {spec.name}: {'grid of ' + str(total) + ' points' if spec.grid else str(total) + ' TPE trials'}"
         f", {since} trials already in {storage}" + (f", {queued} failed points queued again" if queued else ""))

@@ -9,7 +9,7 @@ mean-pooled features, scored by its held-out (cross-fitted) AUC. The separabilit
 the validation rows reweighted to the estimated target priors, so that a pure change of class mix reads about 0.5 and
 only a change of the texts themselves stays high. The prior-correction gate (`adapt.decide`) reads the second.
 
-`write_report` writes shift.json, shift.png and advice.txt, each atomically.
+`write_analysis` writes shift.json, shift.png and advice.txt, each atomically.
 """
 from __future__ import annotations
 
@@ -271,7 +271,7 @@ def advice(rep: dict) -> list[str]:
 
 
 # -- files ------------------------------------------------------------------------------------------------------------
-def write_report(result: ShiftResult, out: str | Path) -> dict[str, Path]:
+def write_analysis(result: ShiftResult, out: str | Path) -> dict[str, Path]:
     """shift.json, shift.png and advice.txt in `out` (each written to a temporary name, then renamed)."""
     out = Path(out)
     paths = {"json": out / "shift.json", "png": out / "shift.png", "advice": out / "advice.txt"}
@@ -340,5 +340,5 @@ def plot(result: ShiftResult, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["analyse", "write_report", "domain_auc", "weighted_auc", "vocab_overlap",
+__all__ = ["analyse", "write_analysis", "domain_auc", "weighted_auc", "vocab_overlap",
            "token_lengths", "total_variation"]

@@ -1,13 +1,13 @@
 """`budgetlora submit`: labelled data to a submission file in one command.
 
 1. train the config (a finished run id is reused, as `train` always does);
-2. measure the target against it (`shift`: report, figure and advice beside the output);
+2. measure the target against it (`shift`: analysis, figure and advice beside the output);
 3. self-training rounds on the target texts when asked for (class-balanced top share per class, mixed into the
    labelled rows, the same budget plan), each kept only if its validation accuracy holds (the round gate of
    `selftrain.self_train`). Off by default: on the shift suite one round did not help on shifted texts, and the
    round gate can only see labelled rows, so it cannot tell a round that hurt the target;
 4. predict the target with the last kept run, prior correction as gated by `priors.decide` (or forced);
-5. write OUTPUT (ID,Label), OUTPUT.priors.json (estimates and the decision) and OUTPUT.report.json / .txt (what was
+5. write OUTPUT (ID,Label), OUTPUT.priors.json (estimates and the decision) and OUTPUT.summary.json / .txt (what was
    done, with the numbers it was decided on).
 
 How it adapts is the config's submit: section (`SubmitConfig`), so a preset can carry it.
@@ -22,7 +22,7 @@ from budgetlora.config import Config
 from budgetlora.config.sections import SubmitConfig
 from budgetlora.inference.load import LoadedRun, load_run
 from budgetlora.inference.predict import read_unlabelled
-from budgetlora.shift.analysis import ShiftResult, analyse, write_report
+from budgetlora.shift.analysis import ShiftResult, analyse, write_analysis
 from budgetlora.shift.mix import parse_prior
 from budgetlora.shift.predict import Prediction, predict, predict_known_mix, write_adapted
 from budgetlora.shift.selftrain import self_training
@@ -32,7 +32,7 @@ from budgetlora.training.train import train
 def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs.DEFAULT_ROOT, log=print,
            **settings) -> dict:
     """Train `cfg`, adapt to `target` as `cfg.submit` says (`settings` change its fields, e.g. rounds=1), label the
-    target into `output`; returns the report (also written as OUTPUT.report.json, its "summary" as .report.txt)."""
+    target into `output`; returns the summary dict (also written as OUTPUT.summary.json, its "summary" as .summary.txt)."""
     if settings:
         cfg = cfg.replace(**{f"submit.{k}": v for k, v in settings.items()})
     s = cfg.submit
@@ -74,8 +74,8 @@ def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs
     times["predict_s"] = round(time.time() - t, 1)
     times["total_s"] = round(time.time() - t0, 1)
     report = _report(cfg, target, prediction, base, final, metrics, result, files, rounds, times)
-    runs.write_json(Path(f"{output}.report.json"), report)
-    runs.write_text(Path(f"{output}.report.txt"), "\n".join(report["summary"]) + "\n")
+    runs.write_json(Path(f"{output}.summary.json"), report)
+    runs.write_text(Path(f"{output}.summary.txt"), "\n".join(report["summary"]) + "\n")
     return report
 
 
@@ -131,9 +131,9 @@ def _summary(report: dict, s: SubmitConfig, base: str, final: str) -> list[str]:
     return lines
 
 
-def shift_report(run: str | Path, target: str, out: str | Path | None = None, mode: str = "auto",
+def shift_analysis(run: str | Path, target: str, out: str | Path | None = None, mode: str = "auto",
                  max_length: int = 0, base: str | None = None, log=print) -> tuple[ShiftResult, dict[str, Path]]:
-    """`budgetlora shift`: load and verify the run, read the target texts, analyse, write the report into `out`
+    """`budgetlora shift`: load and verify the run, read the target texts, analyse, write the analysis into `out`
     (default RUN/shift); returns the analysis and the files written."""
     loaded = _load(run, base, max_length)
     return _analyse(loaded, target, Path(run) / "shift" if out is None else out, mode, log)
@@ -149,4 +149,4 @@ def _analyse(loaded: LoadedRun, target: str, out: str | Path, mode: str, log) ->
     texts = read_unlabelled(target, loaded.cfg)
     result = analyse(loaded, texts, mode=mode, progress=True, log=log)
     result.report["target"] = str(target)
-    return result, write_report(result, out)
+    return result, write_analysis(result, out)

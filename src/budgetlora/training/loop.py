@@ -89,16 +89,16 @@ def count_steps(tc, n_rows: int) -> Steps:
     return Steps(total, per_epoch, tc.eval_every or per_epoch)
 
 
-def prepare_method_training(acc, model, cfg, total_steps: int):
-    """`prepare_training` with what the config's adapter method adds: LoRA+'s learning rate for B, and the
+def setup_training(acc, model, cfg, total_steps: int):
+    """`setup_optimizer` with what the config's adapter method adds: LoRA+'s learning rate for B, and the
     method's step hooks (AdaLoRA's schedule is set from `total_steps`). Every pass that trains a model of `cfg`
     comes through here, so they all optimise alike. Returns (model, optimizer, scheduler, loss_fn, hooks)."""
     hooks = methods.step_hooks(model, cfg, total_steps)
-    model, optimizer, scheduler, loss_fn = prepare_training(acc, model, cfg.train, total_steps, cfg.lora.b_lr_ratio)
+    model, optimizer, scheduler, loss_fn = setup_optimizer(acc, model, cfg.train, total_steps, cfg.lora.b_lr_ratio)
     return model, optimizer, scheduler, loss_fn, hooks
 
 
-def prepare_training(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0):
+def setup_optimizer(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0):
     """Optimizer, warmup + decay schedule and loss for `total_steps` steps; model and optimizer placed by `acc`.
     b_lr_ratio: LoRA+ (lora.b_lr_ratio), the B matrices' learning rate over the others'."""
     from transformers import get_scheduler

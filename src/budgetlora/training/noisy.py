@@ -37,7 +37,7 @@ def record_points(cfg: Config, n_rows: int) -> tuple[int, list[int]]:
 def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print) -> np.ndarray:
     """(E, N, C) class probabilities of every training row, recorded at E points of a first training pass.
 
-    The pass is the training loop itself (`loop.run`, set up by `loop.prepare_method_training`), run without
+    The pass is the training loop itself (`loop.run`, set up by `loop.setup_training`), run without
     validation: whatever the method changes in a step (LoRA+'s learning rate for B, AdaLoRA's penalty and rank
     allocation) changes the first pass alike."""
     from budgetlora.adapters.model import build, load_tokenizer
@@ -50,7 +50,7 @@ def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print)
     steps = loop.count_steps(tc, len(train))
     _, points = record_points(cfg, len(train))
     acc = loop.make_accelerator(tc)
-    model, optimizer, scheduler, loss_fn, hooks = loop.prepare_method_training(acc, model, cfg, steps.total)
+    model, optimizer, scheduler, loss_fn, hooks = loop.setup_training(acc, model, cfg, steps.total)
     records = []
 
     def score(state: dict, _rows) -> None:
