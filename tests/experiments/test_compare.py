@@ -57,6 +57,7 @@ def test_the_report_groups_seeds_and_marks_what_differs(folder):
     assert 0.88 < mean < 0.92 and 0 < half < 0.02
     assert float(table["r8"]["peak_rss_mb"]) == 900.0 and float(table["r8"]["adapter_bytes"]) == 4000
     md = written["report"].read_text()
+    assert "## Each method at its best setting" not in md  # one method: nothing to choose between
     assert "## Configs compared" in md and "worse at 95%" in md and "![intervals](plots/intervals.png)" in md
     assert (folder / "plots" / "intervals.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -70,3 +71,17 @@ def test_malformed_predictions_are_one_error_naming_the_file(folder):
     (run / runs.PREDICTIONS).write_text("row,label,predicted\nx,y,z\n")
     with pytest.raises(RunFolderError, match="corrupt"):
         write_report(folder)
+
+
+def test_each_method_is_shown_at_its_own_best_rate(tmp_path):
+    rng = np.random.default_rng(4)
+    right = rng.random((1, ROWS)) < 0.9
+    for method, lr, val in (("lora", 1e-3, 0.86), ("lora", 4e-3, 0.90), ("vera", 1e-3, 0.80), ("vera", 1e-2, 0.88)):
+        cfg = Config().replace(**{"method": method, "train.lr": lr, "name": f"{method}-{lr:g}"})
+        _run(tmp_path, cfg, right[0], val=val)
+    md = write_report(tmp_path)["report"].read_text()
+    table = md.split("## Each method at its best setting")[1].split("##")[0]
+    lora = next(line for line in table.splitlines() if line.startswith("| lora") or line.startswith("| LoRA"))
+    vera = next(line for line in table.splitlines() if line.lower().startswith("| vera"))
+    assert "| 0.004 | 2 configs |" in lora and "| 0.01 | 2 configs |" in vera  # each at its own best rate
+    assert table.index(lora) < table.index(vera)  # best validation first

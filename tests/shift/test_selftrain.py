@@ -112,3 +112,22 @@ def test_init_from_loads_parent_weights_and_refuses_other_setups(noisy_run):
     other = cfg.replace(**{"lora.r": 4})
     with pytest.raises(ConfigError, match="different model or LoRA"):
         init_from_run(build(other)[0], other)
+
+
+def test_pseudo_labels_from_posteriors_fitted_to_a_known_mix_undo_the_skew():
+    from budgetlora.config import SelfTrainConfig
+    from budgetlora.shift.selftrain import fitted_posteriors
+
+    rng = np.random.default_rng(0)
+    y = np.arange(4000) % 4  # balanced truth; the model leans toward class 3, as on texts that moved
+    logits = rng.normal(0, 1.0, (4000, 4)) + 2.0 * np.eye(4)[y] + np.array([0, 0, 0, 0.8])
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert fitted_posteriors(probs, "") is probs  # off by default: nothing changes
+    # each predicted class's top 30%, unbalanced: the skewed model over-fills class 3, the fitted one does not
+    _, raw_labels = select_pseudo_labels(probs, 0.0, False, 0, 0.3)
+    fit_rows, fit_labels = select_pseudo_labels(fitted_posteriors(probs, "uniform"), 0.0, False, 0, 0.3)
+    raw_share, fit_share = (np.bincount(x, minlength=4) / len(x) for x in (raw_labels, fit_labels))
+    assert raw_share[3] > 0.28 and np.abs(fit_share - 0.25).max() < 0.01
+    assert (fit_labels == y[fit_rows]).mean() > 0.95
+    with pytest.raises(ConfigError, match="not both"):
+        SelfTrainConfig(target_prior="uniform", prior_correction="on")

@@ -294,12 +294,16 @@ class SelfTrainConfig:
     prior_correction: str = _choice("off", "pseudo-label from prior-corrected posteriors: off, on, or auto (each "
                                            "round runs the shift analysis and corrects only where its gate applies)",
                                     PRIOR_CORRECTION)
+    target_prior: str = _f("", "pseudo-label from posteriors fitted to this known class mix ('uniform' or one share "
+                               "per class), so a round cannot learn the skew it should remove ('' = off)")
     epochs: float = _f(0.0, "train.epochs of the new runs (0 = the parent's)")
     max_steps: int = _f(-1, "train.max_steps of the new runs (-1 = the parent's, 0 = no limit)")
     lr: float = _f(0.0, "train.lr of the new runs (0 = the parent's)")
 
     def __post_init__(self):
         _require("self_train", [
+            (not (self.target_prior and self.prior_correction != "off"),
+             "give target_prior (a known class mix) or prior_correction (an estimated one), not both"),
             (self.rounds >= 1, "rounds must be >= 1"),
             (self.threshold == -1 or 0 <= self.threshold <= 1, "threshold must be in [0, 1] (or -1: the default)"),
             (0 <= self.share <= 1, f"share must be in [0, 1], got {self.share}"),
@@ -358,4 +362,5 @@ class SubmitConfig:
         """The rounds as `self-train` runs them: each class's top share whatever its confidence, a fixed number of
         steps at a round's own learning rate."""
         return SelfTrainConfig(rounds=max(self.rounds, 1), threshold=0.0, share=self.share, mix=self.mix,
-                               max_val_drop=self.max_val_drop, max_steps=self.steps, lr=self.lr)
+                               max_val_drop=self.max_val_drop, max_steps=self.steps, lr=self.lr,
+                               target_prior=self.target_prior)

@@ -144,6 +144,33 @@ def to_markdown(groups: list[Group]) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def best_per_method(groups: list[Group]) -> list[Group]:
+    """Each method at its best setting, chosen on validation (groups come best first): with a learning-rate axis in
+    the sweep, every method is compared at its own best rate rather than at one shared rate."""
+    seen, out = set(), []
+    for g in groups:
+        if g.first["method"] not in seen:
+            seen.add(g.first["method"])
+            out.append(g)
+    return out
+
+
+def methods_markdown(groups: list[Group]) -> str:
+    """The methods table: each method at its best configuration, with the learning rate it won at and how many
+    configurations (rates, sizes) it was chosen from."""
+    best = groups[0] if groups else None
+    tried = {}
+    for g in groups:
+        tried[g.first["method"]] = tried.get(g.first["method"], 0) + 1
+    lines = ["| method | won at lr | chosen from | trainable_params | seeds | val_accuracy | test_accuracy | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in best_per_method(groups):
+        f = g.first
+        lines.append(f"| {f['method']} | {f['lr']:g} | {tried[f['method']]} configs | {_cell(f['trainable_params'])} | "
+                     f"{g.seeds} | {_pm(g.val)} | {_pm(g.test)} | {verdict(g, best)} |")
+    return "\n".join(lines) + "\n"
+
+
 def to_csv(groups: list[Group]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")

@@ -238,5 +238,7 @@ def report_markdown(title: str, rows: list[dict], groups: list, plots: list[str]
         f"{len(groups)} configs, {len(rows)} finished runs; seeds per config: {', '.join(map(str, seeds))}; "
         f"test rows per run: {', '.join(f'{n:,}' for n in n_rows) or 'not recorded'}.", "",
         "## Configs compared", "", compare.to_markdown(groups),
+        *(["## Each method at its best setting (chosen on validation)", "", compare.methods_markdown(groups)]
+          if len({g.first["method"] for g in groups}) > 1 else []),
         "## Every run", "", to_markdown(rows),
         "## Plots", "", *(f"![{name}](plots/{name}.png)" for name in plots), ""])

@@ -23,6 +23,7 @@ from budgetlora.config.sections import SelfTrainConfig
 from budgetlora.inference.load import load_run
 from budgetlora.inference.predict import read_unlabelled
 from budgetlora.shift.analysis import analyse
+from budgetlora.shift.mix import fit_to_mix, parse_prior
 from budgetlora.shift.priors import PriorEstimate, corrected_probabilities, estimate_priors, train_priors
 from budgetlora.training.train import train
 
@@ -55,6 +56,14 @@ def select_pseudo_labels(probs: np.ndarray, threshold: float = 0.9, balance: boo
     k = max_per_class if max_per_class > 0 else (min(sizes) if balance else max(sizes))
     rows = np.sort(np.concatenate([r[:k] for r in per_class]))
     return rows, pred[rows]
+
+
+def fitted_posteriors(probs: np.ndarray, target_prior: str) -> np.ndarray:
+    """The posteriors pseudo labels are drawn from: as given, or fitted to a known class mix (shift.mix), so that
+    each class's top share comes from the balanced assignment rather than from the model's skew on moved texts."""
+    if not target_prior:
+        return probs
+    return fit_to_mix(probs, parse_prior(target_prior, probs.shape[1])).posteriors
 
 
 def mix_repeats(labelled_rows: int, pseudo_rows: int, mix: float) -> int:
@@ -155,6 +164,7 @@ def _pseudo_round(r: int, loaded, texts: list[str], s: SelfTrainConfig, override
                   out: Path, first_probs, log) -> tuple[Config, dict]:
     """Round r's pseudo labels, written beside the runs, and the config of the run that trains on them."""
     probs, est = _posteriors(loaded, texts, s.prior_correction, first_probs, log)
+    probs = fitted_posteriors(probs, s.target_prior)
     rows, labels = select_pseudo_labels(probs, s.min_confidence, s.balance, s.max_per_class, s.share)
     counts = np.bincount(labels, minlength=loaded.cfg.model.num_labels).tolist()
     log(f"self-train round {r}: {len(rows):,} of {len(texts):,} unlabelled texts pseudo-labelled "
