@@ -41,6 +41,7 @@ def test_run_folder_contents(tiny_run):
     assert any("classifier" in k for k in weights), "the trained head must be in the adapter file"
 
 
+@pytest.mark.slow
 def test_plain_peft_reload_gives_identical_logits(tiny_run):
     from peft import PeftModel
 
@@ -90,6 +91,7 @@ def test_mismatched_num_labels_and_base(tiny_run, tmp_path):
         load_run(run)
 
 
+@pytest.mark.slow
 def test_tampered_weights_fail_verification(tiny_run, tmp_path):
     from safetensors.torch import save_file
 

@@ -109,6 +109,7 @@ def test_killed_sweep_resumes_without_retraining(tmp_path):
     assert again["trials"] == s["trials"] and calls(spec) == second
 
 
+@pytest.mark.slow
 def test_over_budget_is_pruned_before_loading_and_failures_are_recorded(tmp_path, monkeypatch):
     import budgetlora.adapters.model
 

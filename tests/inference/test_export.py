@@ -45,6 +45,7 @@ def exported(tiny_run, tmp_path_factory) -> tuple[Path, dict]:
     return out, export_merged(tiny_run, out, log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_merged_logits_match_unmerged(exported, tiny_run):
     out, info = exported
     assert 0 <= info["max_abs_logit_diff"] <= TOLERANCE
