@@ -93,17 +93,15 @@ def write_adapted(output: str | Path, result, source: str) -> Prediction:
 
 
 def predict_known_mix(run: str | Path, source: str, output: str | Path, target_prior, base: str | None = None,
-                      max_length: int = 0, probs: np.ndarray | None = None) -> Prediction:
+                      max_length: int = 0) -> Prediction:
     """Labels for every row of `source` from posteriors fitted to a class mix the user knows (shift.mix): the
     validation-calibrated posteriors of the whole set are scaled per class until they average to the mix, then
-    argmax. The mix, the shares before and after and the labels changed go to `<output>.priors.json`.
-    probs: the run's calibrated posteriors for these texts when the caller already has them."""
+    argmax. The mix, the shares before and after and the labels changed go to `<output>.priors.json`."""
     mix = parse_prior(target_prior, runs.load_config(Path(run)).model.num_labels)  # refused before any loading
     loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
     loaded.max_length = max_length
-    if probs is None:
-        texts = read_unlabelled(source, loaded.cfg)
-        probs = calibrated_probabilities(loaded.logits(texts, progress=True), loaded.metrics.get("temperature"))
+    texts = read_unlabelled(source, loaded.cfg)
+    probs = calibrated_probabilities(loaded.logits(texts, progress=True), loaded.metrics.get("temperature"))
     return write_known_mix(output, fit_to_mix(probs, mix), source, loaded.read_length)
 
 

@@ -23,8 +23,8 @@ from budgetlora.config.sections import SubmitConfig
 from budgetlora.inference.load import LoadedRun, load_run
 from budgetlora.inference.predict import read_unlabelled
 from budgetlora.shift.analysis import ShiftResult, analyse, write_analysis
-from budgetlora.shift.mix import parse_prior
-from budgetlora.shift.predict import Prediction, predict, predict_known_mix, write_adapted
+from budgetlora.shift.mix import fit_to_mix, parse_prior
+from budgetlora.shift.predict import Prediction, predict, predict_known_mix, write_adapted, write_known_mix
 from budgetlora.shift.selftrain import self_training
 from budgetlora.training.train import train
 
@@ -64,9 +64,11 @@ def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs
     times["self_train_s"] = round(time.time() - t, 1)
 
     t = time.time()
-    if s.target_prior:  # a known class mix replaces the estimated one; the analysis' posteriors serve when unchanged
-        prediction = predict_known_mix(final, target, output, s.target_prior, max_length=s.max_length,
-                                       probs=result.probs if final == base else None)
+    if s.target_prior and final == base:  # a known class mix, fitted to the analysis' posteriors: no second pass
+        fit = fit_to_mix(result.probs, parse_prior(s.target_prior, cfg.model.num_labels))
+        prediction = write_known_mix(output, fit, target, result.report["read_length"])
+    elif s.target_prior:
+        prediction = predict_known_mix(final, target, output, s.target_prior, max_length=s.max_length)
     elif final == base and s.prior_correction != "off":  # nothing changed since the analysis: its labels stand
         prediction = write_adapted(output, result, target)
     else:
