@@ -1,9 +1,10 @@
 """The parameter planner: exactly what a config trains, from the model config alone (no weights are loaded).
 
 The model is built on the meta device, so shapes are the real ones for any architecture transformers knows.
-LoRA on Linear(in, out) adds r·(in + out); DoRA adds one magnitude vector of `out`; each method's count per module
-is in its record in `methods`. The head is trained in full for every method. The same resolution also yields the peft
-`target_modules` regex, so what is planned is what is trained.
+LoRA on Linear(in, out) (or GPT-2's Conv1D, the same product with its weight stored (in, out)) adds r·(in + out);
+DoRA adds one magnitude vector of `out`; each method's count per module is in its record in `methods`. The head
+is trained in full for every method. The same resolution also yields the peft `target_modules` regex, so what is
+planned is what is trained.
 """
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from typing import Callable
 import torch
 
 from budgetlora.adapters import methods
-from budgetlora.adapters.architectures import head_modules, load_model_config, short_name_map, skeleton
+from budgetlora.adapters.architectures import (
+    head_modules,
+    is_conv1d,
+    linear_shape,
+    load_model_config,
+    short_name_map,
+    skeleton,
+)
 from budgetlora.config import Config, ConfigError
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -44,6 +52,7 @@ class Plan:
     adapter_at: Callable[[int], int] | None = field(default=None, repr=False, compare=False)  # setting -> params
     fill_cap: int | None = None  # largest setting worth solving for (the method's `cap`)
     linear: bool = False  # the adapter's count is per_rank x the setting: solved in closed form
+    fan_in_fan_out: bool = False  # the adapted layers are Conv1D, weights stored (in, out): peft must know
 
     @property
     def lora_params(self) -> int:
@@ -92,8 +101,9 @@ class Plan:
                 "matches": self.matches, "target_regex": self.target_regex}
 
 
-def _linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+def _linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every layer an adapter can wrap (Linear, and Conv1D), by name."""
+    return {n: m for n, m in model.named_modules() if linear_shape(m) is not None}
 
 
 def resolve_targets(model: torch.nn.Module, model_type: str, targets: list[str], layers: list[int],
@@ -109,8 +119,8 @@ def resolve_targets(model: torch.nn.Module, model_type: str, targets: list[str],
     matches: dict[str, list[str]] = {}
     for t in targets:
         t = str(t)
-        if t in short:  # relative path anchored right after the layer index
-            pattern = re.compile(rf".*\.\d+\.{re.escape(short[t])}")
+        if t in short:  # relative paths anchored right after the layer index (layer.N., layers.N., h.N.)
+            pattern = re.compile(rf".*\.\d+\.({'|'.join(re.escape(rel) for rel in short[t])})")
             found = [n for n in linear if pattern.fullmatch(n)]
         else:  # a raw module suffix, with peft's own endswith semantics
             found = [n for n in linear if n == t or n.endswith("." + t)]
@@ -173,7 +183,8 @@ def plan(cfg: Config, config=None) -> Plan:
     matches = resolve_targets(model, config.model_type, list(lora.targets), list(lora.layers), num_layers)
     modules = sorted({n for found in matches.values() for n in found})
     linear = _linear_modules(model)
-    shapes = {n: (linear[n].in_features, linear[n].out_features) for n in modules}
+    shapes = {n: linear_shape(linear[n]) for n in modules}
+    conv = _conv1d_targets(cfg.method, method, config.model_type, {n: linear[n] for n in modules})
     feedforward = {n for t in method.input_scaled(cfg) for n in matches[str(t)]}
 
     def per_module_at(r: int) -> dict[str, int]:
@@ -196,7 +207,23 @@ def plan(cfg: Config, config=None) -> Plan:
                 head_names=heads, method=cfg.method, setting=method.rank_field,
                 feedforward_regex=target_regex(sorted(feedforward)) if feedforward else "",
                 adapter_at=lambda k: sum(per_module_at(k).values()), fill_cap=method.cap(cfg, shapes),
-                linear=method.linear)
+                linear=method.linear, fan_in_fan_out=conv)
+
+
+def _conv1d_targets(name: str, method, model_type: str, adapted: dict[str, torch.nn.Module]) -> bool:
+    """Whether the adapted layers are Conv1D. peft takes one fan_in_fan_out for all of them, so a mix with Linear
+    layers is refused, as is a method whose peft layers do not wrap Conv1D (LoHa, LoKr)."""
+    conv = sorted(n for n, m in adapted.items() if is_conv1d(m))
+    if not conv:
+        return False
+    if not method.conv1d:
+        raise ConfigError(f"method {name} cannot adapt the Conv1D layers of this {model_type} model ({conv[0]}, ...); "
+                          f"use {', '.join(methods.conv1d_methods())}")
+    if len(conv) != len(adapted):
+        plain = sorted(set(adapted) - set(conv))
+        raise ConfigError(f"targets mix Conv1D layers ({conv[0]}) with Linear ones ({plain[0]}); peft adapts them "
+                          "with one fan_in_fan_out setting, so target one kind only")
+    return True
 
 
 def fill(cfg: Config, config=None) -> tuple[Config, Plan]:
@@ -225,7 +252,14 @@ def check(p: Plan) -> Plan:
 def format_plan(p: Plan) -> str:
     method = methods.get(p.method)
     lines = [f"model type {p.model_type}, {p.num_layers} layers, {method.headline(p.r)}"]
+    seen: dict[str, str] = {}  # module -> the first target that adapted it
     for target, names in p.matches.items():
+        earlier = sorted({seen[n] for n in names if n in seen})
+        if earlier and all(n in seen for n in names):  # q, k, v on one fused projection
+            lines.append(f"  target {target!r}: the same {len(names)} modules as {', '.join(map(repr, earlier))} "
+                         "(a fused projection), counted once")
+            continue
+        seen.update({n: target for n in names if n not in seen})
         per = sum(p.lora_per_module[n] for n in names)
         lines.append(f"  target {target!r}: {len(names)} modules, {per:,} params")
         shown = names if len(names) <= 4 else names[:2] + ["..."] + names[-1:]

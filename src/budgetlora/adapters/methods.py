@@ -74,6 +74,7 @@ class Method:
     label: Callable[[Config], str] | None = None  # the leaderboard's name of the config; default `name`
     size_word: str | None = None  # how messages name the setting; default rank_field
     headline_size: str | None = None  # how the plan's first line names it ('LoRA r'); default '<name> <rank_field>'
+    conv1d: bool = True  # its peft layers also wrap transformers' Conv1D (GPT-2), weights stored (in, out)
 
     def rank(self, cfg: Config) -> int:
         if self.rank_field is None:
@@ -241,9 +242,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            lambda cfg, i, o, r, ff: o + r,  # lambda_b (out) and lambda_d (r)
            rank_field="vera.r", cap=_vera_cap, frozen_keys=("base_model.vera_A", "base_model.vera_B")),
     Method("loha", "LoHa", METHOD_SECTIONS["loha"], _loha_config, lambda cfg, i, o, r, ff: 2 * r * (i + o),
-           rank_field="loha.r", linear=True, alpha_field="loha.alpha"),
+           rank_field="loha.r", linear=True, alpha_field="loha.alpha", conv1d=False),
     Method("lokr", "LoKr", METHOD_SECTIONS["lokr"], _lokr_config, _lokr_params,
-           rank_field="lokr.r", cap=_lokr_cap, alpha_field="lokr.alpha"),
+           rank_field="lokr.r", cap=_lokr_cap, alpha_field="lokr.alpha", conv1d=False),
     Method("ia3", "(IA)3", METHOD_SECTIONS["ia3"], _ia3_config, lambda cfg, i, o, r, ff: i if ff else o,
            input_scaled=lambda cfg: cfg.ia3.feedforward, no_decay=("ia3_l",)),  # scaling vectors initialised at 1
 )}
@@ -258,12 +259,20 @@ def get(name: str) -> Method:
     return METHODS[name]
 
 
-def peft_config(cfg: Config, target_regex: str, head_names: list[str], feedforward_regex: str = ""):
+def conv1d_methods() -> list[str]:
+    return [name for name, m in METHODS.items() if m.conv1d]
+
+
+def peft_config(cfg: Config, target_regex: str, head_names: list[str], feedforward_regex: str = "",
+                fan_in_fan_out: bool = False):
     """The peft config of `cfg.method`, adapting exactly the modules `target_regex` matches; the head is trained in
-    full (modules_to_save) for every method."""
+    full (modules_to_save) for every method. fan_in_fan_out: the targets are Conv1D (the planner refuses a method
+    that cannot wrap them); said up front, peft neither warns nor rewrites the config while building."""
     import peft
 
     common = {"task_type": peft.TaskType.SEQ_CLS, "target_modules": target_regex, "modules_to_save": head_names}
+    if fan_in_fan_out:
+        common["fan_in_fan_out"] = True
     return get(cfg.method).build(cfg, common, feedforward_regex)
 
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from budgetlora.adapters import budget, methods
-from budgetlora.adapters.architectures import load_model_config, quiet, resolve_name
+from budgetlora.adapters.architectures import LAST_TOKEN_POOLING, load_model_config, quiet, resolve_name
 from budgetlora.config import Config
 from budgetlora.errors import BudgetloraError
 from budgetlora.runs import ADAPTER_FILES
@@ -19,14 +19,44 @@ class AdapterError(BudgetloraError, ValueError):
     """A saved adapter that cannot be loaded onto the configured base model."""
 
 
+class TokenizerError(BudgetloraError, ValueError):
+    """A tokenizer the model cannot be batched with."""
+
+
 def load_tokenizer(cfg: Config):
-    return AutoTokenizer.from_pretrained(resolve_name(cfg.model.tokenizer or cfg.model.name))
+    """The run's tokenizer; one without a padding token (GPT-2's, Llama's) pads with its end-of-text token, and
+    `with_pad_token` gives the model the same id."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_name(cfg.model.tokenizer or cfg.model.name))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise TokenizerError(f"tokenizer of {cfg.model.tokenizer or cfg.model.name!r} has neither a padding nor "
+                                 "an end-of-text token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
-# the dropout settings of the encoder families we adapt (BERT/RoBERTa/ELECTRA, DistilBERT, DeBERTa, ...); the head's
-# own classifier_dropout is left alone
+def with_pad_token(cfg: Config, config):
+    """The padding id the tokenizer batches with, on the model's config where the model reads it. A decoder
+    classifies from the last token that is not padding, found by config.pad_token_id: any other id than the
+    tokenizer's moves that position with the batch's padding (or fails, with none). Every build of the model,
+    for training, reloading or export, passes here, so all of them agree; encoders keep a padding id they have
+    (RoBERTa's also places its positions)."""
+    if config.pad_token_id is not None and config.model_type not in LAST_TOKEN_POOLING:
+        return config
+    pad = load_tokenizer(cfg).pad_token_id
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and not 0 <= pad < vocab:
+        raise TokenizerError(f"the tokenizer pads with id {pad}, outside the model's vocabulary of {vocab}; "
+                             "use the model's own tokenizer")
+    config.pad_token_id = pad
+    return config
+
+
+# the dropout settings of the families we adapt (BERT/RoBERTa/ELECTRA, DistilBERT, DeBERTa, ModernBERT, GPT-2,
+# Llama/Qwen/Mistral's attention_dropout); the head's own classifier_dropout is left alone
 DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
-                  "hidden_dropout", "attention_probs_dropout")
+                  "hidden_dropout", "attention_probs_dropout", "embedding_dropout", "mlp_dropout", "resid_pdrop",
+                  "embd_pdrop", "attn_pdrop")
 
 
 def set_base_dropout(config, p: float):
@@ -42,6 +72,7 @@ def set_base_dropout(config, p: float):
 def build_base(cfg: Config, config=None) -> torch.nn.Module:
     """The frozen base with a fresh head. Seeded, so random-weight bases and heads are reproducible."""
     config = set_base_dropout(config or load_model_config(cfg.model.name, cfg.model.num_labels), cfg.train.base_dropout)
+    config = with_pad_token(cfg, config)
     torch.manual_seed(cfg.train.seed)
     with quiet():  # "some weights were newly initialised" is expected: that is the head we train
         if cfg.model.random_init:
@@ -51,7 +82,8 @@ def build_base(cfg: Config, config=None) -> torch.nn.Module:
 
 def peft_config(cfg: Config, plan: budget.Plan):
     """The peft config of the configured method (see `methods`), on exactly the planned modules."""
-    return methods.peft_config(cfg, plan.target_regex, plan.head_names, plan.feedforward_regex)
+    return methods.peft_config(cfg, plan.target_regex, plan.head_names, plan.feedforward_regex,
+                               plan.fan_in_fan_out)
 
 
 def count_trainable(model: torch.nn.Module) -> int:
