@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,8 @@ class Config:
 METHODS = tuple(METHOD_SECTIONS)  # each method's settings live in the section of its name
 _LORA_ONLY = {"init": "default", "b_lr_ratio": 1.0}  # lora fields that only the lora method reads
 USE_SECTIONS = ("self_train", "submit", "serve")  # settings of the commands that use a run, not of its training
+# train fields added after run ids were first published: at these values a config keeps the id it always had
+_TRAIN_DEFAULTS = {"base_dropout": -1, "class_weights": "none", "loss": "ce", "focal_gamma": 2.0, "select": "loss"}
 
 
 def _identity(d: dict) -> dict:
@@ -130,8 +133,9 @@ def _identity(d: dict) -> dict:
     Nor do the USE_SECTIONS: serving or adapting a run never changes which training it was."""
     d = {k: v for k, v in d.items() if k not in USE_SECTIONS}
     d = {k: v for k, v in d.items() if k != "name" and not (k in METHODS and k not in ("lora", d["method"]))}
-    # threads: how fast, not what is trained; base_dropout at its default (-1, the checkpoint's own): ids as before
-    d["train"] = {k: v for k, v in d["train"].items() if k != "threads" and not (k == "base_dropout" and v == -1)}
+    # threads: how fast, not what is trained
+    d["train"] = {k: v for k, v in d["train"].items()
+                  if k != "threads" and not (k in _TRAIN_DEFAULTS and v == _TRAIN_DEFAULTS[k])}
     if d["method"] == "lora":
         d.pop("method")
         d["lora"] = {k: v for k, v in d["lora"].items() if not (k in _LORA_ONLY and v == _LORA_ONLY[k])}
@@ -147,7 +151,27 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.padding": ("auto", "longest", "buckets"),
     "lora.init": ("default", "gaussian", "pissa", "olora"),
+    "train.loss": ("ce", "focal"),
+    "train.select": ("loss", "accuracy", "macro_f1"),
 }
+
+
+def class_weight_list(spec: str, num_labels: int) -> list[float] | None:
+    """train.class_weights as numbers when it lists them, checked against the class count; None for none and auto
+    (auto is computed from the training rows, which only training knows)."""
+    if spec in ("none", "auto"):
+        return None
+    try:
+        values = [float(v) for v in spec.strip("[]").split(",")]  # a YAML list arrives as its string form
+    except ValueError:
+        raise ConfigError(f"train.class_weights must be none, auto or {num_labels} comma-separated numbers, "
+                          f"got {spec!r}") from None
+    if len(values) != num_labels:
+        raise ConfigError(f"train.class_weights lists {len(values)} weights for {num_labels} classes "
+                          f"(model.num_labels)")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"train.class_weights must all be positive, got {spec!r}")
+    return values
 
 
 def validate(cfg: Config) -> None:
@@ -173,11 +197,17 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (0 <= cfg.train.warmup < 1, "train.warmup must be in [0, 1)"),
         (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
+        (cfg.train.focal_gamma >= 0, "train.focal_gamma must be >= 0"),
+        (cfg.train.loss == "focal" or cfg.train.focal_gamma == _TRAIN_DEFAULTS["focal_gamma"],
+         "train.focal_gamma applies to train.loss focal only"),
+        (cfg.train.loss == "ce" or cfg.train.label_smoothing == 0,
+         "train.label_smoothing applies to train.loss ce only: focal loss already softens confident rows"),
         (cfg.budget.max_params > 0, "budget.max_params must be > 0"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    class_weight_list(cfg.train.class_weights, cfg.model.num_labels)
     _validate_method(cfg)
 
 

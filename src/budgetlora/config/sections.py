@@ -140,6 +140,11 @@ class TrainConfig:
     warmup: float = _f(0.06, "warmup as a fraction of all steps")
     weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
+    class_weights: str = _f("none", "per-class loss weights: none, auto (inverse training class frequency, mean 1) "
+                                    "or one positive number per class ('1,2,4,8')")
+    loss: str = _f("ce", "training loss: ce (cross-entropy) or focal ((1 - p)^focal_gamma x CE, class weights as "
+                         "alpha)")
+    focal_gamma: float = _f(2.0, "focal loss exponent (0 = plain cross-entropy); loss focal only")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
     precision: str = _f("auto", "auto (bf16 on a GPU that has it and on a CPU with native bf16 (AVX512-BF16 or "
                                 "AMX), else fp32), fp32, bf16 or fp16; evaluation and prediction follow it")
@@ -148,7 +153,10 @@ class TrainConfig:
                                    "-1 keeps the checkpoint's own (0.1 for BERT types); 0 lets attention run as one "
                                    "fused kernel: faster steps and less memory")
     eval_every: int = _f(200, "evaluate on validation every N steps (0 = once per epoch)")
-    patience: int = _f(0, "early stopping: evaluations without val-loss improvement before stopping (0 = off)")
+    patience: int = _f(0, "early stopping: evaluations without improvement of train.select before stopping "
+                          "(0 = off)")
+    select: str = _f("loss", "validation metric that picks the kept state and drives patience: loss (lower is "
+                             "better), accuracy or macro_f1")
     group_by_length: bool = _f(True, "batch texts of similar length together (less padding)")
     padding: str = _f("auto", "batch width: longest (each batch's longest row), buckets (a few fixed widths, so a GPU "
                               "reuses shapes and a CPU keeps fewer kernels in memory), auto (= buckets)")

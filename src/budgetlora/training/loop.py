@@ -27,6 +27,7 @@ from budgetlora.adapters import methods
 from budgetlora.data.tokens import Tokens, length_grouped_batches
 from budgetlora.errors import BudgetloraError
 from budgetlora.hardware import resolve_precision
+from budgetlora.training import losses
 
 
 class CheckpointError(BudgetloraError, RuntimeError):
@@ -89,17 +90,21 @@ def count_steps(tc, n_rows: int) -> Steps:
     return Steps(total, per_epoch, tc.eval_every or per_epoch)
 
 
-def setup_training(acc, model, cfg, total_steps: int):
+def setup_training(acc, model, cfg, total_steps: int, labels):
     """`setup_optimizer` with what the config's adapter method adds: LoRA+'s learning rate for B, and the
-    method's step hooks (AdaLoRA's schedule is set from `total_steps`). Every pass that trains a model of `cfg`
+    method's step hooks (AdaLoRA's schedule is set from `total_steps`), and the loss's class weights
+    (train.class_weights; auto counts the training rows' `labels`). Every pass that trains a model of `cfg`
     comes through here, so they all optimise alike. Returns (model, optimizer, scheduler, loss_fn, hooks)."""
     hooks = methods.step_hooks(model, cfg, total_steps)
-    model, optimizer, scheduler, loss_fn = setup_optimizer(acc, model, cfg.train, total_steps, cfg.lora.b_lr_ratio)
+    model, optimizer, scheduler, loss_fn = setup_optimizer(acc, model, cfg.train, total_steps, cfg.lora.b_lr_ratio,
+                                                           losses.class_weights(cfg, labels))
     return model, optimizer, scheduler, loss_fn, hooks
 
 
-def setup_optimizer(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0):
-    """Optimizer, warmup + decay schedule and loss for `total_steps` steps; model and optimizer placed by `acc`.
+def setup_optimizer(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0,
+                    class_weight: torch.Tensor | None = None):
+    """Optimizer, warmup + decay schedule and loss (train.loss, weighted by `class_weight` when given) for
+    `total_steps` steps; model and optimizer placed by `acc`.
     b_lr_ratio: LoRA+ (lora.b_lr_ratio), the B matrices' learning rate over the others'."""
     from transformers import get_scheduler
 
@@ -108,7 +113,7 @@ def setup_optimizer(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0):
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=int(tc.warmup * total_steps),
                               num_training_steps=total_steps)
     model, optimizer = acc.prepare(model, optimizer)
-    return model, optimizer, scheduler, torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    return model, optimizer, scheduler, losses.make_loss(tc, class_weight).to(acc.device)
 
 
 def train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, grad_clip: float,
@@ -185,8 +190,10 @@ StepCallback = Callable[[dict, np.ndarray], None]
 
 
 def new_state() -> dict:
-    return {"step": 0, "history": [], "best": None, "best_loss": math.inf, "bad_evals": 0, "elapsed": 0.0,
-            "eval_time": 0.0}
+    # best_loss: the validation loss of the kept state; best_score: its train.select metric (absent from
+    # checkpoints written before train.select existed, all of which selected by loss)
+    return {"step": 0, "history": [], "best": None, "best_loss": math.inf, "best_score": None, "bad_evals": 0,
+            "elapsed": 0.0, "eval_time": 0.0}
 
 
 def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: LoopInputs, state: dict,
@@ -254,21 +261,39 @@ def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: 
     return state
 
 
+def improves(select: str, value: float, state: dict) -> bool:
+    """Whether validation metric `select` at `value` beats the kept state's: lower loss, higher accuracy or macro-F1
+    (strictly, so the earlier of two equal states is kept)."""
+    best = state.get("best_score")
+    if best is None and select == "loss":
+        best = state["best_loss"]  # a checkpoint from before train.select
+    if best is None:
+        return True
+    return value < best if select == "loss" else value > best
+
+
 def _validate(acc, model, tc, evaluate: Callable[[], dict], total: int, state: dict, record, log) -> bool:
-    """One validation point: record it, keep the best state, count evaluations without improvement. Returns whether
-    early stopping (train.patience) ends the run here."""
+    """One validation point: record it, keep the best state by train.select, count evaluations without improvement.
+    Returns whether early stopping (train.patience) ends the run here."""
     t_eval = time.time()
     m = evaluate()
     state["eval_time"] += time.time() - t_eval
-    record({"val_loss": m["loss"], "val_accuracy": m["accuracy"]})
-    log(f"step {state['step']}/{total}: val loss {m['loss']:.4f}, acc {m['accuracy']:.4f}")
-    if m["loss"] < state["best_loss"]:
-        state.update(best=trainable_state(acc.unwrap_model(model)), best_loss=m["loss"], best_step=state["step"],
+    record({"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"]})
+    log(f"step {state['step']}/{total}: val loss {m['loss']:.4f}, acc {m['accuracy']:.4f}, "
+        f"macro-F1 {m['macro_f1']:.4f}")
+    return keep_best(tc, m, state, lambda: trainable_state(acc.unwrap_model(model)), log)
+
+
+def keep_best(tc, m: dict, state: dict, snapshot: Callable[[], dict], log=print) -> bool:
+    """Keep `snapshot()` as the best state when validation metrics `m` improve on train.select, else count one
+    more evaluation without improvement. Returns whether early stopping (train.patience) ends the run here."""
+    if improves(tc.select, m[tc.select], state):
+        state.update(best=snapshot(), best_loss=m["loss"], best_score=m[tc.select], best_step=state["step"],
                      bad_evals=0)
         return False
     state["bad_evals"] += 1
     if tc.patience and state["bad_evals"] >= tc.patience:
-        log(f"early stop: val loss did not improve for {tc.patience} evaluations")
+        log(f"early stop: val {tc.select} did not improve for {tc.patience} evaluations")
         return True
     return False
 

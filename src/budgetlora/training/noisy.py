@@ -39,7 +39,7 @@ def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print)
 
     The pass is the training loop itself (`loop.run`, set up by `loop.setup_training`), run without
     validation: whatever the method changes in a step (LoRA+'s learning rate for B, AdaLoRA's penalty and rank
-    allocation) changes the first pass alike."""
+    allocation) and the loss (train.loss, class weights counted on these same rows) change the first pass alike."""
     from budgetlora.adapters.model import build, load_tokenizer
 
     tc = cfg.train
@@ -50,7 +50,7 @@ def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print)
     steps = loop.count_steps(tc, len(train))
     _, points = record_points(cfg, len(train))
     acc = loop.make_accelerator(tc)
-    model, optimizer, scheduler, loss_fn, hooks = loop.setup_training(acc, model, cfg, steps.total)
+    model, optimizer, scheduler, loss_fn, hooks = loop.setup_training(acc, model, cfg, steps.total, train.labels)
     records = []
 
     def score(state: dict, _rows) -> None:

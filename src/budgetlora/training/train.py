@@ -112,7 +112,8 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
         return Tokens(encode(tokenizer, augment_texts(train_split.texts, cfg.augment, tc.seed, epoch), ml), pad)
 
     steps = loop.count_steps(tc, len(train_split))
-    model, optimizer, scheduler, loss_fn, hooks = loop.setup_training(acc, model, cfg, steps.total)
+    model, optimizer, scheduler, loss_fn, hooks = loop.setup_training(acc, model, cfg, steps.total,
+                                                                         train_split.labels)
     eval_batch = eval_batch_size(tc.eval_batch_size, acc.device)
     infer_dtype = inference_dtype(tc.precision, acc.device)  # validation under the training precision
 
