@@ -42,7 +42,7 @@ def cmd_predict(args) -> int:
     from budgetlora.shift.predict import predict
 
     done = predict(args.run, args.input, args.output, args.prior_correction, base=args.base,
-                   max_length=args.max_length, target_prior=args.target_prior)
+                   max_length=args.max_length, target_prior=args.target_prior, proba=args.proba, top_k=args.top_k)
     print("\n".join(done.summary()))
     return 0
 
@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the shares before and after go to OUTPUT.priors.json (serve answers per request: no mix)")
     p.add_argument("--max-length", type=int, default=0,
                    help="tokens read per text (0 = the run's model.max_length; 256 reads long texts further)")
+    p.add_argument("--proba", action="store_true",
+                   help="add one probability column per class after ID,Label (p_<class name>): the softmax, or the "
+                        "corrected posteriors the labels were taken from under --prior-correction / --target-prior")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="add the K most probable label ids and their probabilities (top1, top1_p, ..., topK, "
+                        "topK_p); 1 to the run's number of classes")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("self-train", help="pseudo-label confident unlabelled texts and continue training the "

@@ -4,6 +4,7 @@ One worker task owns the model. Requests put their texts on an asyncio queue; th
 waiting (up to `serve.max_batch` texts, after at most `serve.batch_wait_ms`), runs one forward pass on a single
 inference thread, and hands each request its slice of the result. Under load, requests that arrive while a pass runs are
 merged into the next one, so throughput grows with concurrency instead of queueing one pass per request.
+GET / answers a page (`page`) that classifies a text through POST /predict.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model, field_validator
 
 from budgetlora import runs
 from budgetlora.config.sections import ServeConfig
+from budgetlora.inference.page import POLICY, render
 
 if TYPE_CHECKING:  # only for annotations: the ONNX backend serves without importing torch (which api pulls in)
     from budgetlora.inference.classifier import Classifier
@@ -276,6 +278,12 @@ def create_app(classifier: Classifier, settings: ServeConfig | None = None) -> F
         ok = app.state.batcher.alive
         return JSONResponse({"status": "ok" if ok else "inference worker stopped"}, status_code=200 if ok else 503)
 
+    page = render(info)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def get_page():
+        return HTMLResponse(page, headers={"content-security-policy": POLICY})
+
     @app.get("/info")
     async def get_info():
         return {**info, "limits": settings.limits, "batching": app.state.batcher.stats.as_dict()}
@@ -309,7 +317,7 @@ def serve(run: str, settings: ServeConfig | None = None, verify: bool = True, lo
 
         classifier = load(run, verify=verify, base=base)
     print(f"loaded {classifier.path} in {time.perf_counter() - t0:.1f}s; serving on http://{host}:{port} "
-          f"(docs at /docs)", flush=True)
+          f"(a page at /, docs at /docs)", flush=True)
     # SIGTERM: uvicorn stops accepting, lets the requests in flight finish, stops the batcher, and then raises the
     # signal again under the handler in place before it started. This one turns that into a normal exit (status
     # 0): the stop was clean, and a supervisor should not read it as a crash.

@@ -11,7 +11,7 @@ import numpy as np
 from budgetlora import runs
 from budgetlora.errors import ConfigError
 from budgetlora.inference.load import load_run
-from budgetlora.inference.predict import predict_file, read_unlabelled, write_submission
+from budgetlora.inference.predict import Columns, columns, predict_file, read_unlabelled, write_submission
 from budgetlora.shift.analysis import analyse
 from budgetlora.shift.mix import fit_to_mix, parse_prior
 from budgetlora.shift.priors import calibrated_probabilities, priors_path
@@ -51,34 +51,40 @@ class Prediction:
 
 
 def predict(run: str | Path, source: str, output: str | Path, prior_correction: str = "off",
-            base: str | None = None, max_length: int = 0, target_prior: str = "") -> Prediction:
+            base: str | None = None, max_length: int = 0, target_prior: str = "", proba: bool = False,
+            top_k: int | None = None) -> Prediction:
     """`budgetlora predict`: argmax labels (prior_correction 'off'), prior-corrected ones ('auto': where
     priors.decide lets them; 'on': always), or, with `target_prior`, posteriors fitted to a known class mix; the
-    last two with `<output>.priors.json` beside them."""
+    last two with `<output>.priors.json` beside them. `proba` / `top_k` add the probabilities the labels were
+    taken from (inference.predict.Columns): the plain softmax without correction, else the corrected posteriors."""
     if target_prior:
         if prior_correction != "off":
             raise ConfigError("give either --target-prior (a known class mix) or --prior-correction (an estimated "
                               "one), not both")
-        return predict_known_mix(run, source, output, target_prior, base=base, max_length=max_length)
+        return predict_known_mix(run, source, output, target_prior, base=base, max_length=max_length, proba=proba,
+                                 top_k=top_k)
     if prior_correction == "off":
-        labels = predict_file(run, source, output, base=base, max_length=max_length)
+        labels = predict_file(run, source, output, base=base, max_length=max_length, proba=proba, top_k=top_k)
         return Prediction(labels, Path(output))
-    return predict_adapted(run, source, output, mode=prior_correction, base=base, max_length=max_length)
+    return predict_adapted(run, source, output, mode=prior_correction, base=base, max_length=max_length,
+                           proba=proba, top_k=top_k)
 
 
 def predict_adapted(run: str | Path, source: str, output: str | Path, mode: str = "auto", base: str | None = None,
-                    max_length: int = 0) -> Prediction:
+                    max_length: int = 0, proba: bool = False, top_k: int | None = None) -> Prediction:
     """Labels for every row of `source` with prior correction: 'auto' (EM-corrected posteriors only where
     priors.decide lets them) or 'on' (always). The estimates, the separability and the decision are written to
     `<output>.priors.json`, the labels to `output` as ID,Label."""
+    cols = columns(run, proba, top_k)  # a bad --top-k is refused before the model loads
     loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
     loaded.max_length = max_length
     texts = read_unlabelled(source, loaded.cfg)
-    return write_adapted(output, analyse(loaded, texts, mode=mode, progress=True), source)
+    return write_adapted(output, analyse(loaded, texts, mode=mode, progress=True), source, cols.named(loaded))
 
 
-def write_adapted(output: str | Path, result, source: str) -> Prediction:
-    """The labels a shift.ShiftResult decided on, written as ID,Label, with `<output>.priors.json` beside them."""
+def write_adapted(output: str | Path, result, source: str, cols: Columns | None = None) -> Prediction:
+    """The labels a shift.ShiftResult decided on, written as ID,Label (and the `cols` asked for: the posteriors
+    the labels are the argmax of), with `<output>.priors.json` beside them."""
     labels, n = result.labels, result.probs.shape[1]
     priors = {
         **result.em.as_dict(), "bbse": None if result.bbse is None else result.bbse.as_dict(),
@@ -88,25 +94,28 @@ def write_adapted(output: str | Path, result, source: str) -> Prediction:
         "label_counts_corrected": np.bincount(result.em.posteriors.argmax(1), minlength=n).tolist(),
         "label_counts_written": np.bincount(labels, minlength=n).tolist()}
     runs.write_json(priors_path(output), priors)
-    write_submission(output, labels)
+    # the calibrated posteriors, corrected where the gate applied the correction: exactly what `labels` came from
+    write_submission(output, labels, result.em.posteriors if result.decision.apply else result.probs, cols)
     return Prediction(labels, Path(output), priors)
 
 
 def predict_known_mix(run: str | Path, source: str, output: str | Path, target_prior, base: str | None = None,
-                      max_length: int = 0) -> Prediction:
+                      max_length: int = 0, proba: bool = False, top_k: int | None = None) -> Prediction:
     """Labels for every row of `source` from posteriors fitted to a class mix the user knows (shift.mix): the
     validation-calibrated posteriors of the whole set are scaled per class until they average to the mix, then
     argmax. The mix, the shares before and after and the labels changed go to `<output>.priors.json`."""
     mix = parse_prior(target_prior, runs.load_config(Path(run)).model.num_labels)  # refused before any loading
+    cols = columns(run, proba, top_k)
     loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
     loaded.max_length = max_length
     texts = read_unlabelled(source, loaded.cfg)
     probs = calibrated_probabilities(loaded.logits(texts, progress=True), loaded.metrics.get("temperature"))
-    return write_known_mix(output, fit_to_mix(probs, mix), source, loaded.read_length)
+    return write_known_mix(output, fit_to_mix(probs, mix), source, loaded.read_length, cols.named(loaded))
 
 
-def write_known_mix(output: str | Path, fit, source: str, read_length: int) -> Prediction:
-    """The labels of a mix fit, written as ID,Label, with the fit and its decision in `<output>.priors.json`."""
+def write_known_mix(output: str | Path, fit, source: str, read_length: int, cols: Columns | None = None) -> Prediction:
+    """The labels of a mix fit, written as ID,Label (and the `cols` asked for, from the fitted posteriors), with
+    the fit and its decision in `<output>.priors.json`."""
     reasons = [f"the class mix was given: {fit.target.round(4).tolist()}"]
     if not fit.converged:
         reasons.append(f"the fit stopped after {fit.iterations} iterations without reaching it (a class the model "
@@ -116,7 +125,7 @@ def write_known_mix(output: str | Path, fit, source: str, read_length: int) -> P
               "label_counts_uncorrected": _counts(fit, before=True),
               "label_counts_written": _counts(fit, before=False)}
     runs.write_json(priors_path(output), priors)
-    write_submission(output, fit.labels)
+    write_submission(output, fit.labels, fit.posteriors, cols)
     return Prediction(fit.labels, Path(output), priors)
 
 
