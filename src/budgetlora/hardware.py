@@ -112,6 +112,15 @@ def rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+def process_peak_rss_mb() -> float:
+    """The highest resident memory this process has reached (the kernel's own high-water mark: no sampling gap)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / 2**20 if sys.platform == "darwin" else peak / 2**10, 1)
+
+
 class PeakMemory:
     """Peak resident memory while the block runs (sampled every 50 ms, so each run in a process gets its own
     peak), and the accelerator's peak allocation where there is one."""

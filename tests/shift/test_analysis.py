@@ -218,7 +218,8 @@ def test_submit_settings_come_from_the_preset_and_flags(tmp_path):
                                       "--rounds", "2", "--st-lr", "0.001", "--prior-correction", "off"])
     cfg = from_flags(args)
     assert (cfg.submit.rounds, cfg.submit.lr, cfg.submit.prior_correction) == (2, 0.001, "off")
-    assert (cfg.submit.share, cfg.submit.steps, cfg.model.max_length) == (0.3, 300, 256)  # the rest from the preset
+    # the rest from the preset: trained at 128 tokens, the target read at 256
+    assert (cfg.submit.share, cfg.submit.steps, cfg.model.max_length, cfg.submit.max_length) == (0.3, 300, 128, 256)
     assert cfg.run_id == preset.run_id
     yaml = tmp_path / "st.yaml"
     yaml.write_text("self_train:\n  share: 0.3\n  prior_correction: auto\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 from budgetlora import runs
 from budgetlora.config import Config
 from budgetlora.config.sections import SubmitConfig
+from budgetlora.hardware import process_peak_rss_mb, trim_memory
 from budgetlora.inference.load import LoadedRun, load_run
 from budgetlora.inference.predict import read_unlabelled
 from budgetlora.shift.analysis import ShiftResult, analyse, write_analysis
@@ -42,6 +43,7 @@ def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs
         raise FileNotFoundError(f"submit: target file not found: {target}")
     output, t0, times = Path(output), time.time(), {}
     base = train(cfg, root=root, log=log).resolve()
+    trim_memory()  # the training's freed heap back to the OS before the target is read
     times["train_s"] = round(time.time() - t0, 1)
 
     t = time.time()
@@ -101,6 +103,7 @@ def _report(cfg: Config, target: str, prediction: Prediction, base: Path, final:
                           if prediction.decision and prediction.decision["mode"] == "known-mix" else None),
         "read_length": s.max_length or cfg.model.max_length,
         "label_counts": [int((labels == c).sum()) for c in range(cfg.model.num_labels)], "times": times,
+        "peak_rss_mb": process_peak_rss_mb(),  # the whole command's: training, analysis and prediction
     }
     report["summary"] = _summary(report, s, Path(base).name, Path(final).name)
     return report
@@ -129,7 +132,8 @@ def _summary(report: dict, s: SubmitConfig, base: str, final: str) -> list[str]:
         lines.append(f"prior correction ({d['mode']}): {'applied' if d['apply'] else 'not applied'} - "
                      + "; ".join(d["reasons"]))
     lines.append(f"predicted with {final} reading {report['read_length']} tokens; label counts "
-                 f"{report['label_counts']}; {report['times']['total_s']:.0f}s in all")
+                 f"{report['label_counts']}; {report['times']['total_s']:.0f}s in all, peak memory "
+                 f"{report['peak_rss_mb']:,.0f} MB")
     return lines
 
 
