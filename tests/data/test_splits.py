@@ -101,3 +101,20 @@ def test_stratified_and_length_grouping():
     rand = length_grouped_batches(lengths, 32, seed=1, epoch=0, group=False)
     assert padded < 0.7 * sum(len(b) * lengths[b].max() for b in rand)
     assert [b.tolist() for b in length_grouped_batches(lengths, 32, 1, 1)] != [b.tolist() for b in batches]
+
+
+def test_eval_batches_cover_every_row_once_and_bound_their_tokens():
+    from budgetlora.data.tokens import sorted_batches
+
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(5, 128, 500), rng.integers(129, 512, 60)])
+    batches = sorted_batches(lengths, 64)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    widths = [lengths[b].max() for b in batches]
+    assert widths == sorted(widths, reverse=True)  # longest first
+    assert all(len(b) * lengths[b].max() <= 64 * 128 or len(b) == 1 for b in batches)
+    # rows up to 128 tokens fill whole batches, as before; a 256-token batch holds half as many rows
+    short = sorted_batches(rng.integers(1, 129, 640), 64)
+    assert [len(b) for b in short] == [64] * 10
+    assert [len(b) for b in sorted_batches(np.full(100, 256), 64)] == [32, 32, 32, 4]
+    assert [len(b) for b in sorted_batches(np.full(3, 100_000), 64)] == [1, 1, 1]

@@ -125,6 +125,7 @@ _LORA_ONLY = {"init": "default", "b_lr_ratio": 1.0}  # lora fields that only the
 USE_SECTIONS = ("self_train", "submit", "serve")  # settings of the commands that use a run, not of its training
 # train fields added after run ids were first published: at these values a config keeps the id it always had
 _TRAIN_DEFAULTS = {"base_dropout": -1, "class_weights": "none", "loss": "ce", "focal_gamma": 2.0, "select": "loss"}
+_ADDED_DEFAULTS = {"model": {"problem_type": "single"}, "data": {"label_delimiter": ";"}}  # the same, other sections
 
 
 def _identity(d: dict) -> dict:
@@ -136,6 +137,8 @@ def _identity(d: dict) -> dict:
     # threads: how fast, not what is trained
     d["train"] = {k: v for k, v in d["train"].items()
                   if k != "threads" and not (k in _TRAIN_DEFAULTS and v == _TRAIN_DEFAULTS[k])}
+    for section, defaults in _ADDED_DEFAULTS.items():
+        d[section] = {k: v for k, v in d[section].items() if not (k in defaults and v == defaults[k])}
     if d["method"] == "lora":
         d.pop("method")
         d["lora"] = {k: v for k, v in d["lora"].items() if not (k in _LORA_ONLY and v == _LORA_ONLY[k])}
@@ -153,6 +156,7 @@ CHOICES = {
     "lora.init": ("default", "gaussian", "pissa", "olora"),
     "train.loss": ("ce", "focal"),
     "train.select": ("loss", "accuracy", "macro_f1"),
+    "model.problem_type": ("single", "multi"),
 }
 
 
@@ -209,6 +213,24 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
     class_weight_list(cfg.train.class_weights, cfg.model.num_labels)
     _validate_method(cfg)
+    if cfg.model.problem_type == "multi":
+        _validate_multi(cfg)
+
+
+def _validate_multi(cfg: Config) -> None:
+    """Settings built on one class per row (class frequencies, softmax, one gold class) that a label set has no
+    meaning for: refused rather than silently ignored."""
+    checks = [
+        (cfg.data.label_delimiter.strip() != "", "data.label_delimiter must not be empty or blank"),
+        (cfg.train.class_weights == "none", "train.class_weights applies to model.problem_type single only"),
+        (cfg.train.loss == "ce", "train.loss focal applies to model.problem_type single only (multi trains on BCE)"),
+        (cfg.train.label_smoothing == 0, "train.label_smoothing applies to model.problem_type single only"),
+        (cfg.filter == FilterConfig(), "filter settings apply to model.problem_type single only"),
+        (not cfg.data.pseudo_labels, "data.pseudo_labels applies to model.problem_type single only"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
 
 
 def _validate_method(cfg: Config) -> None:

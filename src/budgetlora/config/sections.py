@@ -15,6 +15,7 @@ class ModelConfig:
     random_init: bool = _f(False, "build the architecture from its config with random weights (speed/param tests)")
     num_labels: int = _f(4, "number of classes")
     max_length: int = _f(128, "truncate texts to this many tokens")
+    problem_type: str = _f("single", "single (one class per text) or multi (a set of labels per text, sigmoid + BCE)")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class DataConfig:
     test_limit: int = _f(0, "keep a stratified sample of this many test rows (0 = all)")
     text_column: str = _f("text", "column holding the text")
     label_column: str = _f("label", "column holding the integer label")
+    label_delimiter: str = _f(";", "model.problem_type multi: separator of the label ids in one cell ('0;2')")
     pseudo_labels: str = _f("", "CSV of pseudo-labelled rows (text,label written by self-train) added to train")
     unlabelled: str = _f("", "the unlabelled source the pseudo labels were predicted from (a record)")
 

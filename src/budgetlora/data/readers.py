@@ -243,11 +243,36 @@ def _as_int_labels(raw, source: str) -> np.ndarray:
     return as_float.astype(np.int64)
 
 
+_LABEL_ID = re.compile(r"[+-]?\d+(\.0*)?")  # '2', and '2.0' as a float column writes it
+
+
+def _as_label_sets(raw, source: str, num_labels: int, delimiter: str) -> np.ndarray:
+    """Label sets ('1;2', or one id) as an (n, num_labels) 0/1 matrix; the first malformed, out-of-range or empty
+    cell is named by its row."""
+    out = np.zeros((len(raw), num_labels), dtype=np.int64)
+    for i, v in enumerate(raw):
+        cell = _as_text(v).strip()
+        parts = [p.strip() for p in cell.split(delimiter)] if cell else []
+        if not any(parts):
+            raise DataError(f"{source}: row {i}: no labels (an empty label set)")
+        for p in parts:
+            if not _LABEL_ID.fullmatch(p):
+                raise DataError(f"{source}: row {i}: label {cell[:50]!r} is not a {delimiter!r}-separated list of "
+                                "integer label ids")
+            k = int(float(p))
+            if not 0 <= k < num_labels:
+                raise DataError(f"{source}: row {i}: label id {k} is outside 0..{num_labels - 1} (is "
+                                "model.num_labels right?)")
+            out[i, k] = 1
+    return out
+
+
 def to_split(df, source: str, text_column: str, label_column: str, num_labels: int | None,
-             labelled: bool = True) -> Split:
+             labelled: bool = True, delimiter: str | None = None) -> Split:
     """Validate a table: at least one row, text column present, texts non-empty, labels integers in
     [0, num_labels). A table with no rows is an error, for training and prediction alike: an empty submission or
-    an empty split is never what was meant."""
+    an empty split is never what was meant. With a `delimiter` (multi-label) the labels are label sets, read into
+    an (n, num_labels) 0/1 matrix."""
     texts = [_as_text(v) for v in _column(df, text_column, source).tolist()]
     if not texts:
         raise DataError(f"{source}: no rows (a header only?)")
@@ -256,6 +281,8 @@ def to_split(df, source: str, text_column: str, label_column: str, num_labels: i
         raise DataError(f"{source}: {len(empty)} empty text(s), first at row {empty[0]}")
     if not labelled:
         return Split(texts, None)
+    if delimiter is not None:
+        return Split(texts, _as_label_sets(_column(df, label_column, source).tolist(), source, num_labels, delimiter))
     labels = _as_int_labels(_column(df, label_column, source), source)
     if num_labels is not None:
         out = np.flatnonzero((labels < 0) | (labels >= num_labels))
@@ -265,10 +292,13 @@ def to_split(df, source: str, text_column: str, label_column: str, num_labels: i
     return Split(texts, labels)
 
 
-def load_split(source: str, split: str, data_cfg, num_labels: int | None, labelled: bool = True) -> Split:
+def load_split(source: str, split: str, data_cfg, num_labels: int | None, labelled: bool = True,
+               multi: bool = False) -> Split:
+    """One source as a validated split; `multi`: label sets separated by data_cfg.label_delimiter."""
     resolved = resolve_source(source, split)
     df = read_table(resolved, split)
-    return to_split(df, resolved, data_cfg.text_column, data_cfg.label_column, num_labels, labelled)
+    return to_split(df, resolved, data_cfg.text_column, data_cfg.label_column, num_labels, labelled,
+                    data_cfg.label_delimiter if multi else None)
 
 
 # -- splits ---------------------------------------------------------------------------------------------------------
@@ -276,6 +306,8 @@ def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """A seeded sample of n rows keeping class shares (sorted, so row order is kept)."""
     if n >= len(labels):
         return np.arange(len(labels))
+    if np.ndim(labels) == 2:  # label sets: stratified on each row's first (lowest) label id
+        labels = np.asarray(labels).argmax(axis=1)
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
     take = np.floor(counts / counts.sum() * n).astype(int)
@@ -295,14 +327,15 @@ def train_val_split(data: Split, val_fraction: float, seed: int) -> tuple[Split,
 def load_data(cfg) -> dict[str, Split]:
     """train / val / test splits for a config. Val is held out from train; test is only ever reported."""
     d, seed = cfg.data, cfg.train.seed
-    full = load_split(d.train, "train", d, cfg.model.num_labels)
+    multi = cfg.model.problem_type == "multi"
+    full = load_split(d.train, "train", d, cfg.model.num_labels, multi=multi)
     if d.train_limit:  # limit first so that a small run also gets a small validation set
         full = full.subset(stratified_indices(full.labels, d.train_limit, seed))
     if len(full) < 2 * cfg.model.num_labels:
         raise DataError(f"{resolve_source(d.train, 'train')}: too few training rows ({len(full)}) for "
                         f"{cfg.model.num_labels} classes")
     train, val = train_val_split(full, d.val_fraction, seed)
-    test = load_split(d.test, "test", d, cfg.model.num_labels)
+    test = load_split(d.test, "test", d, cfg.model.num_labels, multi=multi)
     if d.test_limit:  # one sample for every seed and config, so that any two runs are scored on the same rows
         test = test.subset(stratified_indices(test.labels, d.test_limit, TEST_SAMPLE_SEED))
     return {"train": train, "val": val, "test": test}

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import numpy as np
 
+from budgetlora.errors import ConfigError
 from budgetlora.inference.load import LoadedRun, load_run
 from budgetlora.training.artifacts import class_names as default_class_names
 from budgetlora.training.evaluate import softmax
+from budgetlora.training.multilabel import label_sets
 
 
 class Classifier:
@@ -38,6 +40,13 @@ class Classifier:
 
     def predict(self, texts: list[str]) -> list[int]:
         return [int(i) for i in self.logits(texts).argmax(axis=1)]
+
+    def predict_sets(self, texts: list[str]) -> list[list[int]]:
+        """A multi-label run's answers: each text's label ids at or above their thresholds tuned on validation."""
+        thresholds = self.run.metrics.get("thresholds")
+        if self.run.cfg.model.problem_type != "multi" or thresholds is None:
+            raise ConfigError("predict_sets applies to multi-label runs (model.problem_type multi) only")
+        return [np.flatnonzero(row).tolist() for row in label_sets(self.logits(texts), thresholds)]
 
     def __repr__(self) -> str:
         return f"Classifier({str(self.path)!r}, model={self.run.cfg.model.name!r}, classes={self.class_names})"

@@ -12,18 +12,23 @@ import numpy as np
 from budgetlora import runs
 from budgetlora.config import Config
 from budgetlora.data.readers import load_split
-from budgetlora.errors import ConfigError
+from budgetlora.errors import ConfigError, RunFolderError
 from budgetlora.inference.classifier import _class_names
 from budgetlora.inference.load import load_run
 from budgetlora.training.evaluate import metrics, softmax
+from budgetlora.training.multilabel import format_sets, label_sets, multilabel_metrics
 
 
 def evaluate_run(run: str | Path, source: str = "", base: str | None = None) -> dict:
     """Metrics of a saved run on a labelled file (default: the config's test split)."""
     loaded = load_run(run, base=base)
     cfg = loaded.cfg
-    data = load_split(source or cfg.data.test, "test", cfg.data, cfg.model.num_labels)
-    return metrics(loaded.logits(data.texts, progress=True), data.labels, cfg.model.num_labels)
+    multi = cfg.model.problem_type == "multi"
+    data = load_split(source or cfg.data.test, "test", cfg.data, cfg.model.num_labels, multi=multi)
+    logits = loaded.logits(data.texts, progress=True)
+    if multi:  # at the thresholds the run was reported with
+        return multilabel_metrics(logits, data.labels, loaded.metrics.get("thresholds"))
+    return metrics(logits, data.labels, cfg.model.num_labels)
 
 
 def read_unlabelled(source: str, cfg: Config) -> list[str]:
@@ -115,9 +120,32 @@ def predict_file(run: str | Path, source: str, output: str | Path, base: str | N
     Prior-corrected labels come from `budgetlora.shift.predict.predict_adapted`, which composes the shift analysis.
     """
     cols = columns(run, proba, top_k)  # a bad --top-k is refused before the model loads
+    # a folder that is no run is refused by load_run below, in its words
+    if (Path(run) / runs.CONFIG).is_file() and runs.load_config(Path(run)).model.problem_type == "multi":
+        if cols.wanted:
+            raise ConfigError("--proba and --top-k apply to single-label runs only (model.problem_type single)")
+        return predict_sets(run, source, output, base=base, max_length=max_length)
     loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
     loaded.max_length = max_length
     logits = loaded.logits(read_unlabelled(source, loaded.cfg), progress=True)
     labels = logits.argmax(1)
     write_submission(output, labels, probabilities(logits) if cols.wanted else None, cols.named(loaded))
     return labels
+
+
+def predict_sets(run: str | Path, source: str, output: str | Path, base: str | None = None,
+                 max_length: int = 0) -> np.ndarray:
+    """A multi-label run's answers: ID,Labels, each row's label ids at or above their thresholds (metrics.json
+    `thresholds`) joined by data.label_delimiter, '' for none. Returns the (n, num_labels) 0/1 matrix."""
+    loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
+    loaded.max_length = max_length
+    thresholds = loaded.metrics.get("thresholds")
+    if not isinstance(thresholds, list) or len(thresholds) != loaded.cfg.model.num_labels:
+        raise RunFolderError(f"{run}: metrics.json holds no per-label thresholds for this multi-label run")
+    chosen = label_sets(loaded.logits(read_unlabelled(source, loaded.cfg), progress=True), thresholds)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["ID", "Labels"])
+    w.writerows(enumerate(format_sets(chosen, loaded.cfg.data.label_delimiter)))
+    runs.write_text(Path(output), buf.getvalue())
+    return chosen

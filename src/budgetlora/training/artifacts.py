@@ -13,6 +13,7 @@ from budgetlora.adapters.methods import save_adapter
 from budgetlora.hardware import inference_dtype
 from budgetlora.training.card import CARD, model_card
 from budgetlora.training.evaluate import exact_fp32, fit_temperature, metrics, predict_logits
+from budgetlora.training.multilabel import run_metrics
 
 VERIFY_ROWS = 256  # validation rows whose logits are stored, so a reloaded adapter can be checked against them
 CLASS_NAMES = {4: ["World", "Sports", "Business", "Sci/Tech"]}
@@ -41,20 +42,26 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
     dtype = inference_dtype(cfg.train.precision, next(model.parameters()).device)  # as `evaluate` will score it
     val_logits = predict_logits(model, tokenizer, val.texts, ml, bs, dtype=dtype)
     test_logits = predict_logits(model, tokenizer, test.texts, ml, bs, progress=True, dtype=dtype)
-    val_m, test_m = metrics(val_logits, val.labels, n), metrics(test_logits, test.labels, n)
+    multi = np.ndim(val.labels) == 2  # label sets: no confusion matrix, softmax temperature or argmax answers
+    if multi:  # accuracy is subset accuracy, loss BCE, both at thresholds tuned on validation
+        val_m, test_m, per_mode = run_metrics(val_logits, val.labels, test_logits, test.labels)
+    else:
+        val_m, test_m = metrics(val_logits, val.labels, n), metrics(test_logits, test.labels, n)
+        per_mode = {"test_per_class_accuracy": test_m["per_class_accuracy"],
+                    "test_confusion_matrix": test_m["confusion_matrix"],
+                    "val_confusion_matrix": val_m["confusion_matrix"]}
     result = {
         "run_id": cfg.run_id, "name": cfg.name, "model": cfg.model.name,
         "val_accuracy": val_m["accuracy"], "val_loss": val_m["loss"], "val_macro_f1": val_m["macro_f1"],
         "test_accuracy": test_m["accuracy"], "test_loss": test_m["loss"], "test_macro_f1": test_m["macro_f1"],
-        "test_per_class_accuracy": test_m["per_class_accuracy"], "test_confusion_matrix": test_m["confusion_matrix"],
-        "val_confusion_matrix": val_m["confusion_matrix"],
+        **per_mode,
         "trainable_params": plan.total, "budget": plan.max_params, "best_step": state.get("best_step"),
         "steps": state["step"], "train_time_s": round(train_time, 2),
         "wall_time_s": round(total_time, 2), "filters": filter_report, "class_names": class_names(n),
         # the label shares the model was trained under: the reference priors for prior correction
         "train_class_counts": train_class_counts,
         # softmax temperature calibrated on validation; prior correction divides logits by it first
-        "temperature": fit_temperature(val_logits, val.labels),
+        **({} if multi else {"temperature": fit_temperature(val_logits, val.labels)}),
         # what the run cost: precision, threads, validation time inside train_time_s, peak memory (MiB)
         **(cost or {}), **(memory.as_dict() if memory is not None else {}),
     }
@@ -63,10 +70,12 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         save_adapter(model, stage)  # PEFT format; PiSSA/OLoRA converted to plain LoRA on the original base
         result["adapter_bytes"] = sum((stage / f).stat().st_size for f in runs.ADAPTER_FILES)
         runs.write_json(stage / runs.VERIFY, verification_sample(model, tokenizer, val.texts[:VERIFY_ROWS], ml))
-        runs.write_text(stage / runs.PREDICTIONS, predictions_csv(test, test_logits))
+        if not multi:  # paired comparisons read one gold and one predicted class per row
+            runs.write_text(stage / runs.PREDICTIONS, predictions_csv(test, test_logits))
         runs.write_text(stage / runs.HISTORY, history_csv(state["history"]))
         runs.write_json(stage / runs.VERSIONS, runs.versions())
-        plot_run(stage, state["history"], test_m["confusion_matrix"], class_names(n), title=cfg.name or cfg.run_id)
+        plot_run(stage, state["history"], test_m.get("confusion_matrix"), class_names(n),
+                 title=cfg.name or cfg.run_id)
         runs.write_text(stage / CARD, model_card(cfg, json.loads(json.dumps(result, default=runs._jsonable)),
                                                  plan.as_dict()))
         runs.write_json(stage / runs.METRICS, result)
@@ -100,7 +109,7 @@ def plot_run(out: Path, history: list[dict], confusion, names: list[str], title:
 
     tr = [h for h in history if h.get("train_loss") is not None]
     ev = [h for h in history if h.get("val_loss") is not None]
-    cm = np.asarray(confusion, dtype=float)
+    cm = np.asarray(confusion if confusion is not None else [[0]], dtype=float)
     cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
 
     def loss_ax(ax):
@@ -126,13 +135,15 @@ def plot_run(out: Path, history: list[dict], confusion, names: list[str], title:
 
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    for name, draw, size in [("loss", loss_ax, (6, 4)), ("val_accuracy", acc_ax, (6, 4)),
-                             ("confusion_matrix", cm_ax, (5, 4.5))]:
+    panels = [("loss", loss_ax, (6, 4)), ("val_accuracy", acc_ax, (6, 4))]
+    if confusion is not None:  # a multi-label run has none
+        panels.append(("confusion_matrix", cm_ax, (5, 4.5)))
+    for name, draw, size in panels:
         fig, ax = plt.subplots(figsize=size)
         draw(ax)
         _save(fig, plots / f"{name}.png")
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for draw, ax in zip((loss_ax, acc_ax, cm_ax), axes):
+    fig, axes = plt.subplots(1, len(panels), figsize=(16 * len(panels) / 3, 4.5))
+    for (_, draw, _), ax in zip(panels, axes):
         draw(ax)
     fig.suptitle(title)
     _save(fig, plots / "summary.png")

@@ -90,7 +90,9 @@ def _limits(cfg, m: dict, names: list[str]) -> list[str]:
     out = ["- Measured on one test split only; texts from another source, period or style (a shifted test set) "
            "can score lower. `budgetlora predict --prior-correction` re-estimates class priors for such a set.",
            "- The probabilities are softmax outputs; metrics.json holds a temperature fitted on validation "
-           f"(T = {m.get('temperature', 1.0):.3g}) for calibrated use."]
+           f"(T = {m.get('temperature', 1.0):.3g}) for calibrated use." if "thresholds" not in m else
+           "- The probabilities are one sigmoid per label; a label is predicted at or above its threshold, tuned on "
+           "validation (metrics.json `thresholds`)."]
     per = m.get("test_per_class_accuracy") or []
     if per and not cfg.model.random_init:
         worst = min(range(len(per)), key=per.__getitem__)
@@ -98,12 +100,40 @@ def _limits(cfg, m: dict, names: list[str]) -> list[str]:
     return out
 
 
+def _per_class(m: dict, names: list[str], test_cm) -> list[str]:
+    return [
+        "Per-class test accuracy (recall):",
+        "",
+        *_table(["class", "accuracy", "rows"],
+                [[c, f"{a:.4f}", f"{sum(row):,}"]
+                 for c, a, row in zip(names, m["test_per_class_accuracy"], test_cm)]),
+        "",
+        "Test confusion matrix (rows: true class, columns: predicted):",
+        "",
+        *_table(["true \\ predicted", *names], [[c, *row] for c, row in zip(names, test_cm)]),
+        "",
+        "![test confusion matrix, row-normalised](plots/confusion_matrix.png)",
+    ]
+
+
+def _per_label(m: dict, names: list[str]) -> list[str]:
+    """A multi-label run's results: accuracy above is subset accuracy (the whole label set right)."""
+    return [
+        f"Multi-label: accuracy is subset accuracy (exact label set); test micro-F1 {m['test_micro_f1']:.4f}, "
+        "loss is binary cross-entropy. Per-label test F1 at the thresholds tuned on validation:",
+        "",
+        *_table(["label", "F1", "threshold"],
+                [[c, f"{f:.4f}", f"{t:.2f}"] for c, f, t in zip(names, m["test_per_label_f1"], m["thresholds"])]),
+    ]
+
+
 def model_card(cfg, m: dict, plan: dict | None = None) -> str:
     """The card's text from the run's config, its metrics.json dict and (optionally) its parameter plan."""
     names = m.get("class_names") or [str(i) for i in range(cfg.model.num_labels)]
     plan = plan or {}
-    test_cm, val_cm = m["test_confusion_matrix"], m.get("val_confusion_matrix") or []
-    n_test, n_val = sum(map(sum, test_cm)), sum(map(sum, val_cm))
+    test_cm, val_cm = m.get("test_confusion_matrix") or [], m.get("val_confusion_matrix") or []
+    # a multi-label run has no confusion matrix: it states its row counts
+    n_test, n_val = m.get("test_rows") or sum(map(sum, test_cm)), m.get("val_rows") or sum(map(sum, val_cm))
     counts = m.get("train_class_counts") or []
     trainable, budget = m["trainable_params"], m["budget"]
     title = m.get("name") or f"budgetlora run {m['run_id']}"
@@ -137,7 +167,9 @@ def model_card(cfg, m: dict, plan: dict | None = None) -> str:
         "",
         f"- Train: `{dataset_id(cfg.data.train)}`"
         + (f", a stratified sample of {cfg.data.train_limit:,} rows" if cfg.data.train_limit else "")
-        + f"; {sum(counts):,} rows trained on" + (f" (per class: {', '.join(map(str, counts))})" if counts else "")
+        # a multi-label row counts once per label, so the per-class counts do not add up to the rows
+        + (f"; {sum(counts):,} rows trained on" if "thresholds" not in m else "")
+        + (f" (per class: {', '.join(map(str, counts))})" if counts else "")
         + f", after a seeded stratified {cfg.data.val_fraction:g} validation hold-out of {n_val:,} rows.",
         f"- Test: `{dataset_id(cfg.data.test)}`, {n_test:,} rows.",
     ]
@@ -184,17 +216,7 @@ def model_card(cfg, m: dict, plan: dict | None = None) -> str:
              f"{n_test:,}"],
         ]),
         "",
-        "Per-class test accuracy (recall):",
-        "",
-        *_table(["class", "accuracy", "rows"],
-                [[c, f"{a:.4f}", f"{sum(row):,}"]
-                 for c, a, row in zip(names, m["test_per_class_accuracy"], test_cm)]),
-        "",
-        "Test confusion matrix (rows: true class, columns: predicted):",
-        "",
-        *_table(["true \\ predicted", *names], [[c, *row] for c, row in zip(names, test_cm)]),
-        "",
-        "![test confusion matrix, row-normalised](plots/confusion_matrix.png)",
+        *(_per_class(m, names, test_cm) if "thresholds" not in m else _per_label(m, names)),
         "",
         "## Intended use",
         "",

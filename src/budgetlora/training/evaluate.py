@@ -96,8 +96,13 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:
-    """Accuracy, mean cross-entropy, macro-F1, per-class accuracy (recall) and the confusion matrix."""
+    """Accuracy, mean cross-entropy, macro-F1, per-class accuracy (recall) and the confusion matrix. Label sets (an
+    (n, num_labels) 0/1 matrix) get the multi-label metrics at 0.5 thresholds instead."""
     labels = np.asarray(labels)
+    if labels.ndim == 2:
+        from budgetlora.training.multilabel import multilabel_metrics
+
+        return multilabel_metrics(logits, labels)
     pred = logits.argmax(axis=1)
     logp = np.log(np.clip(softmax(logits), 1e-12, 1.0))
     conf = np.zeros((num_labels, num_labels), dtype=np.int64)

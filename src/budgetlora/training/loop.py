@@ -98,6 +98,10 @@ def setup_training(acc, model, cfg, total_steps: int, labels):
     hooks = methods.step_hooks(model, cfg, total_steps)
     model, optimizer, scheduler, loss_fn = setup_optimizer(acc, model, cfg.train, total_steps, cfg.lora.b_lr_ratio,
                                                            losses.class_weights(cfg, labels))
+    if cfg.model.problem_type == "multi":
+        from budgetlora.training.multilabel import MultiLabelLoss
+
+        loss_fn = MultiLabelLoss().to(acc.device)
     return model, optimizer, scheduler, loss_fn, hooks
 
 

@@ -10,7 +10,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from budgetlora import runs
@@ -23,6 +22,7 @@ from budgetlora.data.tokens import Tokens, encode
 from budgetlora.hardware import PeakMemory, inference_dtype, set_threads, trim_memory
 from budgetlora.training import loop
 from budgetlora.training.evaluate import eval_batch_size, logits_for_ids, metrics
+from budgetlora.training.multilabel import label_counts
 from budgetlora.training.prepare import prepare
 
 
@@ -153,7 +153,7 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
                         memory=memory, cost={"precision": loop.precision(tc).replace("no", "fp32"),
                                              "threads": threads, "val_time_s": round(state["eval_time"], 2),
                                              **throughput(state, steps, base_tokens, tc.batch_size)},
-                        train_class_counts=np.bincount(train_split.labels, minlength=cfg.model.num_labels).tolist())
+                        train_class_counts=label_counts(train_split.labels, cfg.model.num_labels))
     shutil.rmtree(out / runs.CHECKPOINT, ignore_errors=True)
     acc.wait_for_everyone()
     return out
