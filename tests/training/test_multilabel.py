@@ -1,0 +1,186 @@
+"""Multi-label classification (model.problem_type multi): label sets read into a 0/1 matrix, BCE training, metrics
+at thresholds tuned on validation, and ID,Labels predictions."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from budgetlora.cli import main
+from budgetlora.config import Config
+from budgetlora.data.readers import Split, stratified_indices, to_split, train_val_split
+from budgetlora.errors import ConfigError, DataError
+from budgetlora.training.evaluate import metrics
+from budgetlora.training.multilabel import (
+    MultiLabelLoss,
+    format_sets,
+    label_counts,
+    multilabel_metrics,
+    tune_thresholds,
+)
+
+
+def _logit(p):
+    p = np.asarray(p, dtype=np.float64)
+    return np.log(p / (1 - p))
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
+def test_delimited_labels_become_a_0_1_matrix():
+    df = pd.DataFrame({"text": ["a", "b", "c", "d"], "label": ["1;2", "0", " 3 ; 0 ", "2;2"]})
+    split = to_split(df, "x.csv", "text", "label", 4, delimiter=";")
+    assert split.labels.tolist() == [[0, 1, 1, 0], [1, 0, 0, 0], [1, 0, 0, 1], [0, 0, 1, 0]]
+    # integer cells (a parquet column) and another delimiter
+    df = pd.DataFrame({"text": ["a", "b"], "label": [2, "0|1"]})
+    assert to_split(df, "x", "text", "label", 3, delimiter="|").labels.tolist() == [[0, 0, 1], [1, 1, 0]]
+
+
+@pytest.mark.parametrize("cell, words", [
+    ("1;x", "row 1: label '1;x' is not a ';'-separated list of integer label ids"),
+    ("1,2", "row 1: label '1,2' is not a ';'-separated list"),
+    ("0;4", "row 1: label id 4 is outside 0..3"),
+    ("-1", "row 1: label id -1 is outside 0..3"),
+    ("", "row 1: no labels (an empty label set)"),
+    (" ; ", "row 1: no labels"),
+    ("1;;2", "row 1: label '1;;2' is not"),
+])
+def test_malformed_label_sets_are_one_data_error_naming_the_row(cell, words):
+    df = pd.DataFrame({"text": ["a", "b"], "label": ["0", cell]})
+    with pytest.raises(DataError) as e:
+        to_split(df, "x.csv", "text", "label", 4, delimiter=";")
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_single_label_reading_is_unchanged():
+    df = pd.DataFrame({"text": ["a", "b"], "label": ["1", "3"]})
+    assert to_split(df, "x", "text", "label", 4).labels.tolist() == [1, 3]
+    with pytest.raises(DataError, match="is not an integer"):
+        to_split(pd.DataFrame({"text": ["a"], "label": ["1;2"]}), "x", "text", "label", 4)
+
+
+def test_sampling_and_validation_split_take_label_sets():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((60, 4)) < 0.4).astype(np.int64)
+    labels[labels.sum(1) == 0, 0] = 1
+    idx = stratified_indices(labels, 20, seed=1)
+    assert len(idx) == 20 and len(set(idx.tolist())) == 20
+    assert (idx == stratified_indices(labels, 20, seed=1)).all()  # seeded
+    train, val = train_val_split(Split([str(i) for i in range(60)], labels), 0.2, seed=3)
+    assert len(train) == 48 and len(val) == 12 and val.labels.shape == (12, 4)
+    assert not set(train.texts) & set(val.texts)
+
+
+# -- config -------------------------------------------------------------------------------------------------------
+def test_run_ids_of_existing_configs_do_not_change():
+    assert Config.from_yaml("minilm-default").run_id == "a18e192f1c"
+    plain = Config()
+    assert plain.replace(**{"model.problem_type": "single", "data.label_delimiter": ";"}).run_id == plain.run_id
+    assert plain.replace(**{"model.problem_type": "multi"}).run_id != plain.run_id
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"model.problem_type": "both"}, "model.problem_type must be one of single, multi"),
+    ({"train.class_weights": "auto"}, "train.class_weights applies to model.problem_type single only"),
+    ({"train.loss": "focal"}, "train.loss focal applies to model.problem_type single only"),
+    ({"train.label_smoothing": 0.1}, "train.label_smoothing applies"),
+    ({"filter.dedup_exact": True}, "filter settings apply"),
+    ({"data.label_delimiter": " "}, "data.label_delimiter must not be empty"),
+])
+def test_multi_refuses_single_label_settings(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        Config().replace(**{"model.problem_type": "multi", **overrides})
+
+
+# -- metrics ------------------------------------------------------------------------------------------------------
+def test_metrics_match_hand_computation():
+    gold = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    probs = np.array([[0.9, 0.2, 0.7], [0.6, 0.8, 0.1], [0.7, 0.4, 0.2], [0.1, 0.3, 0.4]])
+    m = multilabel_metrics(_logit(probs), gold)  # 0.5 each
+    # predicted: [1,0,1] [1,1,0] [1,0,0] [0,0,0]: rows 0 exact only
+    assert m["accuracy"] == m["subset_accuracy"] == 0.25
+    # label 0: tp 2 fp 1 fn 0 -> 4/5; label 1: tp 1 fp 0 fn 1 -> 2/3; label 2: tp 1 fp 0 fn 1 -> 2/3
+    assert m["per_label_f1"] == pytest.approx([0.8, 2 / 3, 2 / 3], abs=1e-6)
+    assert m["macro_f1"] == pytest.approx((0.8 + 4 / 3) / 3)
+    assert m["micro_f1"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 2))  # tp 4, fp 1, fn 2
+    bce = -(gold * np.log(probs) + (1 - gold) * np.log(1 - probs)).mean()
+    assert m["loss"] == pytest.approx(bce)
+    assert metrics(_logit(probs), gold, 3) == m  # the metrics the loop and `evaluate` call dispatch on the shape
+
+
+def test_thresholds_are_tuned_per_label_on_validation():
+    gold = np.array([[1, 0], [1, 0], [0, 1], [0, 0]])
+    probs = np.array([[0.30, 0.91], [0.22, 0.91], [0.10, 0.96], [0.15, 0.92]])
+    t = tune_thresholds(_logit(probs), gold)
+    # label 0: F1 is 1 for thresholds in (0.15, 0.22]: 0.2 is the one grid point; label 1: any threshold up to 0.9
+    # predicts all four rows (F1 2/5), 0.95 only its one positive row (F1 1): 0.95 wins
+    assert t == [0.2, 0.95]
+    # a label validation never shows keeps 0.5 (every threshold scores F1 0)
+    assert tune_thresholds(_logit(probs), np.array([[1, 0]] * 4))[1] == 0.5
+    m = multilabel_metrics(_logit(probs), gold, t)
+    assert m["thresholds"] == [0.2, 0.95] and m["subset_accuracy"] == 1.0 and m["macro_f1"] == 1.0
+
+
+def test_loss_counts_and_formats():
+    import torch
+
+    logits, targets = torch.tensor([[0.0, 2.0]]), torch.tensor([[1, 0]])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.float())
+    assert MultiLabelLoss()(logits, targets).item() == pytest.approx(expected.item())
+    assert label_counts(np.array([[1, 1, 0], [0, 1, 0]]), 3) == [1, 2, 0]
+    assert label_counts(np.array([2, 0, 2]), 3) == [1, 0, 2]
+    assert format_sets(np.array([[0, 1, 1], [0, 0, 0], [1, 0, 0]])) == ["1;2", "", "0"]
+
+
+# -- end to end ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def multi_csvs(tmp_path_factory, agnews_dir):
+    """AG News rows joined in pairs of different classes (each pair carries both labels), mixed with single rows."""
+    df = pd.read_csv(agnews_dir / "train.csv.gz").groupby("label").head(60).sample(frac=1, random_state=0)
+    rows, texts, labels = [], df.text.tolist(), df.label.tolist()
+    for i in range(0, len(df) - 1, 2):
+        if i % 4 == 0 and labels[i] != labels[i + 1]:
+            rows.append((texts[i] + " " + texts[i + 1], f"{labels[i]};{labels[i + 1]}"))
+        else:
+            rows += [(texts[i], str(labels[i])), (texts[i + 1], str(labels[i + 1]))]
+    data = pd.DataFrame(rows, columns=["text", "label"])
+    root = tmp_path_factory.mktemp("multi")
+    data.iloc[40:].to_csv(root / "train.csv", index=False)
+    data.iloc[:40].to_csv(root / "test.csv", index=False)
+    data.iloc[:25][["text"]].to_csv(root / "unlabelled.csv", index=False)
+    assert data.label.str.contains(";").sum() >= 20
+    return root
+
+
+@pytest.mark.slow
+def test_multi_label_run_end_to_end(tmp_path, multi_csvs):
+    from budgetlora.inference.classifier import load
+
+    runs_root, out = tmp_path / "runs", tmp_path / "pred.csv"
+    flags = ["--model.problem_type", "multi", "--data.train", str(multi_csvs / "train.csv"),
+             "--data.test", str(multi_csvs / "test.csv"), "--data.val_fraction", "0.2", "--model.max_length", "32",
+             "--train.max_steps", "6", "--train.eval_every", "3", "--train.batch_size", "16", "--train.lr", "5e-3"]
+    assert main(["train", *flags, "--runs", str(runs_root)]) == 0
+    (run,) = [p for p in runs_root.iterdir() if (p / "metrics.json").is_file()]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["problem_type"] == "multi" and len(m["thresholds"]) == 4
+    assert all(0.05 <= t <= 0.95 for t in m["thresholds"])
+    for key in ("val_accuracy", "test_accuracy", "test_subset_accuracy", "test_micro_f1", "test_macro_f1",
+                "test_per_label_f1", "val_loss", "test_loss"):
+        assert key in m
+    assert m["test_accuracy"] == m["test_subset_accuracy"] and m["test_rows"] == 40
+    assert "test_confusion_matrix" not in m and not (run / "test_predictions.csv").exists()
+    assert (run / "README.md").is_file() and (run / "plots" / "summary.png").is_file()
+
+    clf = load(run)  # the reload check compares logits, as for any run
+    sets = clf.predict_sets(["Stocks rallied as oil fell.", "The team won the final."])
+    assert len(sets) == 2 and all(set(s) <= {0, 1, 2, 3} for s in sets)
+
+    assert main(["predict", str(run), "--input", str(multi_csvs / "unlabelled.csv"), "--output", str(out)]) == 0
+    pred = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert list(pred.columns) == ["ID", "Labels"] and len(pred) == 25
+    assert all(c == "" or all(x in "0123" for x in c.split(";")) for c in pred.Labels)
+    assert main(["predict", str(run), "--input", str(multi_csvs / "unlabelled.csv"), "--output", str(out),
+                 "--top-k", "2"]) == 2
+    assert main(["evaluate", str(run), "--data", str(multi_csvs / "test.csv")]) == 0
