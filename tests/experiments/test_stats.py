@@ -58,3 +58,16 @@ def test_a_difference_within_noise_is_not_marked():
 def test_rows_must_match():
     with pytest.raises(ValueError, match="same test rows"):
         paired(np.ones((1, 10), bool), np.ones((1, 11), bool))
+
+
+def test_configs_with_different_seed_counts_and_the_same_accuracy_are_not_marked():
+    # two seeds that each get a different half of the rows right against one seed right on half of them: the same
+    # accuracy per row on average, so no test may call them different
+    rng = np.random.default_rng(1)
+    n = 4000
+    first = rng.random(n) < 0.5
+    a = np.stack([first, ~first])  # every row right exactly once in two seeds
+    b = rng.permutation(np.arange(n) < n // 2)[None, :]  # exactly half right
+    d = paired(a, b)
+    assert d.difference.mean == 0.0 and not d.significant
+    assert d.mcnemar_p > 0.01

@@ -1,0 +1,99 @@
+"""The experiment table: the four `configs/sweeps/minilm-table-*.yaml` sweeps, each config against its table's
+reference config on the same test rows, as one Markdown document.
+
+    budgetlora sweep configs/sweeps/minilm-table-targets.yaml       # and -methods, -rank-alpha, -training
+    python benchmarks/experiment_table.py [--sweeps sweeps] > table.md
+
+Per config: the trainable parameters, each seed's test accuracy, the mean with a 95% bootstrap interval over test
+rows (pooled over seeds), and the paired difference to the table's reference config (bootstrap over the same rows,
+pooled over seeds, with McNemar's exact p). `budgetlora report` compares every config with the one best on
+validation instead; here the reference is fixed in advance (the reference project's choice, or the plain config a
+variant changes one thing of), because 100 validation rows cannot pick a best one reliably.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from budgetlora.adapters import budget
+from budgetlora.experiments import compare
+from budgetlora.experiments.leaderboard import collect
+from budgetlora.experiments.spec import VARIANT, load_spec
+from budgetlora.experiments.stats import paired, row_interval
+
+# table -> (title, the label of the config every other one is compared with)
+TABLES = {
+    "targets": ("Which modules, at one budget (LoRA at the largest rank that fits, alpha 16)", "q,v"),
+    "rank-alpha": ("Rank and alpha of LoRA on query/value", "r4-alpha16"),
+    "methods": ("Adapter methods at their filled size, each at its own learning rate", "lora-2e-3"),
+    "training": ("Data strategies and regularisation (LoRA on every linear layer, filled rank)", "baseline"),
+}
+
+
+def labels(spec_path: Path) -> dict[str, str]:
+    """config key (run id with the seed left out) -> the config's short label in its spec (its variant name, or its
+    grid values). By key, not by run name: a run another sweep already finished is reused under that sweep's name."""
+    spec = load_spec(spec_path)
+    points = spec.points() or [{}]
+    if spec.variants:
+        points = [{**p, VARIANT: v} for p in points for v in spec.variants]
+    out = {}
+    for p in points:
+        cfg = spec.config(p)
+        if spec.fill:
+            cfg, _ = budget.fill(cfg)
+        out[cfg.replace(**{"train.seed": 0}).run_id] = ",".join(str(v) for _, v in sorted(p.items()))
+    return out
+
+
+def table(folder: Path, spec_path: Path, reference: str) -> tuple[list[str], list[str]]:
+    rows = collect(folder)
+    groups = compare.group_runs(rows, folder)
+    names = labels(spec_path)
+    by_label = {names.get(g.key, g.key): g for g in groups}
+    ref = by_label.get(reference)
+    lines = ["| config | trainable | method | lr | test accuracy per seed | mean [95% over rows] | vs "
+             f"{reference} [95%] | McNemar p | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, g in sorted(by_label.items(), key=lambda kv: -kv[1].test.mean):
+        seeds = " / ".join(f"{r['test_accuracy']:.4f}" for r in g.rows)
+        iv = row_interval(g.correct) if g.correct is not None else None
+        cell = f"{iv.mean:.4f} [{iv.low:.4f}, {iv.high:.4f}]" if iv else f"{g.test.mean:.4f}"
+        if g is ref or ref is None or g.correct is None or ref.correct is None:
+            diff, p, verdict = "reference" if g is ref else "", "", ""
+        else:
+            d = paired(g.correct, ref.correct)
+            diff = f"{d.difference.mean:+.4f} [{d.difference.low:+.4f}, {d.difference.high:+.4f}]"
+            p = f"{d.mcnemar_p:.2g}"
+            verdict = ("better at 95%" if d.difference.low > 0 else "worse at 95%") if d.significant else "same"
+        f = g.first
+        lines.append(f"| {name} | {f['trainable_params']:,} | {f['method']} r={f['r']} | {f['lr']:g} | {seeds} | "
+                     f"{cell} | {diff} | {p} | {verdict} |")
+        spread = max(r["test_accuracy"] for r in g.rows) - min(r["test_accuracy"] for r in g.rows)
+        notes.append(spread)
+    wall = sum(r["wall_time_s"] or 0 for r in rows)
+    footer = [f"{len(rows)} runs, {len(groups)} configs, seeds {sorted({g.seeds for g in groups})}, "
+              f"{sorted({g.n_rows for g in groups})} test rows each; largest seed-to-seed gap of one config "
+              f"{max(notes):.4f}; {wall / 60:.0f} min of run time."]
+    return lines, footer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweeps", default="sweeps", help="folder holding the minilm-table-* sweep folders")
+    ap.add_argument("--specs", default=str(Path(__file__).resolve().parents[1] / "configs" / "sweeps"),
+                    help="folder holding the minilm-table-*.yaml specs")
+    args = ap.parse_args()
+    for key, (title, reference) in TABLES.items():
+        folder = Path(args.sweeps) / f"minilm-table-{key}"
+        if not folder.is_dir():
+            print(f"## {title}\n\nnot run: {folder} is missing\n")
+            continue
+        lines, footer = table(folder, Path(args.specs) / f"minilm-table-{key}.yaml", reference)
+        print(f"## {title}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(footer) + "\n")
+    print("Intervals: bootstrap over the test rows, pooled over seeds; 'same' means the paired 95% interval of the "
+          "difference holds 0.")
+
+
+if __name__ == "__main__":
+    main()
