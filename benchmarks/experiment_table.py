@@ -48,6 +48,8 @@ def labels(spec_path: Path) -> dict[str, str]:
 
 def table(folder: Path, spec_path: Path, reference: str) -> tuple[list[str], list[str]]:
     rows = collect(folder)
+    if not rows:
+        return [f"no finished runs in {folder} yet"], []
     groups = compare.group_runs(rows, folder)
     names = labels(spec_path)
     by_label = {names.get(g.key, g.key): g for g in groups}
@@ -69,12 +71,12 @@ def table(folder: Path, spec_path: Path, reference: str) -> tuple[list[str], lis
         f = g.first
         lines.append(f"| {name} | {f['trainable_params']:,} | {f['method']} r={f['r']} | {f['lr']:g} | {seeds} | "
                      f"{cell} | {diff} | {p} | {verdict} |")
-        spread = max(r["test_accuracy"] for r in g.rows) - min(r["test_accuracy"] for r in g.rows)
-        notes.append(spread)
+        if g.seeds > 1:
+            notes.append(max(r["test_accuracy"] for r in g.rows) - min(r["test_accuracy"] for r in g.rows))
     wall = sum(r["wall_time_s"] or 0 for r in rows)
     footer = [f"{len(rows)} runs, {len(groups)} configs, seeds {sorted({g.seeds for g in groups})}, "
               f"{sorted({g.n_rows for g in groups})} test rows each; largest seed-to-seed gap of one config "
-              f"{max(notes):.4f}; {wall / 60:.0f} min of run time."]
+              f"{f'{max(notes):.4f}' if notes else 'n/a (one seed each)'}; {wall / 60:.0f} min of run time."]
     return lines, footer
 
 
