@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 
 import httpx
 import numpy as np
@@ -18,6 +16,7 @@ from budgetlora.cli import main
 from budgetlora.config.sections import ServeConfig
 from budgetlora.errors import ConfigError
 from budgetlora.inference.serve import MicroBatcher, create_app
+from tests.inference.servers import uvicorn_thread
 
 MAX_TEXTS, MAX_CHARS, MAX_BODY = 8, 300, 8_000
 TEXTS = ["Stocks fell sharply as oil prices climbed to a record high.",
@@ -37,17 +36,8 @@ def server(classifier):
     """The app under uvicorn in a background thread on a free loopback port; yields (base url, app)."""
     app = create_app(classifier, ServeConfig(max_batch=64, max_texts=MAX_TEXTS, max_chars=MAX_CHARS,
                                              max_body_bytes=MAX_BODY, batch_wait_ms=10))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_thread(app) as url:
+        yield url, app
 
 
 def _ok(url: str) -> None:

@@ -6,19 +6,17 @@ import os
 import re
 import shutil
 import subprocess
-import threading
-import time
 from html import escape
 from urllib.parse import quote
 
 import httpx
 import pytest
-import uvicorn
 
 import budgetlora
 from budgetlora.config.sections import ServeConfig
 from budgetlora.inference.page import render
 from budgetlora.inference.serve import create_app
+from tests.inference.servers import uvicorn_thread
 
 TEXT = "The home team won the championship in extra time & the fans sang <all night>."
 
@@ -35,17 +33,8 @@ def classifier(tiny_run):
 @pytest.fixture(scope="module")
 def server(classifier):
     """The app under uvicorn in a background thread on a free loopback port; yields its base url."""
-    srv = uvicorn.Server(uvicorn.Config(create_app(classifier, ServeConfig(batch_wait_ms=1)), host="127.0.0.1",
-                                        port=0, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_thread(create_app(classifier, ServeConfig(batch_wait_ms=1))) as url:
+        yield url
 
 
 def test_render_escapes_what_comes_from_the_run():
