@@ -97,18 +97,14 @@ def setup_training(acc, model, cfg, total_steps: int, labels):
     comes through here, so they all optimise alike. Returns (model, optimizer, scheduler, loss_fn, hooks)."""
     hooks = methods.step_hooks(model, cfg, total_steps)
     model, optimizer, scheduler, loss_fn = setup_optimizer(acc, model, cfg.train, total_steps, cfg.lora.b_lr_ratio,
-                                                           losses.class_weights(cfg, labels))
-    if cfg.model.problem_type == "multi":
-        from budgetlora.training.multilabel import MultiLabelLoss
-
-        loss_fn = MultiLabelLoss().to(acc.device)
+                                                           losses.training_loss(cfg, labels))
     return model, optimizer, scheduler, loss_fn, hooks
 
 
 def setup_optimizer(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0,
-                    class_weight: torch.Tensor | None = None):
-    """Optimizer, warmup + decay schedule and loss (train.loss, weighted by `class_weight` when given) for
-    `total_steps` steps; model and optimizer placed by `acc`.
+                    loss_fn: torch.nn.Module | None = None):
+    """Optimizer, warmup + decay schedule and loss (`loss_fn`, by default train.loss unweighted) for
+    `total_steps` steps; model, optimizer and loss placed by `acc`.
     b_lr_ratio: LoRA+ (lora.b_lr_ratio), the B matrices' learning rate over the others'."""
     from transformers import get_scheduler
 
@@ -117,7 +113,7 @@ def setup_optimizer(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0,
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=int(tc.warmup * total_steps),
                               num_training_steps=total_steps)
     model, optimizer = acc.prepare(model, optimizer)
-    return model, optimizer, scheduler, losses.make_loss(tc, class_weight).to(acc.device)
+    return model, optimizer, scheduler, (loss_fn or losses.make_loss(tc)).to(acc.device)
 
 
 def train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, grad_clip: float,

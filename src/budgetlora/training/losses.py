@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from budgetlora.config import class_weight_list
 from budgetlora.errors import DataError
+from budgetlora.training.multilabel import MultiLabelLoss
 
 
 def auto_class_weights(labels, num_labels: int) -> list[float]:
@@ -60,3 +61,11 @@ def make_loss(tc, weight: torch.Tensor | None = None) -> torch.nn.Module:
     if tc.loss == "focal":
         return FocalLoss(tc.focal_gamma, weight)
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=tc.label_smoothing)
+
+
+def training_loss(cfg, labels) -> torch.nn.Module:
+    """The loss a run of `cfg` trains under: BCE over label sets (model.problem_type multi), else train.loss with
+    the class weights counted from the training `labels`."""
+    if cfg.model.problem_type == "multi":
+        return MultiLabelLoss()
+    return make_loss(cfg.train, class_weights(cfg, labels))
