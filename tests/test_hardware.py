@@ -73,13 +73,14 @@ def test_busy_cores_sees_a_spinning_process():
 
     idle = hardware.busy_cores(0.3)
     ctx = multiprocessing.get_context("spawn")
-    stop = ctx.Event()
-    spin = ctx.Process(target=_spin, args=(stop,), daemon=True)
+    started, stop = ctx.Event(), ctx.Event()
+    spin = ctx.Process(target=_spin, args=(started, stop), daemon=True)
     spin.start()
     try:
-        import time
-        time.sleep(1.0)  # the child is up and spinning
-        busy = hardware.busy_cores(0.3)
+        # a spawned child re-imports this module (torch included): on a cold machine that takes seconds, so wait
+        # for the child to say it spins rather than guessing how long it needs
+        assert started.wait(120), "the spinning child never started"
+        busy = hardware.busy_cores(0.5)
     finally:
         stop.set()
         spin.join()
@@ -87,7 +88,8 @@ def test_busy_cores_sees_a_spinning_process():
     assert busy >= min(idle + 0.6, (os.cpu_count() or 1) - 0.3)
 
 
-def _spin(stop):
+def _spin(started, stop):
+    started.set()
     while not stop.is_set():
         pass
 
