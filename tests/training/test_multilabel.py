@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from budgetlora.cli import main
-from budgetlora.config import Config
-from budgetlora.data.readers import Split, stratified_indices, to_split, train_val_split
+from budgetlora.cli import build_parser, main
+from budgetlora.config import Config, from_flags
+from budgetlora.data.readers import Split, load_data, stratified_indices, to_split, train_val_split
 from budgetlora.errors import ConfigError, DataError
+from budgetlora.training.artifacts import class_names
 from budgetlora.training.evaluate import metrics
 from budgetlora.training.multilabel import (
     MultiLabelLoss,
@@ -58,6 +59,107 @@ def test_single_label_reading_is_unchanged():
     assert to_split(df, "x", "text", "label", 4).labels.tolist() == [1, 3]
     with pytest.raises(DataError, match="is not an integer"):
         to_split(pd.DataFrame({"text": ["a"], "label": ["1;2"]}), "x", "text", "label", 4)
+
+
+# -- one 0/1 column per label (data.label_columns) -----------------------------------------------------------------
+COLS = ["toxic", "obscene", "threat"]
+
+
+def test_label_columns_become_a_0_1_matrix():
+    df = pd.DataFrame({"text": ["a", "b", "c", "d"], "label": ["junk"] * 4,  # the label column is not read
+                       "toxic": [1, 0, True, "1"], "obscene": ["0", " 1 ", False, "TRUE"],
+                       "threat": [0.0, 1.0, 1, "0.0"]})
+    split = to_split(df, "x.csv", "text", "label", 3, delimiter=";", label_columns=COLS)
+    assert split.labels.tolist() == [[1, 0, 0], [0, 1, 1], [1, 0, 1], [1, 1, 0]]
+    assert split.labels.dtype == np.int64
+    # in the config's order, not the table's; a pickled table may name its columns by numbers
+    df = pd.DataFrame({"text": ["a", "b"], 1: [1, 0], 0: [0, 1]})
+    assert to_split(df, "x", "text", "label", 2, label_columns=[0, 1]).labels.tolist() == [[0, 1], [1, 0]]
+
+
+@pytest.mark.parametrize("cell, words", [
+    (2, "row 1, column 'obscene': '2' is not 0 or 1"),
+    ("yes", "row 1, column 'obscene': 'yes' is not 0 or 1"),
+    (0.5, "row 1, column 'obscene': '0.5' is not 0 or 1"),
+    (-1, "row 1, column 'obscene': '-1' is not 0 or 1"),
+    ("", "row 1, column 'obscene': '' is not 0 or 1"),
+    (None, "row 1, column 'obscene': '' is not 0 or 1"),
+    ("1;2", "row 1, column 'obscene': '1;2' is not 0 or 1"),
+])
+def test_a_label_cell_that_is_not_0_or_1_is_one_data_error_naming_row_and_column(cell, words):
+    df = pd.DataFrame({"text": ["a", "b"], "toxic": [1, 1], "obscene": [0, cell], "threat": [0, 0]})
+    with pytest.raises(DataError) as e:
+        to_split(df, "x.csv", "text", "label", 3, label_columns=COLS)
+    assert str(e.value).startswith("x.csv: ") and words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_missing_label_column_or_a_row_without_labels_is_one_data_error():
+    df = pd.DataFrame({"text": ["a", "b", "c"], "toxic": [1, 0, 0], "obscene": [0, 0, 1]})
+    with pytest.raises(DataError, match=r"^x.csv: no 'threat' column \(columns: 'text', 'toxic', 'obscene'\)$"):
+        to_split(df, "x.csv", "text", "label", 3, label_columns=COLS)
+    df["threat"] = 0
+    with pytest.raises(DataError) as e:  # an all-zero row: an empty label set, as '' is with label_delimiter
+        to_split(df, "x.csv", "text", "label", 3, label_columns=COLS)
+    assert str(e.value) == "x.csv: row 1: no labels (every one of the columns 'toxic', 'obscene', 'threat' is 0; " \
+                           "1 such row(s))"
+    # unlabelled tables (predict) need no label columns at all
+    assert to_split(df[["text"]], "x.csv", "text", "label", 3, labelled=False, label_columns=COLS).labels is None
+
+
+def test_load_data_reads_label_columns_from_csv_and_parquet(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = (rng.random((40, 3)) < 0.4).astype(int)
+    labels[labels.sum(1) == 0, 2] = 1
+    df = pd.DataFrame({"text": [f"text {i}" for i in range(40)], **dict(zip(COLS, labels.T))})
+    df.to_csv(tmp_path / "train.csv", index=False)
+    df.astype({c: bool for c in COLS}).to_parquet(tmp_path / "test.parquet")  # a bool column, as parquet keeps it
+    cfg = Config().replace(**{"model.problem_type": "multi", "model.num_labels": 3, "data.label_columns": COLS,
+                              "data.train": str(tmp_path / "train.csv"), "data.test": str(tmp_path / "test.parquet"),
+                              "data.val_fraction": 0.25})
+    data = load_data(cfg)
+    assert len(data["train"]) == 30 and len(data["val"]) == 10
+    assert data["test"].labels.tolist() == labels.tolist()
+    assert sorted(data["train"].labels.tolist() + data["val"].labels.tolist()) == sorted(labels.tolist())
+    df["threat"] = df["threat"].astype(object)
+    df.loc[7, "threat"] = "yes"
+    df.to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(DataError, match=r"train.csv: row 7, column 'threat': 'yes' is not 0 or 1"):
+        load_data(cfg)
+
+
+def test_label_columns_from_flags_and_yaml(tmp_path):
+    args = build_parser().parse_args(["train", "--model.problem_type", "multi", "--model.num_labels", "3",
+                                      "--data.label_columns", "toxic, obscene,threat"])
+    assert from_flags(args).data.label_columns == COLS
+    (tmp_path / "c.yaml").write_text("model: {problem_type: multi, num_labels: 3}\n"
+                                     "data: {label_columns: [toxic, obscene, threat]}\n")
+    cfg = Config.from_yaml(tmp_path / "c.yaml")
+    assert cfg.data.label_columns == COLS and Config.from_yaml(tmp_path / "c.yaml").run_id == cfg.run_id
+    assert Config.from_dict(cfg.to_dict()) == cfg  # a run folder's config.yaml reads back the same
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"data.label_columns": COLS}, "data.label_columns applies to model.problem_type multi only"),
+    ({"model.problem_type": "multi", "data.label_columns": COLS},  # num_labels is 4 by default
+     "data.label_columns names 3 column(s) for 4 labels (model.num_labels): one column per label"),
+    ({"model.problem_type": "multi", "model.num_labels": 2, "data.label_columns": COLS},
+     "data.label_columns names 3 column(s) for 2 labels"),
+    ({"model.problem_type": "multi", "model.num_labels": 3, "data.label_columns": ["a", "b", "a"]},
+     "data.label_columns names a column twice"),
+])
+def test_label_columns_are_checked_against_the_problem_type_and_num_labels(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        Config().replace(**overrides)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_label_columns_name_the_classes_and_leave_other_run_ids_alone():
+    assert class_names(3, COLS) == COLS and class_names(4) == ["World", "Sports", "Business", "Sci/Tech"]
+    assert class_names(3, [0, 1, 2]) == ["0", "1", "2"] and class_names(3, []) == ["0", "1", "2"]
+    plain, multi = Config(), Config().replace(**{"model.problem_type": "multi", "model.num_labels": 3})
+    assert plain.replace(**{"data.label_columns": []}).run_id == plain.run_id
+    assert multi.replace(**{"data.label_columns": []}).run_id == multi.run_id
+    assert multi.replace(**{"data.label_columns": COLS}).run_id != multi.run_id
 
 
 def test_sampling_and_validation_split_take_label_sets():
@@ -184,3 +286,45 @@ def test_multi_label_run_end_to_end(tmp_path, multi_csvs):
     assert main(["predict", str(run), "--input", str(multi_csvs / "unlabelled.csv"), "--output", str(out),
                  "--top-k", "2"]) == 2
     assert main(["evaluate", str(run), "--data", str(multi_csvs / "test.csv")]) == 0
+
+
+@pytest.mark.slow
+def test_a_run_on_label_columns_is_named_by_them_and_served_with_sets(tmp_path, multi_csvs):
+    from fastapi.testclient import TestClient
+
+    from budgetlora.inference.classifier import load
+    from budgetlora.inference.serve import create_app
+
+    names = ["world", "sports", "business", "tech"]
+    for split in ("train", "test"):
+        df = pd.read_csv(multi_csvs / f"{split}.csv", dtype=str)
+        for k, name in enumerate(names):
+            df[name] = df.label.map(lambda cell: int(str(k) in cell.split(";")))
+        df.drop(columns="label").to_csv(tmp_path / f"{split}.csv", index=False)
+    flags = ["--model.problem_type", "multi", "--data.label_columns", ",".join(names),
+             "--data.train", str(tmp_path / "train.csv"), "--data.test", str(tmp_path / "test.csv"),
+             "--data.val_fraction", "0.2", "--model.max_length", "32", "--train.max_steps", "4",
+             "--train.eval_every", "2", "--train.batch_size", "16"]
+    assert main(["train", *flags, "--runs", str(tmp_path / "runs")]) == 0
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if (p / "metrics.json").is_file()]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["class_names"] == names and m["test_rows"] == 40
+    assert "| sports |" in (run / "README.md").read_text()  # the card's per-label table
+
+    clf = load(run)
+    texts = ["Stocks rallied as oil fell.", "The team won the final."]
+    with TestClient(create_app(clf)) as client:
+        body = client.post("/predict", json={"texts": texts}).json()
+    assert body["label_sets"] == clf.predict_sets(texts)
+    assert body["class_sets"] == [[names[i] for i in s] for s in body["label_sets"]]
+
+    # an ONNX export carries the thresholds, so its service answers the same sets
+    from budgetlora.inference.export import export_onnx
+    from budgetlora.inference.onnx_serve import load_onnx
+
+    info = export_onnx(run, tmp_path / "onnx", log=lambda *a: None)
+    assert info["thresholds"] == m["thresholds"] and info["class_names"] == names
+    onnx = load_onnx(tmp_path / "onnx")
+    assert onnx.predict_sets(texts) == body["label_sets"]
+    with TestClient(create_app(onnx)) as client:
+        assert client.post("/predict", json={"texts": texts}).json()["class_sets"] == body["class_sets"]

@@ -124,8 +124,10 @@ METHODS = tuple(METHOD_SECTIONS)  # each method's settings live in the section o
 _LORA_ONLY = {"init": "default", "b_lr_ratio": 1.0}  # lora fields that only the lora method reads
 USE_SECTIONS = ("self_train", "submit", "serve")  # settings of the commands that use a run, not of its training
 # train fields added after run ids were first published: at these values a config keeps the id it always had
-_TRAIN_DEFAULTS = {"base_dropout": -1, "class_weights": "none", "loss": "ce", "focal_gamma": 2.0, "select": "loss"}
-_ADDED_DEFAULTS = {"model": {"problem_type": "single"}, "data": {"label_delimiter": ";"}}  # the same, other sections
+_TRAIN_DEFAULTS = {"base_dropout": -1, "class_weights": "none", "loss": "ce", "focal_gamma": 2.0, "select": "loss",
+                   "probe_steps": 0}
+_ADDED_DEFAULTS = {"model": {"problem_type": "single"},  # the same, other sections
+                   "data": {"label_delimiter": ";", "label_columns": []}}
 
 
 def _identity(d: dict) -> dict:
@@ -196,6 +198,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.eval_batch_size >= 0, "train.eval_batch_size must be >= 0 (0 = auto)"),
         (cfg.train.threads >= 0, "train.threads must be >= 0 (0 = auto)"),
+        (cfg.train.probe_steps >= 0, "train.probe_steps must be >= 0 (0 = no linear probe)"),
         (cfg.train.base_dropout == -1 or 0 <= cfg.train.base_dropout < 1,
          "train.base_dropout must be -1 (the checkpoint's own) or in [0, 1)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
@@ -207,6 +210,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.loss == "ce" or cfg.train.label_smoothing == 0,
          "train.label_smoothing applies to train.loss ce only: focal loss already softens confident rows"),
         (cfg.budget.max_params > 0, "budget.max_params must be > 0"),
+        (not cfg.data.label_columns or cfg.model.problem_type == "multi",
+         "data.label_columns applies to model.problem_type multi only (one 0/1 column per label)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -227,6 +232,11 @@ def _validate_multi(cfg: Config) -> None:
         (cfg.train.label_smoothing == 0, "train.label_smoothing applies to model.problem_type single only"),
         (cfg.filter == FilterConfig(), "filter settings apply to model.problem_type single only"),
         (not cfg.data.pseudo_labels, "data.pseudo_labels applies to model.problem_type single only"),
+        (not cfg.data.label_columns or len(cfg.data.label_columns) == cfg.model.num_labels,
+         f"data.label_columns names {len(cfg.data.label_columns)} column(s) for {cfg.model.num_labels} labels "
+         "(model.num_labels): one column per label"),
+        (len(set(map(str, cfg.data.label_columns))) == len(cfg.data.label_columns),
+         "data.label_columns names a column twice"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -28,6 +28,8 @@ class DataConfig:
     text_column: str = _f("text", "column holding the text")
     label_column: str = _f("label", "column holding the integer label")
     label_delimiter: str = _f(";", "model.problem_type multi: separator of the label ids in one cell ('0;2')")
+    label_columns: list = _f([], "model.problem_type multi: one 0/1 column per label, in label-id order, read "
+                                 "instead of label_column; their names become the class names (empty = off)")
     pseudo_labels: str = _f("", "CSV of pseudo-labelled rows (text,label written by self-train) added to train")
     unlabelled: str = _f("", "the unlabelled source the pseudo labels were predicted from (a record)")
 
@@ -165,6 +167,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model for training (pays off on a GPU with padding=buckets)")
     seed: int = _f(42, "seed for splits, batches, dropout and init")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit)")
+    probe_steps: int = _f(0, "train the head alone for this many steps first (a linear probe, LP-FT), then the "
+                             "adapters with it; not counted in epochs or max_steps (0 = off)")
     init_from: str = _f("", "start from this run folder's adapter weights (same model and LoRA setup)")
 
 

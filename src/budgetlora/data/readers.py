@@ -267,12 +267,39 @@ def _as_label_sets(raw, source: str, num_labels: int, delimiter: str) -> np.ndar
     return out
 
 
+# a 0/1 cell as a CSV (read as text), a parquet column (bool, int or float) or a pickle may hold it
+_BINARY = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
+
+
+def _as_label_columns(df, columns, source: str) -> np.ndarray:
+    """One 0/1 column per label (data.label_columns, in label-id order) as an (n, len(columns)) matrix; the first
+    cell that is not 0 or 1, or the first row with no label, is named by its row and column."""
+    df = df.rename(columns=str)  # a pickled table may name its columns by numbers; the config's names are text
+    out = np.zeros((len(df), len(columns)), dtype=np.int64)
+    for j, name in enumerate(map(str, columns)):
+        col = _column(df, name, source)
+        values = col.astype(str).str.strip().str.lower().map(_BINARY)
+        bad = np.flatnonzero(values.isna().to_numpy())
+        if len(bad):
+            cell = _as_text(col.iloc[bad[0]])
+            raise DataError(f"{source}: row {bad[0]}, column {name!r}: {cell[:50]!r} is not 0 or 1 "
+                            f"({len(bad)} such cell(s) in this column; data.label_columns holds one 0/1 column "
+                            "per label)")
+        out[:, j] = values.to_numpy(dtype=np.int64)
+    empty = np.flatnonzero(out.sum(axis=1) == 0)
+    if len(empty):
+        raise DataError(f"{source}: row {empty[0]}: no labels (every one of the columns "
+                        f"{', '.join(map(repr, map(str, columns)))} is 0; {len(empty)} such row(s))")
+    return out
+
+
 def to_split(df, source: str, text_column: str, label_column: str, num_labels: int | None,
-             labelled: bool = True, delimiter: str | None = None) -> Split:
+             labelled: bool = True, delimiter: str | None = None, label_columns=()) -> Split:
     """Validate a table: at least one row, text column present, texts non-empty, labels integers in
     [0, num_labels). A table with no rows is an error, for training and prediction alike: an empty submission or
     an empty split is never what was meant. With a `delimiter` (multi-label) the labels are label sets, read into
-    an (n, num_labels) 0/1 matrix."""
+    an (n, num_labels) 0/1 matrix; with `label_columns` (multi-label) that matrix is read from one 0/1 column per
+    label instead."""
     texts = [_as_text(v) for v in _column(df, text_column, source).tolist()]
     if not texts:
         raise DataError(f"{source}: no rows (a header only?)")
@@ -281,6 +308,8 @@ def to_split(df, source: str, text_column: str, label_column: str, num_labels: i
         raise DataError(f"{source}: {len(empty)} empty text(s), first at row {empty[0]}")
     if not labelled:
         return Split(texts, None)
+    if label_columns:
+        return Split(texts, _as_label_columns(df, label_columns, source))
     if delimiter is not None:
         return Split(texts, _as_label_sets(_column(df, label_column, source).tolist(), source, num_labels, delimiter))
     labels = _as_int_labels(_column(df, label_column, source), source)
@@ -294,11 +323,12 @@ def to_split(df, source: str, text_column: str, label_column: str, num_labels: i
 
 def load_split(source: str, split: str, data_cfg, num_labels: int | None, labelled: bool = True,
                multi: bool = False) -> Split:
-    """One source as a validated split; `multi`: label sets separated by data_cfg.label_delimiter."""
+    """One source as a validated split; `multi`: label sets separated by data_cfg.label_delimiter, or one 0/1
+    column per label when data_cfg.label_columns names them."""
     resolved = resolve_source(source, split)
     df = read_table(resolved, split)
     return to_split(df, resolved, data_cfg.text_column, data_cfg.label_column, num_labels, labelled,
-                    data_cfg.label_delimiter if multi else None)
+                    data_cfg.label_delimiter if multi else None, data_cfg.label_columns if multi else ())
 
 
 # -- splits ---------------------------------------------------------------------------------------------------------

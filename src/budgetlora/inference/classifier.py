@@ -5,11 +5,11 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetlora.errors import ConfigError
+from budgetlora.errors import ConfigError, RunFolderError
 from budgetlora.inference.load import LoadedRun, load_run
 from budgetlora.training.artifacts import class_names as default_class_names
 from budgetlora.training.evaluate import softmax
-from budgetlora.training.multilabel import label_sets
+from budgetlora.training.labelsets import set_ids
 
 
 class Classifier:
@@ -41,12 +41,22 @@ class Classifier:
     def predict(self, texts: list[str]) -> list[int]:
         return [int(i) for i in self.logits(texts).argmax(axis=1)]
 
+    @property
+    def thresholds(self) -> list[float] | None:
+        """A multi-label run's per-label thresholds tuned on validation (metrics.json); None for a single-label run."""
+        if self.run.cfg.model.problem_type != "multi":
+            return None
+        thresholds = self.run.metrics.get("thresholds")
+        if not isinstance(thresholds, list) or len(thresholds) != self.num_labels:
+            raise RunFolderError(f"{self.path}: metrics.json holds no per-label thresholds for this multi-label run")
+        return thresholds
+
     def predict_sets(self, texts: list[str]) -> list[list[int]]:
         """A multi-label run's answers: each text's label ids at or above their thresholds tuned on validation."""
-        thresholds = self.run.metrics.get("thresholds")
-        if self.run.cfg.model.problem_type != "multi" or thresholds is None:
+        thresholds = self.thresholds
+        if thresholds is None:
             raise ConfigError("predict_sets applies to multi-label runs (model.problem_type multi) only")
-        return [np.flatnonzero(row).tolist() for row in label_sets(self.logits(texts), thresholds)]
+        return set_ids(self.logits(texts), thresholds)
 
     def __repr__(self) -> str:
         return f"Classifier({str(self.path)!r}, model={self.run.cfg.model.name!r}, classes={self.class_names})"

@@ -79,7 +79,7 @@ def _merged_run(run, out: Path, force: bool, base: str | None = None):
     unmerged = loaded.logits(texts, exact=True)  # fp32, before merging: merge_and_unload changes the base weights in place
 
     merged = merge(loaded)
-    names = class_names(cfg.model.num_labels)
+    names = class_names(cfg.model.num_labels, cfg.data.label_columns)
     merged.config.id2label = dict(enumerate(names))
     merged.config.label2id = {n: i for i, n in enumerate(names)}
     # the run truncated to max_length; saving it as the tokenizer's limit makes plain `truncation=True` agree
@@ -183,6 +183,9 @@ def export_onnx(run: str | Path, out: str | Path, force: bool = False, tolerance
             "metrics": {k: metrics[k] for k in ("val_accuracy", "test_accuracy", "test_macro_f1", "trainable_params",
                                                 "budget") if k in metrics},
             "verify_texts": len(texts), "tolerance": tolerance,
+            # a multi-label export is served with label sets, at the thresholds its test metrics were taken at
+            **({"thresholds": metrics["thresholds"]} if cfg.model.problem_type == "multi" and "thresholds" in metrics
+               else {}),
         }
         runs.write_json(tmp / INFO_FILE, info)
         onnx_model = OnnxClassifier(tmp)

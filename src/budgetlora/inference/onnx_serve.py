@@ -2,9 +2,9 @@
 
 The folder holds `model.onnx` (the merged model: input_ids, attention_mask -> logits, with dynamic batch and
 sequence axes), the tokenizer (`tokenizer.json`, read with the `tokenizers` library alone) and `export.json`
-(class names, max length, run id, metrics). This module imports neither torch nor transformers, so a serving
-process stays small and starts fast; `OnnxClassifier` has the same predict / predict_proba / logits surface as
-`budgetlora.api.Classifier`, which is what the HTTP service needs.
+(class names, max length, run id, metrics; a multi-label run's thresholds). This module imports neither torch nor
+transformers, so a serving process stays small and starts fast; `OnnxClassifier` has the same predict /
+predict_proba / predict_sets / logits surface as `budgetlora.api.Classifier`, which is what the HTTP service needs.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetlora.errors import BudgetloraError
+from budgetlora.errors import BudgetloraError, ConfigError
+from budgetlora.training.labelsets import set_ids
 
 MODEL_FILE = "model.onnx"
 INFO_FILE = "export.json"
@@ -55,6 +56,8 @@ class OnnxClassifier:
         if self.export.get("format") != "onnx":
             raise OnnxModelError(f"{self.path / INFO_FILE} does not describe an ONNX export")
         self.class_names: list[str] = list(self.export["class_names"])
+        # a multi-label run's per-label thresholds, as its metrics.json holds them; None for a single-label run
+        self.thresholds: list[float] | None = self.export.get("thresholds")
         self.max_length = int(self.export["max_length"])
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         # the same truncation the run trained with, and no padding: batches are padded to their own longest row
@@ -97,6 +100,11 @@ class OnnxClassifier:
 
     def predict(self, texts: list[str]) -> list[int]:
         return [int(i) for i in self.logits(texts).argmax(axis=1)]
+
+    def predict_sets(self, texts: list[str]) -> list[list[int]]:
+        if self.thresholds is None:
+            raise ConfigError("predict_sets applies to exports of multi-label runs (model.problem_type multi) only")
+        return set_ids(self.logits(texts), self.thresholds)
 
     def info(self, show_paths: bool = False) -> dict:
         """What /info reports: the run the model came from, its metrics, and that it runs on onnxruntime."""

@@ -1,5 +1,6 @@
 """The page `serve` answers at GET /: a text box whose text is classified through POST /predict, shown as the
-predicted class and one probability bar per class, under the run's name and its trainable-parameter budget.
+predicted class (for a multi-label run, the predicted label set) and one probability bar per class, under the run's
+name and its trainable-parameter budget.
 
 Self-contained (inline style and script, nothing fetched but /predict), so it works on a machine without internet
 access; `/?text=...` classifies that text as the page opens, which makes a result linkable."""
@@ -60,11 +61,11 @@ const bars = classes.map((name) => {
   return { row, bar, p };
 });
 
-function show(probs, label) {
+function show(probs, chosen) {
   probs.forEach((x, i) => {
     bars[i].bar.style.width = (100 * x).toFixed(1) + "%";
     bars[i].p.textContent = (100 * x).toFixed(1) + "%";
-    bars[i].row.classList.toggle("top", i === label);
+    bars[i].row.classList.toggle("top", chosen.includes(i));
   });
 }
 
@@ -79,9 +80,10 @@ async function classify() {
                                        body: JSON.stringify({ texts: [text] }) });
     const body = await r.json().catch(() => ({}));
     if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
-    const label = body.labels[0];
-    $("predicted").textContent = body.classes[0];
-    show(body.probabilities[0], label);
+    // a multi-label run answers a set, which may be empty: every label below its threshold
+    const sets = body.label_sets;
+    $("predicted").textContent = sets ? (body.class_sets[0].join(", ") || "(no label)") : body.classes[0];
+    show(body.probabilities[0], sets ? sets[0] : [body.labels[0]]);
     result.dataset.state = "done";
   } catch (e) {
     $("predicted").textContent = "";

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model, fiel
 from budgetlora import runs
 from budgetlora.config.sections import ServeConfig
 from budgetlora.inference.page import POLICY, render
+from budgetlora.training.labelsets import set_ids, sigmoid
 
 if TYPE_CHECKING:  # only for annotations: the ONNX backend serves without importing torch (which api pulls in)
     from budgetlora.inference.classifier import Classifier
@@ -179,9 +180,25 @@ class BodySizeLimit:
 
 
 class PredictResponse(BaseModel):
-    labels: list[int]
+    labels: list[int] = Field(description="per text, the most probable label")
     classes: list[str] = Field(description="class name of each predicted label")
-    probabilities: list[list[float]] = Field(description="per text, one probability per class (in /info order)")
+    probabilities: list[list[float]] = Field(description="per text, one probability per class (in /info order): "
+                                                         "a softmax, or for a multi-label run one sigmoid per label")
+    label_sets: list[list[int]] | None = Field(None, description="multi-label runs only: per text, the labels whose "
+                                                                 "probability reaches the run's threshold for them")
+    class_sets: list[list[str]] | None = Field(None, description="multi-label runs only: the class names of "
+                                                                 "label_sets")
+
+
+def answer(rows: np.ndarray, names: list[str], thresholds: list[float] | None = None) -> dict:
+    """The /predict body for a pass's rows: softmax probabilities, or with a multi-label run's `thresholds` its
+    logits, whose label sets are taken exactly as `Classifier.predict_sets` takes them."""
+    if thresholds is not None:
+        sets = set_ids(rows, thresholds)
+        return {**answer(sigmoid(rows), names), "label_sets": sets,
+                "class_sets": [[names[i] for i in s] for s in sets]}
+    labels = rows.argmax(axis=1).tolist()
+    return {"labels": labels, "classes": [names[i] for i in labels], "probabilities": rows.tolist()}
 
 
 def request_model(limits: ServeConfig) -> type[BaseModel]:
@@ -254,10 +271,13 @@ def create_app(classifier: Classifier, settings: ServeConfig | None = None) -> F
     settings = settings or ServeConfig()
     PredictRequest = request_model(settings)
     info = run_info(classifier, show_paths=settings.show_paths)
+    # a multi-label run's thresholds; its passes then return logits, from which both probabilities and sets come
+    thresholds = getattr(classifier, "thresholds", None)
+    forward = classifier.predict_proba if thresholds is None else classifier.logits
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.batcher = MicroBatcher(classifier.predict_proba, settings.max_batch, settings.batch_wait_ms / 1000)
+        app.state.batcher = MicroBatcher(forward, settings.max_batch, settings.batch_wait_ms / 1000)
         app.state.batcher.start()
         yield
         await app.state.batcher.stop()
@@ -289,14 +309,12 @@ def create_app(classifier: Classifier, settings: ServeConfig | None = None) -> F
         return {**info, "limits": settings.limits, "batching": app.state.batcher.stats.as_dict()}
 
     async def predict(body):
-        probs = await app.state.batcher.submit(body.texts)
-        labels = probs.argmax(axis=1).tolist()
-        return {"labels": labels, "classes": [classifier.class_names[i] for i in labels],
-                "probabilities": probs.tolist()}
+        return answer(await app.state.batcher.submit(body.texts), classifier.class_names, thresholds)
 
     # the request model is built per app, so it is attached here rather than named in a (string) annotation
     predict.__annotations__["body"] = PredictRequest
-    app.post("/predict", response_model=PredictResponse)(predict)
+    # exclude_unset: a single-label answer carries no label_sets or class_sets keys, not nulls
+    app.post("/predict", response_model=PredictResponse, response_model_exclude_unset=True)(predict)
     return app
 
 

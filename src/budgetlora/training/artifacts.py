@@ -19,7 +19,10 @@ VERIFY_ROWS = 256  # validation rows whose logits are stored, so a reloaded adap
 CLASS_NAMES = {4: ["World", "Sports", "Business", "Sci/Tech"]}
 
 
-def class_names(num_labels: int) -> list[str]:
+def class_names(num_labels: int, label_columns=()) -> list[str]:
+    """The names a run reports its classes by: a multi-label run's own 0/1 label columns when it has them."""
+    if label_columns:
+        return [str(c) for c in label_columns]
     return CLASS_NAMES.get(num_labels, [str(i) for i in range(num_labels)])
 
 
@@ -39,6 +42,7 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
     """Evaluate the best state on val and test, then write every artifact; metrics.json last marks completion. A
     write that fails (a full disk) is a RunFolderError naming the folder, raised before anything is marked finished."""
     n, ml, bs = cfg.model.num_labels, cfg.model.max_length, cfg.train.eval_batch_size
+    names = class_names(n, cfg.data.label_columns)
     dtype = inference_dtype(cfg.train.precision, next(model.parameters()).device)  # as `evaluate` will score it
     val_logits = predict_logits(model, tokenizer, val.texts, ml, bs, dtype=dtype)
     test_logits = predict_logits(model, tokenizer, test.texts, ml, bs, progress=True, dtype=dtype)
@@ -57,7 +61,7 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         **per_mode,
         "trainable_params": plan.total, "budget": plan.max_params, "best_step": state.get("best_step"),
         "steps": state["step"], "train_time_s": round(train_time, 2),
-        "wall_time_s": round(total_time, 2), "filters": filter_report, "class_names": class_names(n),
+        "wall_time_s": round(total_time, 2), "filters": filter_report, "class_names": names,
         # the label shares the model was trained under: the reference priors for prior correction
         "train_class_counts": train_class_counts,
         # softmax temperature calibrated on validation; prior correction divides logits by it first
@@ -74,7 +78,7 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
             runs.write_text(stage / runs.PREDICTIONS, predictions_csv(test, test_logits))
         runs.write_text(stage / runs.HISTORY, history_csv(state["history"]))
         runs.write_json(stage / runs.VERSIONS, runs.versions())
-        plot_run(stage, state["history"], test_m.get("confusion_matrix"), class_names(n),
+        plot_run(stage, state["history"], test_m.get("confusion_matrix"), names,
                  title=cfg.name or cfg.run_id)
         runs.write_text(stage / CARD, model_card(cfg, json.loads(json.dumps(result, default=runs._jsonable)),
                                                  plan.as_dict()))

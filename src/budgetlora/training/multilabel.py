@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from budgetlora.training.labelsets import label_sets, sigmoid
+
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
 
 
@@ -16,15 +18,6 @@ class MultiLabelLoss(torch.nn.BCEWithLogitsLoss):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return super().forward(logits, targets.to(logits.dtype))
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
-
-
-def label_sets(logits: np.ndarray, thresholds) -> np.ndarray:
-    """The 0/1 matrix of labels whose probability reaches their threshold."""
-    return (sigmoid(logits) >= np.asarray(thresholds, dtype=np.float64)[None, :]).astype(np.int64)
 
 
 def _f1(pred: np.ndarray, gold: np.ndarray, axis=None):

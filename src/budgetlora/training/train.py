@@ -132,6 +132,9 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
         log(f"resuming run {cfg.run_id} from step {state['step']}")
     inputs = loop.LoopInputs(epoch_tokens, torch.as_tensor(train_split.labels), evaluate_val, steps.total,
                              steps.per_epoch, steps.eval_every)
+    if tc.probe_steps and state["step"] == 0:  # a resumed run's checkpoint already holds the probed head
+        from budgetlora.training.probe import probe
+        state["probe"] = probe(acc, model, tc, ml, inputs, loss_fn, tc.probe_steps, log)
     state = loop.run(acc, model, optimizer, scheduler, loss_fn, tc, ml, inputs, state, ckpt=ckpt,
                      on_record=on_record, on_step=on_step, log=log, desc=f"train {cfg.run_id}", hooks=hooks)
 
@@ -152,6 +155,7 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
                         train_time=state["train_time"], total_time=time.time() - t_start, log=log,
                         memory=memory, cost={"precision": loop.precision(tc).replace("no", "fp32"),
                                              "threads": threads, "val_time_s": round(state["eval_time"], 2),
+                                             **state.get("probe", {}),
                                              **throughput(state, steps, base_tokens, tc.batch_size)},
                         train_class_counts=label_counts(train_split.labels, cfg.model.num_labels))
     shutil.rmtree(out / runs.CHECKPOINT, ignore_errors=True)
