@@ -8,10 +8,18 @@ Shifts (each `--rows` texts, balanced unless said otherwise):
              else after the leading run of capitalised title words, else after the first 6 words)
   noise      heavy edits: WordNet synonyms (30% of words), word swaps (5%), typos (5% of characters)
   joined     two same-class texts joined into one long text
+  short      each text cut to its first 8 words (roughly the title)
+  no_words   every text without the 40 words of TYPICAL (10 per class, each mostly seen in its own class's test
+             rows), whatever its label: the classes lose their surest cues unevenly, so predicted shares skew
 
-For each: accuracy of the base run (argmax at its max_length, and read at 256 tokens), prior correction forced and
-gated (EM + BBSE agreement + separability, adapt.decide), and one self-training round on the set's own texts
-(class-balanced top --share per class, mixed to --mix of the training rows, --st-steps steps), with its round gate.
+For each shift and seed: the base run's accuracy by argmax; its posteriors over the whole set fitted to the TRUE class
+mix (shift.mix.fit_to_mix; uniform, or --skew for `skew`); gated EM prior correction (EM + BBSE agreement +
+separability, adapt.decide); one self-training round on the set's own texts (class-balanced top --share per class,
+mixed to --mix of the training rows, --st-steps steps) from plain posteriors and from posteriors fitted to the true
+mix; and an LP-FT base (train.probe_steps: the head alone for --probe-steps steps, then the adapters join) read by
+argmax and fitted to the true mix. "share gap" is the largest |predicted share - true share| of the base's argmax.
+Everything repeats for seeds --seed .. --seed+K-1 (base runs' train.seed and the sets' sampling); the table prints
+the mean ± half the range over seeds, the results json keeps every seed's rows.
 
     OMP_NUM_THREADS=1 python benchmarks/shift_suite.py --out runs/shift_suite
 """
@@ -37,6 +45,15 @@ from budgetlora.config import AugmentConfig, Config  # noqa: E402
 SMALL = {"a", "an", "the", "of", "in", "on", "to", "for", "and", "at", "with", "by", "as", "from", "vs", "vs.",
          "is", "or", "up", "over", "after", "into", "out"}
 _DASH = re.compile(r"^.{8,200}?\s-{1,2}\s")
+# each class's most typical words on the test split (frequent in the class, rare outside it), fixed so every seed
+# and every reader removes the same ones
+TYPICAL = {
+    "World": "iraq iraqi baghdad killed minister troops president military palestinian israeli",
+    "Sports": "league season cup win coach football championship team game victory",
+    "Business": "stocks prices oil profit shares percent investors earnings billion quarter",
+    "Sci/Tech": "microsoft internet software computer space scientists technology web users online",
+}
+_TYPICAL = re.compile(r"\b(?:" + "|".join(" ".join(TYPICAL.values()).split()) + r")(?:'s)?\b", re.IGNORECASE)
 
 
 def drop_title(text: str) -> str:
@@ -54,6 +71,11 @@ def drop_title(text: str) -> str:
     return " ".join(words[max(cut, 1):]) or text
 
 
+def drop_typical(text: str) -> str:
+    """The text without any word of TYPICAL (case-insensitive, possessives too). Never returns an empty text."""
+    return " ".join(_TYPICAL.sub(" ", text).split()) or text
+
+
 def balanced(test: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     per = n // test.label.nunique()
     parts = [test[test.label == c].sample(per, random_state=seed) for c in sorted(test.label.unique())]
@@ -61,7 +83,7 @@ def balanced(test: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def build_sets(test: pd.DataFrame, rows: int, skew: list[float], seed: int) -> dict[str, pd.DataFrame]:
-    from budgetlora.data.augment import Augmenter
+    from budgetlora.data.augment import Augmenter, WordNetMissing
 
     sets = {"none": balanced(test, rows, seed)}
     counts = np.round(np.asarray(skew) / sum(skew) * rows).astype(int)
@@ -69,112 +91,178 @@ def build_sets(test: pd.DataFrame, rows: int, skew: list[float], seed: int) -> d
                              ).sample(frac=1, random_state=seed).reset_index(drop=True)
     base = balanced(test, rows, seed + 2)
     sets["no_title"] = base.assign(text=[drop_title(t) for t in base.text])
-    noisy = Augmenter(AugmentConfig(synonym=0.3, swap=0.05, char_noise=0.05))
     rng = random.Random(seed)
     base = balanced(test, rows, seed + 3)
-    sets["noise"] = base.assign(text=[noisy.augment(t, rng) for t in base.text])
+    try:
+        noisy = Augmenter(AugmentConfig(synonym=0.3, swap=0.05, char_noise=0.05))
+        sets["noise"] = base.assign(text=[noisy.augment(t, rng) for t in base.text])
+    except WordNetMissing as e:  # the other shifts need no WordNet: measure them, say what is missing
+        print(f"shift 'noise' skipped: {e}", flush=True)
     first, second = balanced(test, rows, seed + 4), []
     for t, y in zip(first.text, first.label):
         pool = test[(test.label == y) & (test.text != t)]
         second.append(pool.text.iloc[rng.randrange(len(pool))])
     sets["joined"] = first.assign(text=[a + " " + b for a, b in zip(first.text, second)])
+    base = balanced(test, rows, seed + 5)
+    sets["short"] = base.assign(text=[" ".join(t.split()[:8]) for t in base.text])
+    base = balanced(test, rows, seed + 6)
+    sets["no_words"] = base.assign(text=[drop_typical(t) for t in base.text])
     return sets
 
 
-def base_config(args) -> Config:
-    return Config.from_yaml(ROOT / "configs" / "minilm-default.yaml").replace(**{
-        "data.train_limit": args.train_rows, "data.val_fraction": args.val_fraction, "data.test_limit": 1000,
-        "train.eval_every": 0, "model.max_length": args.max_length, "name": "shift-suite-base"})
+def base_config(args, seed: int, probe_steps: int = 0) -> Config:
+    changes = {"data.train_limit": args.train_rows, "data.val_fraction": args.val_fraction,
+               "data.test_limit": 200 if args.smoke else 1000, "train.eval_every": 0, "train.seed": seed,
+               "model.max_length": args.max_length, "name": "shift-suite-lpft" if probe_steps else "shift-suite-base"}
+    if args.smoke:
+        changes["train.max_steps"] = 10
+    if probe_steps:  # only when asked: a config without the field keeps its run id
+        changes["train.probe_steps"] = probe_steps
+    return Config.from_yaml(ROOT / "configs" / "minilm-default.yaml").replace(**changes)
 
 
 def accuracy(labels, gold) -> float:
     return round(float((np.asarray(labels) == np.asarray(gold)).mean()), 4)
 
 
+def shares(labels, n: int = 4) -> np.ndarray:
+    return np.bincount(np.asarray(labels), minlength=n) / max(len(labels), 1)
+
+
+def pm(values: list) -> str:
+    """mean ± half the range over seeds ('-' when no seed has the value)."""
+    v = [x for x in values if x is not None]
+    return f"{np.mean(v):.4f} ± {(max(v) - min(v)) / 2:.4f}" if v else "-"
+
+
+def measure(args, name: str, df: pd.DataFrame, base: Path, lpft: Path | None, known: str, out: Path) -> dict:
+    """One shifted set under one seed's runs: every column of the table, and what they were decided on."""
+    from budgetlora.inference.load import load_run
+    from budgetlora.shift.analysis import analyse
+    from budgetlora.shift.mix import fit_to_mix, parse_prior
+    from budgetlora.shift.priors import calibrated_probabilities
+    from budgetlora.shift.selftrain import self_train
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    path = out / "sets" / f"{name}.csv"
+    runs.write_text(path, df[["text"]].to_csv(index=False))  # texts only: nothing downstream sees a label
+    texts, gold = df.text.tolist(), df.label.to_numpy()
+    mix, true = parse_prior(known, 4), shares(gold)
+    loaded = load_run(base)
+    res = analyse(loaded, texts, mode="auto", log=quiet)
+    del loaded
+    rep, pred = res.report, res.probs.argmax(1)
+    row = {"rows": len(texts), "known_prior": known, "base": accuracy(pred, gold),
+           "known_mix": accuracy(fit_to_mix(res.probs, mix).labels, gold),
+           "prior_forced": accuracy(res.em.posteriors.argmax(1), gold), "prior_gated": accuracy(res.labels, gold),
+           "gate_applied": res.decision.apply, "gate_reasons": res.decision.reasons,
+           "auc": rep["separability"]["auc"], "auc_adjusted": rep["separability"]["auc_label_adjusted"],
+           "em_priors": rep["class_shares"]["em_priors"], "bbse_priors": rep["class_shares"]["bbse_priors"],
+           "true_priors": true.round(4).tolist(), "pred_shares": shares(pred).round(4).tolist(),
+           "share_gap": round(float(np.abs(shares(pred) - true).max()), 4),
+           "truncated_share": rep["token_lengths"]["target"]["truncated_share"]}
+    if not args.no_self_train:
+        # the same round twice: pseudo labels from the plain posteriors, then from posteriors fitted to the true mix
+        for col, prior in (("self_train", ""), ("self_train_fit", known)):
+            records: list = []
+            made = self_train(base, str(path), out / "selftrain" / (name + ("-fit" if prior else "")),
+                              share=args.share, threshold=0.0, mix=args.mix, max_val_drop=args.max_val_drop,
+                              target_prior=prior, records=records, first_probs=res.probs, log=quiet,
+                              overrides={"train.max_steps": args.st_steps, "train.lr": args.st_lr,
+                                         "train.warmup": 0.0, "data.test_limit": 200})
+            child = load_run(records[-1]["run"])
+            row[col] = accuracy(child.logits(texts).argmax(1), gold)
+            row[f"{col}_gate"] = "kept" if made else "refused"
+            row[f"{col}_record"] = records[-1]
+            del child
+    if lpft is not None:
+        loaded = load_run(lpft)
+        probs = calibrated_probabilities(loaded.logits(texts), loaded.metrics.get("temperature"))
+        del loaded
+        row.update(lpft=accuracy(probs.argmax(1), gold), lpft_known_mix=accuracy(fit_to_mix(probs, mix).labels, gold),
+                   lpft_pred_shares=shares(probs.argmax(1)).round(4).tolist())
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/shift_suite", help="runs, shifted sets and results go here")
-    ap.add_argument("--train-rows", type=int, default=3600, help="stratified training subset of the base run")
+    ap.add_argument("--train-rows", type=int, default=3600, help="stratified training subset of the base runs")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--rows", type=int, default=1200, help="texts per shifted set")
-    ap.add_argument("--skew", default="0.55,0.25,0.12,0.08", help="class mix of the 'skew' set")
+    ap.add_argument("--rows", type=int, default=1000, help="texts per shifted set (at least 800)")
+    ap.add_argument("--skew", default="0.55,0.25,0.12,0.08", help="class mix of the 'skew' set (sums to 1)")
     ap.add_argument("--share", type=float, default=0.3, help="self-training: top share per predicted class")
     ap.add_argument("--mix", type=float, default=0.3, help="self-training: pseudo rows' share of the training rows")
     ap.add_argument("--st-steps", type=int, default=40, help="self-training: optimizer steps of the round")
     ap.add_argument("--st-lr", type=float, default=5e-4)
     ap.add_argument("--max-val-drop", type=float, default=0.01, help="self-training round gate")
+    ap.add_argument("--probe-steps", type=int, default=100, help="LP-FT base: head-only steps first (0 = no LP-FT)")
     ap.add_argument("--only", default="", help="comma-separated subset of shifts")
     ap.add_argument("--no-self-train", action="store_true")
     ap.add_argument("--resume", action="store_true",
-                    help="keep the shifts already in OUT/shift_suite.json (each records its own sizes)")
+                    help="keep the (seed, shift) rows already in OUT/shift_suite.json (each records its own sizes)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=2, help="repeat for seeds --seed .. --seed+K-1")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a run-through, not a measurement: base runs stop after 10 steps and test on 200 rows, "
+                         "and --rows may be below 800")
     args = ap.parse_args()
+    if args.rows < 800 and not args.smoke:
+        ap.error("--rows must be at least 800: fewer texts leave differences of a point within sampling noise")
 
     from budgetlora.data.readers import default_data_dir
-    from budgetlora.inference.load import load_run
-    from budgetlora.shift.analysis import analyse
-    from budgetlora.shift.selftrain import self_train
     from budgetlora.training.train import train
 
-    out = Path(args.out)
-    quiet = lambda *a, **k: None  # noqa: E731
-    t0 = time.time()
-    base = train(base_config(args), root=out)
+    out, t0 = Path(args.out), time.time()
+    seeds = list(range(args.seed, args.seed + args.seeds))
     test = pd.read_csv(default_data_dir() / "test.csv.gz")
-    sets = build_sets(test, args.rows, [float(x) for x in args.skew.split(",")], args.seed)
-    if args.only:
-        sets = {k: v for k, v in sets.items() if k in args.only.split(",")}
     saved = out / "shift_suite.json"
-    results = runs.read_json(saved)["results"] if args.resume and saved.is_file() else {}
-    for name, df in sets.items():
-        if name in results:
-            continue
-        ts = time.time()
-        path = out / "sets" / f"{name}.csv"
-        runs.write_text(path, df[["text"]].to_csv(index=False))  # texts only: nothing downstream sees a label
-        texts, gold = df.text.tolist(), df.label.to_numpy()
-        loaded = load_run(base)
-        res = analyse(loaded, texts, mode="auto", log=quiet)
-        rep = res.report
-        row = {"rows": len(texts), "base": accuracy(res.probs.argmax(1), gold),
-               "prior_forced": accuracy(res.em.posteriors.argmax(1), gold),
-               "prior_gated": accuracy(res.labels, gold), "gate_applied": res.decision.apply,
-               "gate_reasons": res.decision.reasons, "auc": rep["separability"]["auc"],
-               "auc_adjusted": rep["separability"]["auc_label_adjusted"],
-               "em_priors": rep["class_shares"]["em_priors"], "bbse_priors": rep["class_shares"]["bbse_priors"],
-               "true_priors": (np.bincount(gold, minlength=4) / len(gold)).round(4).tolist(),
-               "truncated_share": rep["token_lengths"]["target"]["truncated_share"]}
-        loaded.max_length = 256
-        row["base_len256"] = accuracy(loaded.logits(texts).argmax(1), gold)
-        del loaded
-        if not args.no_self_train:
-            records: list = []
-            made = self_train(base, str(path), out / "selftrain" / name, share=args.share, threshold=0.0,
-                              mix=args.mix, max_val_drop=args.max_val_drop, records=records, log=quiet,
-                              overrides={"train.max_steps": args.st_steps, "train.lr": args.st_lr,
-                                         "train.warmup": 0.0, "data.test_limit": 200})
-            child = load_run(records[-1]["run"])
-            row["self_train"] = accuracy(child.logits(texts).argmax(1), gold)
-            row["self_train_gate"] = "kept" if made else "refused"
-            row["self_train_record"] = records[-1]
-            del child
-        row["seconds"] = round(time.time() - ts, 1)
-        row["sizes"] = {"rows": len(texts), "st_steps": args.st_steps, "share": args.share, "mix": args.mix}
-        results[name] = row
-        print(f"{name}: {json.dumps({k: v for k, v in row.items() if k not in ('gate_reasons', 'self_train_record')})}",
-              flush=True)
-        runs.write_json(saved, {"args": vars(args), "base_run": str(base), "results": results})
+    done = runs.read_json(saved).get("seeds", {}) if args.resume and saved.is_file() else {}
+    state: dict = {}
+    for seed in seeds:
+        base = train(base_config(args, seed), root=out)
+        lpft = train(base_config(args, seed, args.probe_steps), root=out) if args.probe_steps > 0 else None
+        accs = {k: runs.read_json(r / runs.METRICS)["test_accuracy"] for k, r in (("base", base), ("lpft", lpft)) if r}
+        results = dict(done.get(str(seed), {}).get("results", {}))
+        state[str(seed)] = {"base_run": str(base), "lpft_run": str(lpft) if lpft else None,
+                            "test_accuracy": accs, "results": results}
+        sets = build_sets(test, args.rows, [float(x) for x in args.skew.split(",")], seed)
+        for name, df in sets.items():
+            # a row is done unless it lacks the LP-FT columns this invocation asks for
+            if (args.only and name not in args.only.split(",")) or \
+                    (name in results and ("lpft" in results[name] or lpft is None)):
+                continue
+            ts = time.time()
+            row = measure(args, name, df, base, lpft, args.skew if name == "skew" else "uniform", out / f"seed{seed}")
+            row["seconds"] = round(time.time() - ts, 1)
+            row["sizes"] = {"rows": len(df), "train_rows": args.train_rows, "st_steps": args.st_steps,
+                            "share": args.share, "mix": args.mix, "probe_steps": args.probe_steps}
+            results[name] = row
+            print(f"seed {seed} {name}: " + json.dumps({k: v for k, v in row.items()
+                                                        if k not in ("gate_reasons",) and not k.endswith("_record")}),
+                  flush=True)
+            runs.write_json(saved, {"args": vars(args), "seeds": {**done, **state}})
+    runs.write_json(saved, {"args": vars(args), "seeds": {**done, **state}})
 
-    cols = ["base", "base_len256", "prior_forced", "prior_gated", "self_train"]
-    print(f"\nshift suite: base run {base.name} ({args.train_rows} rows, max_length {args.max_length}), "
-          f"{args.rows} texts per set, embedded all-MiniLM-L6-v2; {time.time() - t0:.0f}s")
-    print("| shift | rows | " + " | ".join(cols) + " | gate | AUC (adj.) | ST round |")
-    print("|" + "---|" * (len(cols) + 5))
-    for name, r in results.items():
-        vals = " | ".join(f"{r[c]:.4f}" if c in r else "-" for c in cols)
-        print(f"| {name} | {r['rows']} | {vals} | {'applied' if r['gate_applied'] else 'refused'} | "
-              f"{r['auc']:.3f} ({r['auc_adjusted']:.3f}) | {r.get('self_train_gate', '-')} |")
+    cols = [("share gap", "share_gap"), ("base", "base"), ("known mix", "known_mix"), ("gated EM", "prior_gated"),
+            ("self-train", "self_train"), ("self-train fitted", "self_train_fit"), ("LP-FT", "lpft"),
+            ("LP-FT known mix", "lpft_known_mix")]
+    names = list(dict.fromkeys(n for s in seeds for n in state[str(s)]["results"]))  # in the order measured
+    clean = {k: pm([state[str(s)]["test_accuracy"].get(k) for s in seeds]) for k in ("base", "lpft")}
+    print(f"\nshift suite: embedded all-MiniLM-L6-v2, {args.train_rows} train rows, {args.rows} rows per set, "
+          f"seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}; mean ± half the range); max_length {args.max_length}, "
+          f"LP-FT probe_steps {args.probe_steps}{' (smoke: 10-step bases)' if args.smoke else ''}; "
+          f"{time.time() - t0:.0f}s")
+    print(f"clean test accuracy (metrics.json): base {clean['base']}, LP-FT {clean['lpft']}\n")
+    print("| shift | true mix | " + " | ".join(c for c, _ in cols) + " | EM gate applied |")
+    print("|" + "---|" * (len(cols) + 3))
+    for name in names:
+        rows = [state[str(s)]["results"][name] for s in seeds if name in state[str(s)]["results"]]
+        vals = " | ".join(pm([r.get(k) for r in rows]) for _, k in cols)
+        known = "uniform" if rows[0]["known_prior"] == "uniform" else "/".join(
+            f"{float(x) * 100:.0f}" for x in rows[0]["known_prior"].split(","))
+        print(f"| {name} | {known} | {vals} | {sum(r['gate_applied'] for r in rows)}/{len(rows)} |")
     return 0
 
 
