@@ -275,3 +275,35 @@ def test_random_tables_in_parquet_and_pickles(text, label, names, labelled, kind
        labelled=st.booleans())
 def test_random_plain_pickles(obj, labelled):
     _check(_write(pickle.dumps(obj), ".pkl"), labelled)
+
+
+MULTI = Config().replace(**{"model.problem_type": "multi", "model.num_labels": 3, "data.label_columns": "a,b,c"})
+LABEL_CELL = st.one_of(CELL, st.sampled_from(["0", "1", "0.0", "1.0", "true", "False", " 1 ", "2", "yes"]),
+                       st.booleans().map(str))
+
+
+@FUZZ
+@given(rows=st.lists(st.tuples(st.text(min_size=1, max_size=20), LABEL_CELL, LABEL_CELL, LABEL_CELL), max_size=8),
+       columns=st.sampled_from([["text", "a", "b", "c"], ["text", "a", "b"], ["text", "c", "b", "a"],
+                                ["text", "a", "a", "c"]]),
+       delimited=st.booleans())
+def test_label_columns_and_label_sets_give_a_matrix_or_one_line(rows, columns, delimited):
+    """One 0/1 column per label, or label ids joined by ';' in one column: a 0/1 matrix with a label in every row,
+    or one DataError line naming the file."""
+    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    path = folder / "input.csv"
+    if delimited:  # the same cells joined as one label-set column
+        pd.DataFrame([(t, ";".join(c)) for t, *c in rows], columns=["text", "label"]).to_csv(path, index=False)
+        data_cfg = Config().replace(**{"model.problem_type": "multi", "model.num_labels": 3}).data
+    else:
+        pd.DataFrame([r[:len(columns)] for r in rows], columns=columns).to_csv(path, index=False)
+        data_cfg = MULTI.data
+    try:
+        s = load_split(str(path), "train", data_cfg, 3, multi=True)
+    except DataError as e:
+        assert str(path) in str(e) and "\n" not in str(e).strip(), repr(e)
+        return
+    finally:
+        shutil.rmtree(folder)
+    assert s.labels.shape == (len(s), 3) and set(np.unique(s.labels)) <= {0, 1}
+    assert (s.labels.sum(axis=1) >= 1).all()
