@@ -116,8 +116,8 @@ def base_config(args, seed: int, probe_steps: int = 0) -> Config:
                "model.max_length": args.max_length, "name": "shift-suite-lpft" if probe_steps else "shift-suite-base"}
     if args.smoke:
         changes["train.max_steps"] = 10
-    if probe_steps:  # only when asked: a config without the field keeps its run id
-        changes["train.probe_steps"] = probe_steps
+    # the preset has its own probe: the plain base has none, so that the two bases differ in exactly that
+    changes["train.probe_steps"] = probe_steps
     return Config.from_yaml(ROOT / "configs" / "minilm-default.yaml").replace(**changes)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from budgetlora.cli import main
 from budgetlora.config import Config, ConfigError
+from tests.conftest import PUBLISHED
 
 
 def test_yaml_round_trip_and_run_id(tmp_path):
@@ -102,7 +103,7 @@ def test_float_fields_refuse_nan_and_infinity(value):
 
 
 def test_use_sections_are_not_part_of_the_run_id():
-    cfg = Config.from_yaml("minilm-default")
+    cfg = Config.from_yaml("minilm-default").replace(**PUBLISHED)
     assert cfg.run_id == "a18e192f1c"
     used = cfg.replace(**{"serve.max_batch": 8, "submit.rounds": 2, "self_train.share": 0.3})
     assert used.run_id == cfg.run_id and used.serve.max_batch == 8
