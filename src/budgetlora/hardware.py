@@ -163,7 +163,11 @@ class PeakMemory:
 
 def trim_memory() -> None:
     """Hand freed heap pages back to the OS (glibc only). Activations of many distinct batch shapes leave the
-    allocator's arenas holding gigabytes that no tensor uses; this returns them between phases of a run."""
+    allocator's arenas holding gigabytes that no tensor uses; this returns them between phases of a run. A collection
+    first: a finished run's model and optimizer sit in reference cycles (hooks, closures) until one runs."""
+    import gc
+
+    gc.collect()
     try:
         import ctypes
 
