@@ -101,12 +101,16 @@ def test_threads_are_not_part_of_the_run_id():
 
 
 def test_peak_memory_sees_an_allocation():
+    import mmap
+    import time
+
     with hardware.PeakMemory(every=0.01) as mem:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        block += 1
-        import time
+        # fresh anonymous pages, each touched: a malloc'd block could reuse heap this process already holds
+        block = mmap.mmap(-1, 64 * 2**20)
+        for i in range(0, len(block), mmap.PAGESIZE):
+            block[i] = 1
         time.sleep(0.1)
-        del block
+        block.close()
     got = mem.as_dict()
     assert got["peak_rss_mb"] - got["start_rss_mb"] >= 48
 

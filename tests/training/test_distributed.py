@@ -118,9 +118,11 @@ def test_two_cpu_processes_match_one(tmp_path):
     w1, w2 = load_file(single / runs.ADAPTER_FILES[1]), load_file(dist / runs.ADAPTER_FILES[1])
     assert w1.keys() == w2.keys() and len(w1) > 0
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
-    assert diff < 1e-4, f"adapter weights differ by {diff}"
     moved = max(float(w1[k].abs().max()) for k in w1 if "lora_B" in k)
-    assert moved > 1e-4  # lora_B starts at zero: the runs did train
+    assert moved > 1e-3  # lora_B starts at zero: the runs did train
+    # relative to how far training moved the weights: AdamW divides by the root of tiny second moments, so a
+    # summation-order difference in a near-zero gradient can move a weight by a visible fraction of one step
+    assert diff < 0.05 * moved, f"adapter weights differ by {diff} (the largest lora_B weight is {moved})"
     m1, m2 = runs.read_json(single / "metrics.json"), runs.read_json(dist / "metrics.json")
     assert m1["val_accuracy"] == m2["val_accuracy"] and m1["test_accuracy"] == m2["test_accuracy"]
     assert m1["best_step"] == m2["best_step"] and m1["steps"] == m2["steps"] == 6
