@@ -6,8 +6,8 @@ then fit the training texts at the cost of what the pretrained encoder knew (its
 that already fits the features lets fine-tuning move them less. The probe is cheap: with every adapter frozen, no
 gradient enters the encoder, so a probe step costs about a forward pass.
 
-The probe runs once, before the run's first step (a resumed run has it in its checkpoint already), on the same
-seeded batches the run draws, with its own optimizer; the run's optimizer and schedule then start as they would.
+The probe runs once, before the run's first step (a resumed run has it in its checkpoint already), on seeded
+batches of its own, with its own optimizer; the run's batches, optimizer and schedule then start as they would.
 """
 from __future__ import annotations
 
@@ -20,15 +20,19 @@ from budgetlora.data.tokens import length_grouped_batches
 from budgetlora.training.loop import LoopInputs, device_batches, resolve_padding
 
 
+def _is_head(name: str) -> bool:
+    return ".modules_to_save." in name  # every method trains the head in full as peft's modules_to_save copy
+
+
 def head_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    """The head's trainable parameters: every method trains it in full as peft's modules_to_save copy."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n]
+    """The head's trainable parameters."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and _is_head(n)]
 
 
 @contextmanager
 def only_head_trains(model):
     """Adapters frozen for the duration; restored on the way out, whatever happens."""
-    frozen = [p for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." not in n]
+    frozen = [p for n, p in model.named_parameters() if p.requires_grad and not _is_head(n)]
     for p in frozen:
         p.requires_grad_(False)
     try:
