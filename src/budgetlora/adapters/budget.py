@@ -176,7 +176,7 @@ def _candidates(groups):
 def plan(cfg: Config, config=None) -> Plan:
     """Count what `cfg` trains. `config` may pass an already loaded transformers config."""
     config = config or load_model_config(cfg.model.name, cfg.model.num_labels)
-    model = skeleton(config)
+    model = skeleton(config, cfg.model.head)
     num_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layers", 0))
     lora = cfg.lora
     method = methods.get(cfg.method)

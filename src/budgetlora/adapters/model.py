@@ -9,7 +9,13 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from budgetlora.adapters import budget, methods
-from budgetlora.adapters.architectures import LAST_TOKEN_POOLING, load_model_config, quiet, resolve_name
+from budgetlora.adapters.architectures import (
+    LAST_TOKEN_POOLING,
+    load_model_config,
+    quiet,
+    resolve_name,
+    shape_head,
+)
 from budgetlora.config import Config
 from budgetlora.errors import BudgetloraError
 from budgetlora.runs import ADAPTER_FILES
@@ -76,8 +82,10 @@ def build_base(cfg: Config, config=None) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed)
     with quiet():  # "some weights were newly initialised" is expected: that is the head we train
         if cfg.model.random_init:
-            return AutoModelForSequenceClassification.from_config(config)
-        return AutoModelForSequenceClassification.from_pretrained(resolve_name(cfg.model.name), config=config)
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(resolve_name(cfg.model.name), config=config)
+    return shape_head(model, cfg.model.head)
 
 
 def peft_config(cfg: Config, plan: budget.Plan):

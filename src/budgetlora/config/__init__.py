@@ -126,7 +126,7 @@ USE_SECTIONS = ("self_train", "submit", "serve")  # settings of the commands tha
 # train fields added after run ids were first published: at these values a config keeps the id it always had
 _TRAIN_DEFAULTS = {"base_dropout": -1, "class_weights": "none", "loss": "ce", "focal_gamma": 2.0, "select": "loss",
                    "probe_steps": 0}
-_ADDED_DEFAULTS = {"model": {"problem_type": "single"},  # the same, other sections
+_ADDED_DEFAULTS = {"model": {"problem_type": "single", "head": "auto"},  # the same, other sections
                    "data": {"label_delimiter": ";", "label_columns": []}}
 
 
@@ -159,6 +159,7 @@ CHOICES = {
     "train.loss": ("ce", "focal"),
     "train.select": ("loss", "accuracy", "macro_f1"),
     "model.problem_type": ("single", "multi"),
+    "model.head": ("auto", "linear"),
 }
 
 

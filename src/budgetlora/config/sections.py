@@ -16,6 +16,9 @@ class ModelConfig:
     num_labels: int = _f(4, "number of classes")
     max_length: int = _f(128, "truncate texts to this many tokens")
     problem_type: str = _f("single", "single (one class per text) or multi (a set of labels per text, sigmoid + BCE)")
+    head: str = _f("auto", "classification head: auto (the architecture's own; RoBERTa and MPNet: dense 768x768 + "
+                           "out_proj, 593,668 params at 4 classes) or linear (one Linear on the first token's final "
+                           "state, 3,076 params: the freed budget goes to the adapters)")
 
 
 @dataclass(frozen=True)

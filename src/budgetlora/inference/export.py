@@ -64,15 +64,20 @@ def merge(loaded: LoadedRun) -> torch.nn.Module:
     return merged.eval()
 
 
-def _merged_run(run, out: Path, force: bool, base: str | None = None):
-    """The verified run, its verification texts with the unmerged logits, and the merged model with label names."""
+def _merged_run(run, out: Path, force: bool, base: str | None = None, plain: bool = False):
+    """The verified run, its verification texts with the unmerged logits, and the merged model with label names.
+    plain: the result must load as a plain transformers class, which has no model.head other than its own."""
     if out.is_dir() and any(out.iterdir()) and not force:  # fail before minutes of loading, not after
         raise ExportError(f"{out} is not empty; pass --force to replace it")
     if Path(run, runs.CONFIG).is_file():  # a method that cannot fold into the weights is refused before loading
         try:
-            methods.check_mergeable(runs.load_config(Path(run)))
+            saved = runs.load_config(Path(run))
+            methods.check_mergeable(saved)
         except ConfigError as e:
             raise ExportError(str(e)) from None
+        if plain and saved.model.head != "auto":
+            raise ExportError(f"model.head {saved.model.head}: a plain transformers folder has only the "
+                              "architecture's own head; use `export --onnx`, or predict and serve the run itself")
     loaded = load_run(run, verify=True, base=base)
     cfg = loaded.cfg
     texts = runs.read_json(loaded.path / runs.VERIFY)["texts"]
@@ -104,7 +109,7 @@ def export_merged(run: str | Path, out: str | Path, force: bool = False, toleran
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = Path(out).resolve()
-    loaded, texts, unmerged, merged, names = _merged_run(run, out, force, base)
+    loaded, texts, unmerged, merged, names = _merged_run(run, out, force, base, plain=True)
     cfg = loaded.cfg
     with runs.staged_folder(out, force) as tmp:
         merged.save_pretrained(tmp)
