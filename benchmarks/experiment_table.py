@@ -1,8 +1,9 @@
-"""The experiment table: the four `configs/sweeps/minilm-table-*.yaml` sweeps, each config against its table's
-reference config on the same test rows, as one Markdown document.
+"""The experiment tables: the four `configs/sweeps/minilm-table-*.yaml` sweeps on the embedded MiniLM and
+`configs/sweeps/mpnet-table.yaml` on MPNet-base (the reference task's 12 x 768 shape), each config against its
+table's reference config on the same test rows, as one Markdown document.
 
-    budgetlora sweep configs/sweeps/minilm-table-targets.yaml       # and -methods, -rank-alpha, -training
-    python benchmarks/experiment_table.py [--sweeps sweeps] > table.md
+    budgetlora sweep configs/sweeps/minilm-table-targets.yaml       # and -methods, -rank-alpha, -training, mpnet-table
+    python benchmarks/experiment_table.py [--sweeps sweeps] [--only mpnet-table] > table.md
 
 Per config: the trainable parameters, each seed's test accuracy, the mean with a 95% bootstrap interval over test
 rows (pooled over seeds), and the paired difference to the table's reference config (bootstrap over the same rows,
@@ -21,12 +22,14 @@ from budgetlora.experiments.leaderboard import collect
 from budgetlora.experiments.spec import VARIANT, load_spec
 from budgetlora.experiments.stats import paired, row_interval
 
-# table -> (title, the label of the config every other one is compared with)
+# spec (and sweep folder) name -> (title, the label of the config every other one is compared with)
 TABLES = {
-    "targets": ("Which modules, at one budget (LoRA at the largest rank that fits, alpha 16)", "q,v"),
-    "rank-alpha": ("Rank and alpha of LoRA on query/value", "r4-alpha16"),
-    "methods": ("Adapter methods at their filled size, each at its own learning rate", "lora-2e-3"),
-    "training": ("Data strategies and regularisation (LoRA on every linear layer, filled rank)", "baseline"),
+    "minilm-table-targets": ("Which modules, at one budget (LoRA at the largest rank that fits, alpha 16)", "q,v"),
+    "minilm-table-rank-alpha": ("Rank and alpha of LoRA on query/value", "r4-alpha16"),
+    "minilm-table-methods": ("Adapter methods at their filled size, each at its own learning rate", "lora-2e-3"),
+    "minilm-table-training": ("Data strategies and regularisation (LoRA on every linear layer, filled rank)",
+                              "baseline"),
+    "mpnet-table": ("MPNet-base (12 x 768): modules, head shape and methods at one budget", "qv-r10"),
 }
 
 
@@ -82,16 +85,18 @@ def table(folder: Path, spec_path: Path, reference: str) -> tuple[list[str], lis
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sweeps", default="sweeps", help="folder holding the minilm-table-* sweep folders")
+    ap.add_argument("--sweeps", default="sweeps", help="folder holding the sweep folders (one per spec name)")
     ap.add_argument("--specs", default=str(Path(__file__).resolve().parents[1] / "configs" / "sweeps"),
-                    help="folder holding the minilm-table-*.yaml specs")
+                    help="folder holding the *-table*.yaml specs")
+    ap.add_argument("--only", action="append", choices=sorted(TABLES), default=[], help="these tables only")
     args = ap.parse_args()
-    for key, (title, reference) in TABLES.items():
-        folder = Path(args.sweeps) / f"minilm-table-{key}"
+    for key in args.only or TABLES:
+        title, reference = TABLES[key]
+        folder = Path(args.sweeps) / key
         if not folder.is_dir():
             print(f"## {title}\n\nnot run: {folder} is missing\n")
             continue
-        lines, footer = table(folder, Path(args.specs) / f"minilm-table-{key}.yaml", reference)
+        lines, footer = table(folder, Path(args.specs) / f"{key}.yaml", reference)
         print(f"## {title}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(footer) + "\n")
     print("Intervals: bootstrap over the test rows, pooled over seeds; 'same' means the paired 95% interval of the "
           "difference holds 0.")

@@ -4,7 +4,7 @@ Here, where the shipped data and the embedded model are, make the folder the GPU
 
     python benchmarks/gpu_check.py --prepare gpu-carry
 
-It holds minilm-fp16/ (the embedded all-MiniLM-L6-v2 in fp16, widened to fp32 again before training), train.csv.gz
+It holds mpnet-shape/ (MPNet's config and tokenizer, 0.7 MB), minilm-fp16/ (the embedded all-MiniLM-L6-v2 in fp16, widened to fp32 again before training), train.csv.gz
 and test.csv.gz (the shipped AG News split) and competition.csv.gz (the 8,000 competition texts as a text column).
 On the GPU machine, beside the checkout (torch, transformers, peft, accelerate, pandas, pyarrow, matplotlib are
 enough; nothing is installed):
@@ -25,6 +25,9 @@ Try it on a CPU first with `--smoke` (tiny sizes, a few minutes). Every result l
     better run, plain and after one self-training round (submission_plain.csv, submission_selftrain.csv).
 (c) the speed race (benchmarks/speed.py: the reference HF Trainer recipe vs budgetlora, each in its own process),
     output in speed.txt.
+(d) MPNet-base's shapes (all-mpnet-base-v2's config and tokenizer are carried in mpnet-shape/, not its weights):
+    the reference adapter, r=10 alpha 32 on q,v + head (962,308 trainable), batch 32 at the shipped split's lengths
+    up to 512 tokens: training samples/s and peak memory, fp32 against bf16, eager against compiled.
 """
 from __future__ import annotations
 
@@ -82,6 +85,11 @@ def prepare(folder: str) -> None:
     src = resolve_name("minilm")
     AutoModel.from_pretrained(src, dtype=torch.float16).save_pretrained(dest / "minilm-fp16")
     AutoTokenizer.from_pretrained(src).save_pretrained(dest / "minilm-fp16")
+    # MPNet's config and tokenizer only (its 438 MB of weights would not travel): (d) runs its shapes with random weights
+    mpnet = Path(resolve_name("mpnet"))
+    (dest / "mpnet-shape").mkdir(exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copyfile(mpnet / name, dest / "mpnet-shape" / name)
     data = default_data_dir()
     if data is None:
         sys.exit("the shipped AG News copy was not found (set BUDGETLORA_DATA)")
@@ -144,9 +152,7 @@ def padded_row_flops(cfg, steps: range, n_linear: int, n_train: int, L: int, d: 
 
 
 def throughput(out: Out, carry: Path, tokenizer_dir: str, smoke: bool, peak: float) -> None:
-    from budgetlora.adapters.model import build
     from budgetlora.config import Config
-    from budgetlora.training.train import train
 
     steps = 6 if smoke else 80
     plan = [(4, False)] if smoke else [(32, False), (128, False), (256, False), (512, False), (256, True)]
@@ -160,39 +166,82 @@ def throughput(out: Out, carry: Path, tokenizer_dir: str, smoke: bool, peak: flo
             "data.train_limit": batch * steps + 2000, "data.val_fraction": 0.02, "data.test_limit": 200,
             "train.batch_size": batch, "train.max_steps": steps, "train.eval_every": steps,
             "train.compile": compiled})
-        records = []
-        t = time.time()
-        try:
-            train(cfg, root=tempfile.mkdtemp(prefix="tp-"), force=True, on_record=records.append, **QUIET)
-        except Exception as e:  # one failed setting must not hide the others
-            out.log(f"[a] batch {batch} compile {compiled}: failed: {e.__class__.__name__}: {str(e)[:300]}")
-            continue
-        wall = time.time() - t
-        logged = [r for r in records if "train_loss" in r]
-        warm = 2 if smoke else (30 if compiled else 10)
-        first = next(r for r in logged if r["step"] >= warm)
-        last = logged[-1]
-        dt = last["elapsed_s"] - first["elapsed_s"]
-        model, _ = build(cfg)
-        n_linear, n_train = linear_params(model)
-        L, d = model.config.num_hidden_layers, model.config.hidden_size
-        del model
-        flops, padded, real = padded_row_flops(cfg, range(first["step"] + 1, last["step"] + 1), n_linear, n_train,
-                                               L, d)
-        sps = (last["step"] - first["step"]) * batch / dt
-        row = {"batch": batch, "compile": compiled, "samples_per_s": round(sps, 1),
-               "tokens_per_s": round(real / dt), "padding_share": round(1 - real / padded, 4),
-               "tflops": round(flops / dt / 1e12, 2), "mfu": round(flops / dt / peak, 4),
-               "timed_steps": last["step"] - first["step"], "first_steps_s": round(first["elapsed_s"], 2),
-               "run_wall_s": round(wall, 1)}
-        if torch.cuda.is_available():
-            row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            torch.cuda.reset_peak_memory_stats()
-        rows_out.append(row)
-        out.log(f"[a] roberta-base shapes, batch {batch}{' compiled' if compiled else ''}: {sps:,.0f} samples/s, "
-                f"MFU {row['mfu']:.2%}, padding {row['padding_share']:.1%}, first {first['step']} steps "
-                f"{first['elapsed_s']:.1f}s")
+        row = measure(out, cfg, smoke, peak, f"roberta-base shapes, batch {batch}{' compiled' if compiled else ''}")
+        if row:
+            rows_out.append(row)
         out.put("throughput", rows_out)
+
+
+def measure(out: Out, cfg, smoke: bool, peak: float, label: str) -> dict | None:
+    """One short `train` of cfg: training samples/s over the steps after warm-up, MFU, padding, peak memory."""
+    from budgetlora.adapters.model import build
+    from budgetlora.training.train import train
+
+    batch, compiled = cfg.train.batch_size, cfg.train.compile
+    records = []
+    t = time.time()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        run = train(cfg, root=tempfile.mkdtemp(prefix="tp-"), force=True, on_record=records.append, **QUIET)
+    except Exception as e:  # one failed setting must not hide the others
+        out.log(f"[{label}] failed: {e.__class__.__name__}: {str(e)[:300]}")
+        return None
+    wall = time.time() - t
+    logged = [r for r in records if "train_loss" in r]
+    warm = 2 if smoke else (30 if compiled else 10)
+    first = next(r for r in logged if r["step"] >= warm)
+    last = logged[-1]
+    dt = last["elapsed_s"] - first["elapsed_s"]
+    model, _ = build(cfg)
+    n_linear, n_train = linear_params(model)
+    L, d = model.config.num_hidden_layers, model.config.hidden_size
+    del model
+    flops, padded, real = padded_row_flops(cfg, range(first["step"] + 1, last["step"] + 1), n_linear, n_train, L, d)
+    sps = (last["step"] - first["step"]) * batch / dt
+    metrics = json.loads((run / "metrics.json").read_text())
+    row = {"batch": batch, "compile": compiled, "precision": metrics.get("precision"),
+           "samples_per_s": round(sps, 1), "tokens_per_s": round(real / dt), "padding_share": round(1 - real / padded, 4),
+           "tflops": round(flops / dt / 1e12, 2), "mfu": round(flops / dt / peak, 4),
+           "timed_steps": last["step"] - first["step"], "first_steps_s": round(first["elapsed_s"], 2),
+           "run_wall_s": round(wall, 1), "peak_rss_mb": metrics.get("peak_rss_mb"),
+           "peak_gpu_mb": metrics.get("peak_gpu_mb")}
+    if torch.cuda.is_available():
+        row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out.log(f"[{label}] {sps:,.0f} samples/s, MFU {row['mfu']:.2%}, padding {row['padding_share']:.1%}, first "
+            f"{first['step']} steps {first['elapsed_s']:.1f}s" + (f", peak {row['peak_gpu_gib']} GiB"
+                                                                  if "peak_gpu_gib" in row else ""))
+    return row
+
+
+# -- (d) MPNet-base shapes (all-mpnet-base-v2's config and tokenizer, random weights) --------------------------------
+def mpnet_shapes(out: Out, carry: Path, smoke: bool, peak: float) -> None:
+    """The reference adapter (LoRA r=10, alpha 32 on q,v + the RoBERTa-shaped head: 962,308 trainable) on MPNet's
+    shapes at the shipped split's lengths (up to 512 tokens, batches grouped by length), batch 32 as the reference
+    trained: fp32 against bf16, eager against compiled. Speed and memory are exact with random weights; accuracy is
+    not, and is not reported."""
+    steps = 6 if smoke else 60
+    settings = [("fp32", False)] if smoke else [("fp32", False), ("bf16", False), ("bf16", True), ("fp32", True)]
+    rows = []
+    for precision, compiled in settings:
+        cfg = _carried(carry, "mpnet-shape").replace(**{
+            "name": f"mpnet {precision}{' compiled' if compiled else ''}", "model.random_init": True,
+            "model.max_length": 32 if smoke else 512, "lora.r": 10, "lora.alpha": 32, "lora.targets": "q,v",
+            "lora.dropout": 0.0, "train.base_dropout": 0.0, "train.batch_size": 4 if smoke else 32,
+            "train.precision": precision, "train.compile": compiled,
+            "data.train_limit": (4 if smoke else 32) * steps + 400, "data.val_fraction": 0.02,
+            "data.test_limit": 200, "train.max_steps": steps, "train.eval_every": steps})
+        row = measure(out, cfg, smoke, peak, f"d: mpnet shapes {precision}{' compiled' if compiled else ''}")
+        if row:
+            rows.append(row)
+            out.put("mpnet_shapes", rows)
+
+
+def _carried(carry: Path, model: str):
+    from budgetlora.config import Config
+
+    return Config().replace(**{"model.name": str(carry / model), "data.train": str(carry / "train.csv.gz"),
+                               "data.test": str(carry / "test.csv.gz")})
 
 
 # -- (b) MiniLM: accuracy, predictions, self-training ---------------------------------------------------------------
@@ -275,7 +324,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", metavar="DIR", help="where results land as they come")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to try the script on a CPU")
     p.add_argument("--peak-flops", type=float, default=989e12, help="the card's dense bf16 peak (H100 SXM: 989e12)")
-    p.add_argument("--only", choices=["throughput", "minilm", "race"], action="append", default=[])
+    p.add_argument("--only", choices=["throughput", "mpnet", "minilm", "race"], action="append", default=[])
     args = p.parse_args(argv)
     if args.prepare:
         return prepare(args.prepare)
@@ -286,12 +335,14 @@ def main(argv=None) -> None:
     out.put("machine", {"device": device, "torch": torch.__version__, "smoke": args.smoke})
     out.log(f"device {device}, torch {torch.__version__}{', smoke sizes' if args.smoke else ''}")
     model_dir = widened(carry)
-    steps = args.only or ["throughput", "minilm", "race"]
+    steps = args.only or ["throughput", "mpnet", "minilm", "race"]
     for name in steps:
         t = time.time()
         try:
             if name == "throughput":
                 throughput(out, carry, model_dir, args.smoke, args.peak_flops)
+            elif name == "mpnet":
+                mpnet_shapes(out, carry, args.smoke, args.peak_flops)
             elif name == "minilm":
                 minilm(out, carry, model_dir, args.smoke)
             else:

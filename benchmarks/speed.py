@@ -24,6 +24,7 @@ median and range.
     python benchmarks/speed.py                                   # 4,000 train / 1,000 val / 1,000 test, 3 repeats
     python benchmarks/speed.py --repeats 1 --train-limit 2000 --test-limit 500
     python benchmarks/speed.py --model DIR --set data.train=train.csv.gz data.test=test.csv.gz   # a model folder
+    python benchmarks/speed.py --model mpnet --config mpnet-cpu --repeats 1 --train-limit 800   # the 12 x 768 shape
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def run_reference(data, args) -> dict:
     )
     from transformers.utils import logging as hf_logging
 
-    from budgetlora.adapters.architectures import resolve_name
+    from budgetlora.adapters.architectures import resolve_name, short_name_map
 
     hf_logging.set_verbosity_error()
     path = resolve_name(args.model)
@@ -100,8 +101,10 @@ def run_reference(data, args) -> dict:
     train_ds, val_ds, test_ds = ds(data["train"]), ds(data["val"]), ds(data["test"])
     torch.manual_seed(args.seed)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=4)
+    short = short_name_map(base.config.model_type)  # BERT/RoBERTa: attention.self.query; MPNet: attention.attn.q
     model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=10, lora_alpha=32, lora_dropout=0.1,
-                                            target_modules=["query", "value"], modules_to_save=["classifier"]))
+                                            target_modules=[short["q"][0], short["v"][0]],
+                                            modules_to_save=["classifier"]))
     steps_per_epoch = math.ceil(len(train_ds) / 32)
     total_steps = steps_per_epoch * args.epochs
 

@@ -94,3 +94,13 @@ def test_minilm_mini_is_small():
     spec = load_spec(CONFIGS / "sweeps" / "minilm-mini.yaml")
     assert spec.base.model.name == "minilm" and len(spec.points()) >= 6
     assert spec.base.data.train_limit <= 2000 and spec.base.model.max_length <= 64 and spec.base.train.epochs == 1
+
+
+def test_mpnet_presets():
+    """mpnet-seed is the reference project's adapter exactly; mpnet-submit trains what mpnet-cpu trains (one run id,
+    so a finished mpnet-cpu run is reused by submit); all three plan from MPNet's built-in config, no weights."""
+    seed, cpu, submit = (Config.from_yaml(CONFIGS / f"mpnet-{k}.yaml") for k in ("seed", "cpu", "submit"))
+    assert (seed.model.name, seed.lora.r, seed.lora.alpha, seed.lora.targets, seed.model.head) == \
+        ("mpnet", 10, 32, ["q", "v"], "auto")
+    assert plan(seed).total == 962_308 and plan(seed).head == {"classifier": 593_668}
+    assert submit.run_id == cpu.run_id and submit.submit.target_prior == "uniform"
