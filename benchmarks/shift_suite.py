@@ -22,6 +22,7 @@ Everything repeats for seeds --seed .. --seed+K-1 (base runs' train.seed and the
 the mean ± half the range over seeds, the results json keeps every seed's rows.
 
     OMP_NUM_THREADS=1 python benchmarks/shift_suite.py --out runs/shift_suite
+    python benchmarks/shift_suite.py --config mpnet-cpu --out runs/shift_suite_mpnet   # MPNet-base as the base
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def base_config(args, seed: int, probe_steps: int = 0) -> Config:
         changes["train.max_steps"] = 10
     # the preset has its own probe: the plain base has none, so that the two bases differ in exactly that
     changes["train.probe_steps"] = probe_steps
-    return Config.from_yaml(ROOT / "configs" / "minilm-default.yaml").replace(**changes)
+    return Config.from_yaml(args.config).replace(**changes)
 
 
 def accuracy(labels, gold) -> float:
@@ -187,6 +188,9 @@ def measure(args, name: str, df: pd.DataFrame, base: Path, lpft: Path | None, kn
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/shift_suite", help="runs, shifted sets and results go here")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "minilm-default.yaml"),
+                    help="the base runs' preset (a file or a shipped name: mpnet-cpu for the 12 x 768 shape); the "
+                         "suite's sizes replace its data sizes")
     ap.add_argument("--train-rows", type=int, default=3600, help="stratified training subset of the base runs")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--max-length", type=int, default=128)
@@ -250,7 +254,7 @@ def main() -> int:
             ("LP-FT known mix", "lpft_known_mix")]
     names = list(dict.fromkeys(n for s in seeds for n in state[str(s)]["results"]))  # in the order measured
     clean = {k: pm([state[str(s)]["test_accuracy"].get(k) for s in seeds]) for k in ("base", "lpft")}
-    print(f"\nshift suite: embedded all-MiniLM-L6-v2, {args.train_rows} train rows, {args.rows} rows per set, "
+    print(f"\nshift suite: {base_config(args, seeds[0]).model.name}, {args.train_rows} train rows, {args.rows} rows per set, "
           f"seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}; mean ± half the range); max_length {args.max_length}, "
           f"LP-FT probe_steps {args.probe_steps}{' (smoke: 10-step bases)' if args.smoke else ''}; "
           f"{time.time() - t0:.0f}s")

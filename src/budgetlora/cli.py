@@ -88,6 +88,10 @@ def cmd_export(args) -> int:
 
     if not (args.merged or args.onnx):
         raise config_mod.ConfigError("export: say what to write: --merged OUT, --onnx OUT, or both")
+    from budgetlora import runs
+
+    for out in filter(None, (args.merged, args.onnx)):  # both, before the first export spends minutes
+        runs.check_output(out, "folder")
     if args.merged:
         export_merged(args.run, args.merged, force=args.force, tolerance=args.tolerance, base=args.base)
     if args.onnx:
@@ -98,13 +102,17 @@ def cmd_export(args) -> int:
 def cmd_sweep(args) -> int:
     from budgetlora.experiments.leaderboard import write_report
     from budgetlora.experiments.spec import load_spec
-    from budgetlora.experiments.sweep import format_summary, run_sweep
+    from budgetlora.experiments.summary import format_summary, run_folders
+    from budgetlora.experiments.sweep import run_sweep
+    from budgetlora.experiments.timebudget import parse_duration
 
     spec = load_spec(args.spec, root=args.root)
-    s = run_sweep(spec, storage=args.storage, workers=args.workers, n_trials=args.n_trials, track=args.track)
+    s = run_sweep(spec, storage=args.storage, workers=args.workers, n_trials=args.n_trials, track=args.track,
+                  time_budget=parse_duration(args.time_budget, "--time-budget"))
     print(format_summary(s))
     if s["states"].get("COMPLETE"):
-        print(f"report: {write_report(spec.folder, title=spec.name)['html']}")
+        done = write_report(spec.folder, title=spec.name, run_dirs=run_folders(spec, s["storage"]), source=spec.runs)
+        print(f"report: {done['html']}")
     return 0 if not s["failed"] else 1
 
 
@@ -235,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also log each finished trial's metrics and parameters to SWEEP/tensorboard/trial-NNNN/ or "
                         "the MLflow store SWEEP/mlflow.db (needs the track extra)")
     p.add_argument("--tracking", dest="track", choices=("tensorboard", "mlflow"), help=argparse.SUPPRESS)
+    p.add_argument("--time-budget", default=None, metavar="TIME",
+                   help="start no trial the time left cannot hold (90s, 30m, 1.5h; default: the spec's "
+                        "time_budget, else none); a rerun continues where it stopped")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="leaderboard, ablation plots and report.html for a folder of runs")

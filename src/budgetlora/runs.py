@@ -249,6 +249,41 @@ def list_runs(root: Path) -> list[Path]:
                   if is_finished(p.parent) and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
+# -- outputs, checked before the work that ends in them --------------------------------------------------------------
+OUTPUT_KINDS = ("file", "folder", "into")
+
+
+def check_output(path: str | Path, kind: str = "file") -> Path:
+    """Refuse now, in one line, an output the command could not write at its end, before minutes of loading or
+    training are spent on it. kind: `file` (written beside itself and renamed over `path`), `folder` (a folder
+    made beside `path` and renamed into place), `into` (files written inside `path`, made if absent). Nothing
+    is created or changed here. Returns `path`."""
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"kind must be one of {OUTPUT_KINDS}, got {kind!r}")
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise RunFolderError(f"cannot write {path}: it is a folder, and a file is written there")
+    if kind != "file" and path.exists() and not path.is_dir():
+        raise RunFolderError(f"cannot write {path}: it is a file, and a folder is written there")
+    if kind == "into" and path.is_dir():
+        _check_writable(path, path)
+        return path
+    parent = Path(os.path.abspath(path)).parent  # `out` alone means the working directory, not ''
+    if not parent.exists():
+        raise RunFolderError(f"cannot write {path}: the folder {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise RunFolderError(f"cannot write {path}: {parent} is not a folder")
+    _check_writable(path, parent)
+    if kind == "folder" and path.is_dir():  # replacing it moves it aside: that needs it writable too
+        _check_writable(path, path)
+    return path
+
+
+def _check_writable(path: Path, folder: Path) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RunFolderError(f"cannot write {path}: no permission to write in {folder}")
+
+
 # -- whole folders --------------------------------------------------------------------------------------------------
 @contextmanager
 def staged_folder(out: Path, force: bool = False):

@@ -27,10 +27,11 @@ RANKED_BY = ("val_accuracy", "test_accuracy", "trainable_params")
 PLOTS = ("acc_vs_rank", "acc_vs_alpha", "acc_by_targets", "pareto")
 
 
-def collect(folder: str | Path) -> list[dict]:
-    """One row per finished run under `folder`, best validation accuracy first."""
-    rows = []
-    for path in runs.list_runs(Path(folder)):
+def collect(folder: str | Path, run_dirs: list[Path] | None = None) -> list[dict]:
+    """One row per finished run under `folder` (or per folder of `run_dirs`, wherever they are), best validation
+    accuracy first."""
+    rows, folder = [], Path(folder)
+    for path in runs.list_runs(folder) if run_dirs is None else [Path(p) for p in run_dirs]:
         cfg = runs.load_config(path)
         m = runs.read_json(path / runs.METRICS, keys=RANKED_BY)
         method = methods.get(cfg.method)
@@ -44,12 +45,20 @@ def collect(folder: str | Path) -> list[dict]:
             "label_smoothing": cfg.train.label_smoothing, "lr": cfg.train.lr,
             "trainable_params": m.get("trainable_params"), "val_accuracy": m.get("val_accuracy"),
             "test_accuracy": m.get("test_accuracy"), "val_loss": m.get("val_loss"),
-            "wall_time_s": m.get("wall_time_s"), "path": str(path.relative_to(folder)),
+            "wall_time_s": m.get("wall_time_s"), "path": _relative(path, folder),
             # the runs of one config over several seeds share this key (see compare.group_runs)
             "config_key": cfg.replace(**{"train.seed": 0}).run_id, "seed": cfg.train.seed,
             **{k: m.get(k) for k in compare.COST_FIELDS if k != "wall_time_s"},
         })
     return sorted(rows, key=lambda r: (-(r["val_accuracy"] or 0.0), r["run_id"]))
+
+
+def _relative(path: Path, folder: Path) -> str:
+    """The run's path from `folder` when it lies inside, else as it is (joined to `folder`, it stays itself)."""
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path.resolve())
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
@@ -203,19 +212,27 @@ def to_html(rows: list[dict], pngs: dict[str, bytes], title: str) -> str:
     return _PAGE.format(title=html.escape(title), n=len(rows), head=head, body=body, images=images)
 
 
-def write_report(folder: str | Path, title: str | None = None) -> dict[str, Path]:
-    """Write the leaderboard, plots and report.html into `folder`; returns the written paths by kind."""
+def write_report(folder: str | Path, title: str | None = None, run_dirs: list[Path] | None = None,
+                 source: str | Path | None = None) -> dict[str, Path]:
+    """Write the leaderboard, plots and report.html into `folder`, over the finished runs under it or, given, the
+    folders `run_dirs` (found under `source`, which names them if none is finished); returns the written paths by
+    kind."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
-    rows = collect(folder)
+    written = {"csv": folder / "leaderboard.csv", "md": folder / "leaderboard.md", "html": folder / "report.html",
+               "comparison": folder / "comparison.csv", "report": folder / "report.md"}
+    # before every run is read, and before the last report's first file is replaced by the new one
+    runs.check_output(folder, "into")
+    runs.check_output(folder / "plots", "into")
+    for path in written.values():
+        runs.check_output(path)
+    rows = collect(folder, run_dirs)
     if not rows:
-        raise FileNotFoundError(f"no finished runs under {folder}")
-    written = {"csv": folder / "leaderboard.csv", "md": folder / "leaderboard.md", "html": folder / "report.html"}
+        raise FileNotFoundError(f"no finished runs under {source or folder}")
     runs.write_text(written["csv"], to_csv(rows))
     runs.write_text(written["md"], f"# Leaderboard: {title or folder.name}\n\n" + to_markdown(rows))
     groups = compare.group_runs(rows, folder)
-    written["comparison"] = folder / "comparison.csv"
     runs.write_text(written["comparison"], compare.to_csv(groups))
     pngs = {**_figures(rows), "intervals": compare.interval_figure(groups)}
     for name, png in pngs.items():
@@ -224,7 +241,6 @@ def write_report(folder: str | Path, title: str | None = None) -> dict[str, Path
             tmp.write_bytes(png)
         written[name] = path
     runs.write_text(written["html"], to_html(rows, pngs, f"budgetlora report: {title or folder.name}"))
-    written["report"] = folder / "report.md"
     runs.write_text(written["report"], report_markdown(title or folder.name, rows, groups, list(pngs)))
     return written
 

@@ -3,8 +3,8 @@ between processes and machines through one study database.
 
 Spec format (YAML)::
 
-    base: ../roberta-m3.yaml        # a preset path (relative to this file, else to the working directory)
-                                    # or an inline config mapping ({model: {name: minilm}, lora: {r: 4}, ...})
+    base: ../roberta-m3.yaml        # a config path (relative to this file, else to the working directory), a
+                                    # shipped preset by name (minilm-quick), or an inline config mapping ({model: {name: minilm}, lora: {r: 4}, ...})
     set:                            # optional dotted overrides applied to the base before every trial
       data.train_limit: 2000
     grid:                           # exhaustive: dotted field -> list of values (Optuna's GridSampler)
@@ -31,6 +31,7 @@ Spec format (YAML)::
                                     # default is median for a search, none for a grid (every point is wanted)
     heartbeat_s: 10                 # a worker records a heartbeat this often while a trial runs, and a RUNNING
     grace_s: 60                     # trial silent for grace_s belongs to a dead worker: failed, then retried
+    time_budget: 30m                # optional (90s, 30m, 1.5h): start no trial the time left cannot hold
 
 Every trial plans its config first: one over the budget is pruned (its planned total kept as the user attribute
 `trainable_params`) before any weight loads. Trials map to run ids, so a config that already finished, in this
@@ -58,14 +59,15 @@ from typing import Any, Callable
 
 import yaml
 
-from budgetlora.config import Config, ConfigError
+from budgetlora.config import Config, ConfigError, preset_path
+from budgetlora.experiments.timebudget import parse_duration
 
 DEFAULT_ROOT = "sweeps"
 HEARTBEAT_S = 10  # a worker writes a heartbeat this often while a trial runs ...
 GRACE_S = 60  # ... and a RUNNING trial silent for this long belongs to a dead worker: failed, then retried
 VARIANT = "variant"  # the swept key that picks one of the spec's named `variants:`
 SPEC_KEYS = {"base", "set", "grid", "search", "n_trials", "objective", "max_rank", "fill", "variants", "runs", "seed",
-             "seeds", "prune", "name", "heartbeat_s", "grace_s"}
+             "seeds", "prune", "name", "heartbeat_s", "grace_s", "time_budget"}
 PRUNERS = ("median", "none")
 
 Runner = Callable[..., Path]  # (config, runs folder[, on_record=callback]) -> the finished run folder
@@ -88,6 +90,7 @@ class Spec:
     variants: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> dotted overrides
     seeds: int = 1  # runs per config: train.seed, train.seed + 1, ...
     prune: str = "none"  # median: Optuna's MedianPruner on the periodic validation accuracy
+    time_budget: float | None = None  # seconds one invocation may start trials in (--time-budget overrides it)
 
     @property
     def direction(self) -> str:
@@ -119,10 +122,11 @@ class Spec:
 
 
 def _resolve(ref: str, spec_dir: Path) -> Path:
-    for candidate in (spec_dir / ref, Path(ref)):
-        if candidate.is_file():
+    for candidate in (spec_dir / ref, Path(ref), preset_path(ref)):
+        if candidate is not None and candidate.is_file():
             return candidate
-    raise ConfigError(f"base preset not found: {ref} (looked beside the spec and in the working directory)")
+    raise ConfigError(f"base preset not found: {ref} (looked beside the spec, in the working directory and "
+                      "among the shipped presets)")
 
 
 def load_spec(path: str | Path, root: str | Path = DEFAULT_ROOT) -> Spec:
@@ -186,7 +190,8 @@ def load_spec(path: str | Path, root: str | Path = DEFAULT_ROOT) -> Spec:
                 objective=str(d.get("objective", "val_accuracy")),
                 fill=bool(d.get("fill", d.get("max_rank", False))),
                 runs=Path(d["runs"]) if d.get("runs") else folder / "runs", folder=folder, seed=int(d.get("seed", 0)),
-                heartbeat_s=heartbeat, grace_s=grace, variants=variants, seeds=seeds, prune=prune)
+                heartbeat_s=heartbeat, grace_s=grace, variants=variants, seeds=seeds, prune=prune,
+                time_budget=parse_duration(d.get("time_budget"), f"{path}: time_budget"))
 
 
 def _variants(raw, cfg: Config, path: Path) -> dict[str, dict]:

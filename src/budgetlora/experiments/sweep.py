@@ -9,40 +9,20 @@ import inspect
 import logging
 import multiprocessing
 import os
-import sqlite3
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 from budgetlora import runs
 from budgetlora.config import Config, ConfigError
-from budgetlora.experiments.spec import GRACE_S, HEARTBEAT_S, Runner, Spec, param_key, trial_config
+from budgetlora.experiments import timebudget
+from budgetlora.experiments.spec import Runner, Spec, param_key, trial_config
+from budgetlora.experiments.storage import masked, open_storage
+from budgetlora.experiments.summary import format_summary, summary  # noqa: F401  (part of this module's API)
 
 
 def default_storage(spec: Spec) -> str:
     return f"sqlite:///{(spec.folder / 'study.db').resolve()}"
-
-
-def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S):
-    """An Optuna RDB storage (SQLite, PostgreSQL, MySQL...) with heartbeats, so that dead workers' trials are
-    failed and retried, and, for SQLite, a write-ahead log plus a long busy timeout so that several local
-    processes can share the file."""
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("sqlite:///"):
-        db = Path(url[len("sqlite:///"):])
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(sqlite3.connect(db, timeout=60)) as con:  # WAL persists in the file
-            con.execute("PRAGMA journal_mode=WAL")
-        engine_kwargs = {"connect_args": {"timeout": 120}}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with warnings.catch_warnings():  # heartbeats are marked experimental; they are the documented way to do this
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
 
 
 def _sampler(spec: Spec, worker: int):
@@ -64,7 +44,7 @@ def open_study(spec: Spec, storage: str, worker: int = 0):
     if known is None:
         study.set_user_attr("budgetlora_spec", spec.fingerprint())
     elif known != spec.fingerprint():
-        raise ConfigError(f"study {spec.name!r} in {storage} was made from a different spec (base, space or "
+        raise ConfigError(f"study {spec.name!r} in {masked(storage)} was made from a different spec (base, space or "
                           "objective changed); give the spec another `name:` or use another storage")
     return study
 
@@ -110,6 +90,7 @@ def _objective(spec: Spec, runner: Runner):
     from budgetlora.adapters.budget import fill, plan
 
     def objective(trial) -> float:
+        started = timebudget.clock()
         try:
             cfg = trial_config(spec, trial)
             p = plan(cfg)  # meta-device shapes only: nothing is loaded for a config we are about to refuse
@@ -140,6 +121,8 @@ def _objective(spec: Spec, runner: Runner):
         except Exception as e:  # recorded on the trial; optimize(catch=...) then marks it FAIL and goes on
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
             raise
+        finally:  # what the time budget judges the next trial by
+            trial.set_user_attr(timebudget.ELAPSED, round(timebudget.clock() - started, 3))
 
     return objective
 
@@ -206,8 +189,9 @@ def _done_count(study, since: int) -> int:
 
 
 def _work(spec: Spec, storage: str, worker: int, since: int, n_trials: int | None, runner: Runner,
-          track: str | None) -> None:
-    """One worker: draw and run trials until the grid is covered or the study holds n_trials."""
+          track: str | None, deadline: float | None = None) -> None:
+    """One worker: draw and run trials until the grid is covered, the study holds n_trials, or the time left
+    before `deadline` (a `timebudget.clock` reading) cannot hold another trial."""
     from optuna.trial import TrialState
 
     study = open_study(spec, storage, worker)
@@ -226,9 +210,19 @@ def _work(spec: Spec, storage: str, worker: int, since: int, n_trials: int | Non
                 break
             # only other workers' trials are left. Stay until they end: if their worker died, its heartbeat goes
             # stale, the trial is failed above and retried here; leaving now would leave that point undone.
+            if deadline is not None and timebudget.clock() >= deadline:
+                break
             time.sleep(min(spec.heartbeat_s, 2))
             continue
+        if not timebudget.next_fits(deadline, _durations(study, since)):
+            break
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+
+
+def _durations(study, since: int) -> list[float]:
+    """How long each trial finished in this invocation of the sweep took (any worker's)."""
+    return [t.user_attrs[timebudget.ELAPSED] for t in study.get_trials(deepcopy=False)
+            if t.number >= since and t.state.is_finished() and timebudget.ELAPSED in t.user_attrs]
 
 
 def _fail_dead_trials(study) -> None:
@@ -282,9 +276,14 @@ def _threads_per_worker(workers: int):
 
 
 def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials: int | None = None,
-              runner: Runner = train_runner, track: str | None = None, log=print) -> dict:
+              runner: Runner = train_runner, track: str | None = None, log=print,
+              time_budget: float | None = None) -> dict:
     """Run (or resume) a sweep; returns {"study": name, "storage": url, "states": {state: count}, ...}.
-    track: tensorboard or mlflow, to log every finished trial there (training.track)."""
+    track: tensorboard or mlflow, to log every finished trial there (training.track). time_budget: seconds in
+    which trials may start (default: the spec's `time_budget`); no trial starts that the time left cannot hold."""
+    started = timebudget.clock()
+    budget = time_budget if time_budget is not None else spec.time_budget
+    deadline = started + budget if budget else None
     if workers < 1:
         raise ConfigError("--workers must be >= 1")
     if track:
@@ -299,13 +298,14 @@ def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials
     queued = _retry_failed_points(spec, study, since)
     total = len(spec.points()) if spec.grid else spec.n_trials
     log(f"sweep {spec.name}: {'grid of ' + str(total) + ' points' if spec.grid else str(total) + ' TPE trials'}"
-        f", {since} trials already in {storage}" + (f", {queued} failed points queued again" if queued else ""))
-    args = (spec, storage, 0, since, n_trials, runner, track)
+        f", {since} trials already in {masked(storage)}" + (f", {queued} failed points queued again" if queued else "")
+        + (f", time budget {timebudget.format_duration(budget)}" if budget else ""))
+    args = (spec, storage, 0, since, n_trials, runner, track, deadline)
     if workers == 1:
         _work(*args)
     else:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch threads or DB handles
-        procs = [ctx.Process(target=_worker_main, args=(spec, storage, i, since, n_trials, runner, track),
+        procs = [ctx.Process(target=_worker_main, args=(spec, storage, i, since, n_trials, runner, track, deadline),
                              name=f"sweep-worker-{i}") for i in range(workers)]
         with _threads_per_worker(workers):
             for p in procs:
@@ -328,28 +328,7 @@ def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials
         bad = [p.name for p in procs if p.exitcode is not None and p.exitcode > 0]
         if bad:
             raise RuntimeError(f"sweep worker(s) exited with an error: {', '.join(bad)}")
-    return summary(spec, storage)
-
-
-def summary(spec: Spec, storage: str) -> dict:
-    import optuna
-
-    study = optuna.load_study(study_name=spec.name, storage=open_storage(storage, spec.heartbeat_s, spec.grace_s))
-    trials = study.get_trials(deepcopy=False)
-    states: dict[str, int] = {}
-    for t in trials:
-        states[t.state.name] = states.get(t.state.name, 0) + 1
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    settled = {param_key(t.params) for t in trials if t.state.name in ("COMPLETE", "PRUNED")}
-    best = None
-    if complete:
-        t = study.best_trial
-        best = {"number": t.number, "value": t.value, "params": t.params, "run_id": t.user_attrs.get("run_id")}
-    return {"study": spec.name, "storage": storage, "folder": str(spec.folder), "runs": str(spec.runs),
-            "trials": len(trials), "states": states, "best": best,
-            # failures still standing: a later retry of the same params that finished clears them
-            "failed": {t.number: t.user_attrs.get("error", "") for t in trials
-                       if t.state.name == "FAIL" and param_key(t.params) not in settled}}
+    return summary(spec, storage, since=since, started=started, budget=budget, n_trials=n_trials)
 
 
 # -- optional tracking -----------------------------------------------------------------------------------------
@@ -374,16 +353,3 @@ def _trial_tracker(spec: Spec, kind: str):
             tracker.close()
 
     return log_trial
-
-
-def format_summary(s: dict) -> str:
-    states = ", ".join(f"{v} {k.lower()}" for k, v in sorted(s["states"].items()))
-    lines = [f"study {s['study']}: {s['trials']} trials ({states or 'none'})"]
-    if s["best"]:
-        b = s["best"]
-        lines.append(f"best: trial {b['number']} value {b['value']:.4f} run {b['run_id']} params {b['params']}")
-    for n, err in s["failed"].items():
-        lines.append(f"trial {n} failed: {err}")
-    lines.append(f"runs in {s['runs']}; study in {s['storage']}")
-    return "\n".join(lines)
-

@@ -67,7 +67,8 @@ def merge(loaded: LoadedRun) -> torch.nn.Module:
 def _merged_run(run, out: Path, force: bool, base: str | None = None, plain: bool = False):
     """The verified run, its verification texts with the unmerged logits, and the merged model with label names.
     plain: the result must load as a plain transformers class, which has no model.head other than its own."""
-    if out.is_dir() and any(out.iterdir()) and not force:  # fail before minutes of loading, not after
+    runs.check_output(out, "folder")  # fail before minutes of loading, not after
+    if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} is not empty; pass --force to replace it")
     if Path(run, runs.CONFIG).is_file():  # a method that cannot fold into the weights is refused before loading
         try:

@@ -120,6 +120,7 @@ def predict_file(run: str | Path, source: str, output: str | Path, base: str | N
     Prior-corrected labels come from `budgetlora.shift.predict.predict_adapted`, which composes the shift analysis.
     """
     cols = columns(run, proba, top_k)  # a bad --top-k is refused before the model loads
+    runs.check_output(output)
     # a folder that is no run is refused by load_run below, in its words
     if (Path(run) / runs.CONFIG).is_file() and runs.load_config(Path(run)).model.problem_type == "multi":
         if cols.wanted:
@@ -137,6 +138,7 @@ def predict_sets(run: str | Path, source: str, output: str | Path, base: str | N
                  max_length: int = 0) -> np.ndarray:
     """A multi-label run's answers: ID,Labels, each row's label ids at or above their thresholds (metrics.json
     `thresholds`) joined by data.label_delimiter, '' for none. Returns the (n, num_labels) 0/1 matrix."""
+    runs.check_output(output)
     loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
     loaded.max_length = max_length
     thresholds = loaded.metrics.get("thresholds")

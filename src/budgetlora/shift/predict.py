@@ -76,6 +76,7 @@ def predict_adapted(run: str | Path, source: str, output: str | Path, mode: str 
     priors.decide lets them) or 'on' (always). The estimates, the separability and the decision are written to
     `<output>.priors.json`, the labels to `output` as ID,Label."""
     cols = columns(run, proba, top_k)  # a bad --top-k is refused before the model loads
+    _check_outputs(output)
     loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
     loaded.max_length = max_length
     texts = read_unlabelled(source, loaded.cfg)
@@ -106,6 +107,7 @@ def predict_known_mix(run: str | Path, source: str, output: str | Path, target_p
     argmax. The mix, the shares before and after and the labels changed go to `<output>.priors.json`."""
     mix = parse_prior(target_prior, runs.load_config(Path(run)).model.num_labels)  # refused before any loading
     cols = columns(run, proba, top_k)
+    _check_outputs(output)
     loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
     loaded.max_length = max_length
     texts = read_unlabelled(source, loaded.cfg)
@@ -127,6 +129,11 @@ def write_known_mix(output: str | Path, fit, source: str, read_length: int, cols
     runs.write_json(priors_path(output), priors)
     write_submission(output, fit.labels, fit.posteriors, cols)
     return Prediction(fit.labels, Path(output), priors)
+
+
+def _check_outputs(output: str | Path) -> None:
+    runs.check_output(output)
+    runs.check_output(priors_path(output))
 
 
 def _counts(fit, before: bool) -> list[int]:

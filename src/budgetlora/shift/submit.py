@@ -26,6 +26,7 @@ from budgetlora.inference.predict import read_unlabelled
 from budgetlora.shift.analysis import ShiftResult, analyse, write_analysis
 from budgetlora.shift.mix import fit_to_mix, parse_prior
 from budgetlora.shift.predict import Prediction, predict, predict_known_mix, write_adapted, write_known_mix
+from budgetlora.shift.priors import priors_path
 from budgetlora.shift.selftrain import self_training
 from budgetlora.training.train import train
 
@@ -42,6 +43,9 @@ def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs
     if not Path(target).exists():
         raise FileNotFoundError(f"submit: target file not found: {target}")
     output, t0, times = Path(output), time.time(), {}
+    for path, kind in ((output, "file"), (priors_path(output), "file"), (Path(f"{output}.shift"), "into"),
+                       (Path(f"{output}.summary.json"), "file"), (Path(f"{output}.summary.txt"), "file")):
+        runs.check_output(path, kind)  # an hour of training must not end in a folder that is not there
     base = train(cfg, root=root, log=log).resolve()
     trim_memory()  # the training's freed heap back to the OS before the target is read
     times["train_s"] = round(time.time() - t0, 1)
@@ -141,8 +145,11 @@ def shift_analysis(run: str | Path, target: str, out: str | Path | None = None, 
                  max_length: int = 0, base: str | None = None, log=print) -> tuple[ShiftResult, dict[str, Path]]:
     """`budgetlora shift`: load and verify the run, read the target texts, analyse, write the analysis into `out`
     (default RUN/shift); returns the analysis and the files written."""
+    out = Path(run) / "shift" if out is None else Path(out)
+    if out.parent != Path(run) or Path(run).is_dir():  # a missing run is load_run's to name, in its own words
+        runs.check_output(out, "into")
     loaded = _load(run, base, max_length)
-    return _analyse(loaded, target, Path(run) / "shift" if out is None else out, mode, log)
+    return _analyse(loaded, target, out, mode, log)
 
 
 def _load(run: str | Path, base: str | None, max_length: int) -> LoadedRun:
