@@ -54,5 +54,5 @@ if ! as_owner "$BIN/psql" -h 127.0.0.1 -p "$PORT" -U postgres -tAc "SELECT 1 FRO
     | grep -q 1; then
   as_owner "$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U postgres "$DB"
 fi
-# the driver is named: SQLAlchemy 2.1 would otherwise pick psycopg 3, and the test extras install psycopg2
-echo "postgresql+psycopg2://postgres@127.0.0.1:$PORT/$DB"
+# the URL as users write it (Optuna's docs): the sweep opens it with psycopg 3, else psycopg2, whichever is installed
+echo "postgresql://postgres@127.0.0.1:$PORT/$DB"

@@ -11,6 +11,7 @@ import pytest
 from budgetlora import runs
 from budgetlora.cli import main
 from budgetlora.config import Config
+from budgetlora.errors import RunFolderError
 
 MODULES_THAT_LOAD = ("budgetlora.inference.load", "budgetlora.inference.predict", "budgetlora.inference.export",
                      "budgetlora.shift.predict", "budgetlora.shift.selftrain", "budgetlora.shift.submit")
@@ -134,3 +135,10 @@ def test_the_check_creates_nothing(tmp_path):
         assert runs.check_output(tmp_path / kind, kind) == tmp_path / kind
     assert list(tmp_path.iterdir()) == []
     assert runs.check_output("relative-name.csv") == Path("relative-name.csv")  # the working directory's
+    deep = tmp_path / "a" / "b" / "runs"
+    assert runs.check_output(deep, "into", parents=True) == deep  # a caller that makes the folders itself
+    with pytest.raises(RunFolderError, match="does not exist"):
+        runs.check_output(deep, "into")
+    (tmp_path / "a").write_text("a file where a folder goes")
+    with pytest.raises(RunFolderError, match="is not a folder"):
+        runs.check_output(deep, "into", parents=True)

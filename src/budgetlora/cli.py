@@ -69,8 +69,10 @@ def cmd_predict(args) -> int:
 
 
 def cmd_self_train(args) -> int:
+    from budgetlora import runs
     from budgetlora.shift.selftrain import self_training
 
+    runs.check_output(args.out, "into")  # a mistyped --out is refused, not made with every folder above it
     done = self_training(args.run, args.unlabelled, args.out, config_mod.from_flags(args).self_train, base=args.base)
     print("\n".join(done.summary()))
     return 0

@@ -253,11 +253,12 @@ def list_runs(root: Path) -> list[Path]:
 OUTPUT_KINDS = ("file", "folder", "into")
 
 
-def check_output(path: str | Path, kind: str = "file") -> Path:
+def check_output(path: str | Path, kind: str = "file", parents: bool = False) -> Path:
     """Refuse now, in one line, an output the command could not write at its end, before minutes of loading or
     training are spent on it. kind: `file` (written beside itself and renamed over `path`), `folder` (a folder
-    made beside `path` and renamed into place), `into` (files written inside `path`, made if absent). Nothing
-    is created or changed here. Returns `path`."""
+    made beside `path` and renamed into place), `into` (files written inside `path`, made if absent). The folder
+    it goes in must exist, unless `parents` (the caller makes missing folders: then the nearest that exists must
+    be writable). Nothing is created or changed here. Returns `path`."""
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"kind must be one of {OUTPUT_KINDS}, got {kind!r}")
     path = Path(path)
@@ -269,6 +270,8 @@ def check_output(path: str | Path, kind: str = "file") -> Path:
         _check_writable(path, path)
         return path
     parent = Path(os.path.abspath(path)).parent  # `out` alone means the working directory, not ''
+    while parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.exists():
         raise RunFolderError(f"cannot write {path}: the folder {parent} does not exist; create it first")
     if not parent.is_dir():

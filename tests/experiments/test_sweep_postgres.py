@@ -1,7 +1,8 @@
 """Sweeps on a real database server (PostgreSQL): two workers share one study without losing or repeating a
 trial, and a worker killed with SIGKILL mid-trial is found by its stopped heartbeat, its trial failed and run
 again by the surviving worker, and the sweep completes; `budgetlora report` then reads what the study produced.
-The kill is also tried on the default SQLite storage.
+The kill is also tried on the default SQLite storage. The URL opens however its driver is written (or not), a
+missing database or user is one line, and two sweeps started separately on one study never take the same point.
 
 The server comes from `.ci/setup-postgres.sh` (scripts/test.sh exports its URL as BUDGETLORA_TEST_PG). Without a
 URL these tests fail, unless BUDGETLORA_TEST_NO_PG=1 says on purpose that there is no database server here.
@@ -164,3 +165,93 @@ def test_heartbeat_settings_are_checked(tmp_path):
     assert (spec.heartbeat_s, spec.grace_s) == (2, 7)
     default = load_spec(write_spec(tmp_path, grid=GRID))
     assert (default.heartbeat_s, default.grace_s) == (10, 60)
+
+
+# -- the URL as users write it, on the live server ------------------------------------------------------------------
+def _as(url: str, **parts) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(**parts).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    import budgetlora.training.train
+
+    monkeypatch.setattr(budgetlora.training.train, "train",
+                        lambda cfg, root, on_record=None, **k: fake_runner(cfg, root))
+
+
+@pytest.mark.parametrize("driver", ["postgresql", "postgresql+psycopg", "postgresql+psycopg2"])
+def test_every_way_of_writing_the_url_runs_a_sweep(tmp_path, capsys, pg_url, fake_training, driver):
+    url = _as(pg_url, drivername=driver)
+    spec = load_spec(write_spec(tmp_path, name=f"pg-{uuid.uuid4().hex[:10]}", grid={"lora.r": [2, 4]}),
+                     root=tmp_path / "sweeps")
+    assert main(["sweep", str(tmp_path / f"{spec.name}.yaml"), "--root", str(tmp_path / "sweeps"),
+                 "--storage", url]) == 0, capsys.readouterr()
+    assert summary(spec, url)["states"] == {"COMPLETE": 2}
+    optuna.delete_study(study_name=spec.name, storage=_as(pg_url, drivername="postgresql+psycopg"))
+
+
+@pytest.mark.parametrize("parts, says", [({"database": "no_such_database"}, "no such database on that server"),
+                                         ({"username": "no_such_user"}, "the server refused the login")])
+def test_a_missing_database_or_user_is_one_line(tmp_path, capsys, pg_url, parts, says):
+    url = _as(pg_url, password="secret", **parts)
+    capsys.readouterr()
+    assert main(["sweep", str(write_spec(tmp_path, grid=GRID)), "--root", str(tmp_path / "sweeps"),
+                 "--storage", url]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and says in err and "***@" in err and "secret" not in out + err, err
+
+
+def _fail_on_r2(cfg, root):
+    if cfg.lora.r == 2:
+        raise RuntimeError("boom")
+    return fake_runner(cfg, root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failed_before", [False, True])
+def test_two_independent_sweeps_share_one_postgres_study(tmp_path, pg_url, failed_before):
+    """Two `budgetlora sweep` processes, started apart and released at the same instant on one study (new, or one
+    whose earlier sweep left failed points to retry): every grid point runs once, none is drawn twice (not even
+    as a pruned duplicate), and both take trials."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    spec_path = write_spec(tmp_path, name=f"pg-{uuid.uuid4().hex[:10]}", grid=GRID)
+    spec = load_spec(spec_path, root=tmp_path / "sweeps")
+    if failed_before:
+        before = run_sweep(spec, storage=pg_url, runner=_fail_on_r2, log=lambda *a: None)
+        assert before["states"] == {"COMPLETE": 6, "FAIL": 2}, before
+    go = tmp_path / "go"
+    env = {**os.environ, "FAKE_RUN_S": "0.5", "SWEEP_GO": str(go), "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "tests.experiments.sweep_entry", str(spec_path), "--root", str(tmp_path / "sweeps"),
+           "--storage", pg_url]
+    procs = [subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(tmp_path.glob("go.*.ready"))) < 2:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a sweep did not start"
+            time.sleep(0.05)
+        go.touch()
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    trials = _trials(spec, pg_url)
+    want = {"COMPLETE": 8, "FAIL": 2} if failed_before else {"COMPLETE": 8}
+    assert collections.Counter(t.state.name for t in trials) == want, [
+        (t.number, t.state.name, t.params, t.user_attrs.get("pruned")) for t in trials]
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 8
+    c = calls(spec)
+    assert len(c) == len(set(c)) == 8, c
+    if not failed_before:  # (with failures before, only the two retries are left: one sweep may take both)
+        pids = {p.name.split(".")[1] for p in (spec.runs.parent / "calls").iterdir()}
+        assert len(pids) == 2, "both sweeps should have taken trials"
+    optuna.delete_study(study_name=spec.name, storage=pg_url)

@@ -4,7 +4,8 @@ between processes and machines through one study database.
 Spec format (YAML)::
 
     base: ../roberta-m3.yaml        # a config path (relative to this file, else to the working directory), a
-                                    # shipped preset by name (minilm-quick), or an inline config mapping ({model: {name: minilm}, lora: {r: 4}, ...})
+                                    # shipped preset by name (minilm-quick), or an inline config mapping
+                                    # ({model: {name: minilm}, lora: {r: 4}, ...})
     set:                            # optional dotted overrides applied to the base before every trial
       data.train_limit: 2000
     grid:                           # exhaustive: dotted field -> list of values (Optuna's GridSampler)

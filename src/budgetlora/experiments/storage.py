@@ -43,11 +43,11 @@ def _importable(module: str) -> bool:
 
 def driver_url(url: str) -> str:
     """`url` naming a PostgreSQL driver that imports here. A plain postgresql:// (as Optuna's docs write it) gets
-    psycopg, else psycopg2; a URL that names one of the two gets the other when only that one is installed.
-    Other URLs are returned as they are."""
+    psycopg, else psycopg2; a URL that names one of the two gets the other when only that one is installed;
+    postgres:// (as hosting services print it) is read as postgresql://. Other URLs are returned as they are."""
     scheme, sep, rest = url.partition("://")
     backend, _, driver = scheme.partition("+")
-    if not sep or backend != "postgresql" or (driver and driver not in POSTGRES_DRIVERS):
+    if not sep or backend not in ("postgresql", "postgres") or (driver and driver not in POSTGRES_DRIVERS):
         return url
     wanted = (driver,) + tuple(d for d in POSTGRES_DRIVERS if d != driver) if driver else POSTGRES_DRIVERS
     for name in wanted:
@@ -81,7 +81,7 @@ def _open(url: str, heartbeat_s: int, grace_s: int):
         with contextlib.closing(sqlite3.connect(db, timeout=60)) as con:  # WAL persists in the file
             con.execute("PRAGMA journal_mode=WAL")
         engine_kwargs = {"connect_args": {"timeout": 120}}
-    elif url.startswith("postgresql+") and "connect_timeout=" not in url:
+    elif url.startswith(tuple(f"postgresql+{d}://" for d in POSTGRES_DRIVERS)) and "connect_timeout=" not in url:
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():  # heartbeats are marked experimental; they are the documented way to do this
@@ -110,14 +110,15 @@ def _advice(e: Exception, url: str) -> str:
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     if isinstance(e, NoSuchModuleError):
-        return "SQLAlchemy knows no such database kind (expected e.g. postgresql://user:pass@host:5432/db or " \
+        return "SQLAlchemy knows no such database or driver (expected e.g. postgresql://user:pass@host:5432/db or " \
                "sqlite:///path/study.db)"
     if isinstance(e, ArgumentError):
         return "not a database URL (expected e.g. postgresql://user:pass@host:5432/db or sqlite:///path/study.db)"
     if isinstance(e, ImportError):  # optuna wraps the missing module; the module's own name is in the cause
         missing = getattr(e.__cause__, "name", None) or getattr(e, "name", None) or "its module"
-        return f"the database driver is not installed ({missing}); install it, e.g. " \
-               f"{INSTALL_POSTGRES} for PostgreSQL"
+        if url.startswith("postgres"):
+            return f"its driver ({missing}) is not installed: {INSTALL_POSTGRES}"
+        return f"its driver ({missing}) is not installed; install the package that provides it"
     text = _first_line(getattr(e, "orig", None) or e)
     password = _password(url)
     if password:

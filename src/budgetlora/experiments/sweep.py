@@ -1,6 +1,7 @@
-"""Running a sweep spec (see `spec`) on Optuna: the study storage (SQLite or any SQLAlchemy URL, shared between
-processes and machines), local worker processes, the objective that plans, trains and records each trial, dead
-workers' trials failed and retried, and the summary.
+"""Running a sweep spec (see `spec`) on Optuna: the study (in a storage `storage` opens: SQLite or any SQLAlchemy
+URL, shared between processes and machines), local worker processes, grid points drawn one sweep at a time, the
+objective that plans, trains and records each trial, dead workers' trials failed and retried, the time budget
+(`timebudget`), and the summary (`summary`).
 """
 from __future__ import annotations
 
@@ -28,9 +29,25 @@ def default_storage(spec: Spec) -> str:
 def _sampler(spec: Spec, worker: int):
     import optuna
 
-    if spec.grid:  # same seed everywhere: the grid order (grid id -> point) must agree between workers
-        return optuna.samplers.GridSampler(spec.grid, seed=spec.seed)
-    return optuna.samplers.TPESampler(seed=spec.seed + worker)  # distinct seeds: workers explore differently
+    if not spec.grid:
+        return optuna.samplers.TPESampler(seed=spec.seed + worker)  # distinct seeds: workers explore differently
+    sampler = optuna.samplers.GridSampler(spec.grid, seed=spec.seed)  # one seed: grid ids agree between workers
+    choose = sampler.before_trial
+
+    def before_trial(study, trial) -> None:
+        # GridSampler picks among the points no trial holds and records its pick; two sweeps doing that at once
+        # (with one seed, their random picks agree) would both take the same point
+        with _draw_lock(spec):
+            choose(study, trial)
+
+    sampler.before_trial = before_trial
+    return sampler
+
+
+def _draw_lock(spec: Spec):
+    """Held while a sweep queues retries or a new grid trial takes its point. In the runs folder, which every
+    sweep of the study shares (on one machine or several), so separately started sweeps take turns too."""
+    return runs.run_lock(spec.runs, f"sweep-{spec.name}")
 
 
 def open_study(spec: Spec, storage: str, worker: int = 0):
@@ -208,10 +225,10 @@ def _work(spec: Spec, storage: str, worker: int, since: int, n_trials: int | Non
         if (covered or enough) and not waiting:
             if not running:
                 break
+            if deadline is not None and timebudget.clock() >= deadline:
+                break  # out of time: a dead worker's point is left to the next sweep
             # only other workers' trials are left. Stay until they end: if their worker died, its heartbeat goes
             # stale, the trial is failed above and retried here; leaving now would leave that point undone.
-            if deadline is not None and timebudget.clock() >= deadline:
-                break
             time.sleep(min(spec.heartbeat_s, 2))
             continue
         if not timebudget.next_fits(deadline, _durations(study, since)):
@@ -246,6 +263,13 @@ def _retry_failed_points(spec: Spec, study, since: int) -> int:
     _fail_dead_trials(study)
     if not spec.grid:
         return 0
+    with _draw_lock(spec):  # another sweep starting now would queue the same points again
+        return _queue_retries(spec, study)
+
+
+def _queue_retries(spec: Spec, study) -> int:
+    from optuna.trial import TrialState
+
     by_point: dict[str, list] = {}
     for t in study.get_trials(deepcopy=False):
         params = t.params or t.system_attrs.get("fixed_params") or {}
@@ -291,8 +315,9 @@ def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials
 
         check(track)
     storage = storage or default_storage(spec)
-    spec.folder.mkdir(parents=True, exist_ok=True)
-    spec.runs.mkdir(parents=True, exist_ok=True)
+    for folder in (spec.folder, spec.runs):
+        with runs.writing(folder):
+            folder.mkdir(parents=True, exist_ok=True)
     study = open_study(spec, storage)
     since = len(study.get_trials(deepcopy=False))
     queued = _retry_failed_points(spec, study, since)

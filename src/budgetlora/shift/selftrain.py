@@ -132,7 +132,7 @@ def self_training(run: str | Path, unlabelled: str, out: str | Path, settings: S
     bad = [k for k in overrides if k.split(".")[0] in ("model", "lora", "budget")]
     if bad:
         raise ConfigError(f"self-train keeps the parent's model, LoRA and budget; cannot override {', '.join(bad)}")
-    out = runs.check_output(out, "into")  # before the first model loads
+    out = runs.check_output(out, "into", parents=True)  # before the first model loads; callers may nest it deep
     source = str(Path(unlabelled).resolve()) if Path(unlabelled).exists() else unlabelled
     parent, result, texts, labelled = Path(run).resolve(), SelfTraining([], []), None, 0
     for r in range(1, s.rounds + 1):
