@@ -92,7 +92,7 @@ def installed_pieces(model: SplitModel) -> list[Path]:
 
 def model_path(model: SplitModel = MPNET, pieces: list[Path] | None = None, root: Path | None = None) -> Path:
     """The model's verified folder in the cache, assembled from its installed pieces on first use."""
-    dest = (root or cache_dir() / "models") / model.name
+    dest = _dest(model, root)
     if _verified(dest, model):
         return dest
     if dest.exists():
@@ -104,8 +104,12 @@ def model_path(model: SplitModel = MPNET, pieces: list[Path] | None = None, root
 def assembled(name: str) -> Path | None:
     """The verified folder of a packaged split model if it is already in the cache, without assembling it."""
     model = {"mpnet": MPNET}[name]
-    dest = cache_dir() / "models" / model.name
+    dest = _dest(model)
     return dest if _verified(dest, model) else None
+
+
+def _dest(model: SplitModel, root: Path | None = None) -> Path:
+    return (root or cache_dir() / "models") / model.name
 
 
 def _verified(folder: Path, model: SplitModel) -> bool:
@@ -200,8 +204,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, run by another user
+        pass
     return True
 
 
