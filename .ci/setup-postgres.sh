@@ -2,7 +2,9 @@
 # A PostgreSQL server for the sweep tests (tests/experiments/test_sweep_postgres.py): Debian's postgresql package, one cluster
 # on 127.0.0.1 on a free port, run by a non-root user, and one database. Prints the database URL on stdout (all
 # else goes to stderr). Idempotent: a cluster this script started and still running is reused at once.
+# `--stop` stops it; run again, it starts on the same port (the sweep tests take the server away mid-sweep so).
 set -euo pipefail
+ACTION="${1:-}"
 
 DB=budgetlora_test
 DATA="${BUDGETLORA_PG_DIR:-/tmp/budgetlora-pg-$(id -u)}"
@@ -41,8 +43,13 @@ if [ ! -s "$DATA/PG_VERSION" ]; then
   as_owner "$BIN/initdb" -D "$DATA" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
 fi
 
+if [ "$ACTION" = "--stop" ]; then
+  as_owner "$BIN/pg_ctl" -D "$DATA" -w -t 60 stop -m fast >/dev/null
+  exit 0
+fi
+
 if ! as_owner "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
-  PORT="$(free_port)"
+  PORT="$(cat "$DATA/port" 2>/dev/null || free_port)"  # the port it had: clients' URLs stay valid
   log "starting on 127.0.0.1:$PORT"
   as_owner "$BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -t 60 start \
     -o "-p $PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='$DATA' -c max_connections=100" >/dev/null

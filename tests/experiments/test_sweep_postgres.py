@@ -255,3 +255,101 @@ def test_two_independent_sweeps_share_one_postgres_study(tmp_path, pg_url, faile
         pids = {p.name.split(".")[1] for p in (spec.runs.parent / "calls").iterdir()}
         assert len(pids) == 2, "both sweeps should have taken trials"
     optuna.delete_study(study_name=spec.name, storage=pg_url)
+
+
+# -- the server goes away mid-sweep ---------------------------------------------------------------------------------
+def _restart_server(pg_url: str, down_s: float) -> float:
+    """Stop the test server, leave it down for `down_s` seconds, start it again on its port (with
+    `.ci/setup-postgres.sh`); returns how long it was away."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / ".ci" / "setup-postgres.sh"
+    started = time.monotonic()
+    stop = subprocess.run(["bash", str(script), "--stop"], capture_output=True, text=True, timeout=120)
+    time.sleep(down_s)
+    start = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+    if stop.returncode or start.returncode or start.stdout.strip() != pg_url:
+        pytest.fail(f"could not stop and start the server at {pg_url} with .ci/setup-postgres.sh (is it the "
+                    f"server that script started?): {stop.stderr.strip()[-300:]} {start.stderr.strip()[-300:]}")
+    return time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_a_postgres_restart_mid_sweep_is_survived(tmp_path, monkeypatch, pg_url):
+    """Two workers, the server stopped for 3 s and started again, twice, while trials run (each trial's end falls in
+    the outage): the workers wait for it (bounded back-off), the running trials finish, and the study ends with every grid point complete once: none failed, none lost, no
+    config trained twice."""
+    monkeypatch.setenv("FAKE_RUN_S", "2.0")  # every trial spans heartbeats, and so the restart
+    spec = _spec(tmp_path, heartbeat_s=1, grace_s=20)
+    logs: list[str] = []
+    result: dict = {}
+
+    def sweep():
+        result["summary"] = run_sweep(spec, storage=pg_url, workers=2, runner=fake_runner, log=logs.append)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    restarts = []
+    for _ in range(2):
+        deadline = time.monotonic() + 120
+        while True:  # wait until two trials run (each past its first heartbeat)
+            running = [t for t in _trials(spec, pg_url) if t.state == optuna.trial.TrialState.RUNNING] \
+                if spec.name in [s.study_name for s in optuna.get_all_study_summaries(pg_url)] else []
+            if len(running) == 2 and not {t.number for t in running} & {n for *_, hit in restarts for n in hit}:
+                break  # two trials that no earlier restart hit
+            assert thread.is_alive() and time.monotonic() < deadline, f"no two trials ran: {logs}"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        restarts.append((round(time.monotonic() - started, 1), round(_restart_server(pg_url, down_s=3.0), 2),
+                         [t.number for t in running]))
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "the sweep did not complete after the server restarts"
+    took = time.monotonic() - started
+
+    s = result["summary"]
+    trials = _trials(spec, pg_url)
+    states = collections.Counter(t.state.name for t in trials)
+    print(f"\nrestart test: restarts at (s since start, s away, trials running) {restarts}; "
+          f"sweep took {took:.1f} s; trials {dict(states)}; configs trained {len(calls(spec))}")
+    assert s["states"] == {"COMPLETE": 8} == dict(states), [(t.number, t.state.name, t.params) for t in trials]
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 8  # every point, once
+    c = calls(spec)
+    assert len(c) == len(set(c)) == 8, c  # no config trained twice, none lost
+    hit = {n for _, _, numbers in restarts for n in numbers}
+    assert len(hit) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials if t.number in hit)
+    optuna.delete_study(study_name=spec.name, storage=pg_url)
+
+
+@pytest.mark.parametrize("server", [True, False], ids=["postgres", "sqlite"])
+def test_a_worker_killed_before_its_first_heartbeat_is_found(tmp_path, request, server):
+    """A worker that died after taking a trial and its grid point but before the trial's first heartbeat (Optuna's
+    heartbeat check skips such trials, so the sweep waited for it forever): after the grace period the trial is
+    failed, its point queued again and run, and the sweep completes."""
+    spec = _spec(tmp_path, heartbeat_s=1, grace_s=3)
+    url = request.getfixturevalue("pg_url") if server else default_storage(spec)
+    spec.folder.mkdir(parents=True, exist_ok=True)
+    # what the dead worker left: a RUNNING trial holding grid point 0, no parameters drawn, no heartbeat
+    grid = optuna.samplers.GridSampler(spec.grid, seed=spec.seed)
+    dead = optuna.create_study(study_name=spec.name, storage=url, sampler=grid).ask()
+    assert "grid_id" in _trials(spec, url)[0].system_attrs and _trials(spec, url)[0].params == {}
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(
+        s=run_sweep(spec, storage=url, workers=1, runner=fake_runner, log=lambda *a: None)))
+    started = time.monotonic()
+    thread.start()
+    thread.join(timeout=90)
+    assert not thread.is_alive(), "the sweep waited forever for a trial that never had a heartbeat"
+    assert time.monotonic() - started >= 3, "the silent trial was failed before its grace period"
+    trials = _trials(spec, url)
+    assert result["s"]["states"] == {"COMPLETE": 8, "FAIL": 1}, [(t.number, t.state.name, t.params) for t in trials]
+    (failed,) = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed.number == dead.number and failed.params == {}
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 8
+    c = calls(spec)
+    assert len(c) == len(set(c)) == 8, c
+    optuna.delete_study(study_name=spec.name, storage=url)

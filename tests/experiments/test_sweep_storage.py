@@ -79,3 +79,71 @@ def test_other_storages_that_cannot_be_opened(tmp_path, capsys):
     line = sweep_fails(tmp_path, capsys, "mysql+nosuchdriver://u:secret@127.0.0.1:1/db")
     assert "mysql+nosuchdriver://u:***@127.0.0.1:1/db" in line
     assert "nosuch://" in sweep_fails(tmp_path, capsys, "nosuch://u:secret@host/db")
+
+
+# -- a server that goes away: each call waits for it, within a bound ------------------------------------------------
+class _Storage:
+    url = "postgresql+psycopg://user:secret@db.example:5432/study"
+    reconnected_at = None
+
+    def __init__(self, retry_s):
+        self.retry_s = retry_s
+
+
+def _dropped():
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+
+
+def test_a_storage_call_waits_for_the_server_with_a_growing_back_off():
+    import time
+
+    from budgetlora.experiments.storage import _retried
+
+    tries: list[float] = []
+
+    def flaky(self):
+        tries.append(time.monotonic())
+        if len(tries) < 3:
+            raise _dropped()
+        return 7
+
+    storage = _Storage(retry_s=30)
+    assert _retried("get_all_studies", flaky)(storage) == 7
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert len(tries) == 3 and 0.45 < gaps[0] < 0.9 and 0.95 < gaps[1] < 1.5, gaps  # 0.5 s, then doubled
+    assert storage.reconnected_at is not None
+
+
+def test_a_server_away_past_the_bound_is_one_line_with_the_password_masked():
+    import time
+
+    from budgetlora.experiments.storage import StorageError, _retried
+
+    tries = []
+
+    def down(self):
+        tries.append(1)
+        raise _dropped()
+
+    started = time.monotonic()
+    with pytest.raises(StorageError) as e:
+        _retried("get_all_studies", down)(_Storage(retry_s=2))
+    message = str(e.value)
+    assert time.monotonic() - started < 3 and len(tries) == 3  # tried at 0, 0.5, 1.5 s; the next wait passes 2 s
+    assert "\n" not in message and "***@" in message and "secret" not in message and "again" in message, message
+
+
+def test_errors_that_are_not_a_lost_connection_are_not_retried():
+    from budgetlora.experiments.storage import _retried
+
+    tries = []
+
+    def wrong(self):
+        tries.append(1)
+        raise ValueError("Cannot tell a FAIL trial")
+
+    with pytest.raises(ValueError):
+        _retried("set_trial_state_values", wrong)(_Storage(retry_s=30))
+    assert tries == [1]

@@ -35,6 +35,9 @@ def _sampler(spec: Spec, worker: int):
     choose = sampler.before_trial
 
     def before_trial(study, trial) -> None:
+        # a first heartbeat before anything that can wait: a worker that dies from here on is found by the usual
+        # stale-heartbeat check, not only by the slower never-heard-from one (storage._never_beating)
+        study._storage.record_heartbeat(trial._trial_id)
         # GridSampler picks among the points no trial holds and records its pick; two sweeps doing that at once
         # (with one seed, their random picks agree) would both take the same point
         with _draw_lock(spec):
@@ -185,16 +188,22 @@ def _twin(trial, run_id: str) -> int | None:
 
 
 # -- workers ---------------------------------------------------------------------------------------------------
+def _point(spec: Spec, study, t) -> str:
+    """The grid point a trial holds (as `param_key`): its parameters, the ones it was queued with, or, for a
+    trial whose worker died before drawing them, the point its grid id names."""
+    params = t.params or t.system_attrs.get("fixed_params")
+    if not params and "grid_id" in t.system_attrs and hasattr(study.sampler, "_all_grids"):
+        params = dict(zip(study.sampler._param_names, study.sampler._all_grids[t.system_attrs["grid_id"]]))
+    return param_key({k: (params or {}).get(k) for k in spec.grid})
+
+
 def _grid_pending(spec: Spec, study, since: int) -> int:
     """Grid points with no trial that counts: COMPLETE, PRUNED, RUNNING, WAITING or failed during this sweep."""
     from optuna.trial import TrialState
 
-    covered = set()
-    for t in study.get_trials(deepcopy=False):
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING) or \
-                (t.state == TrialState.FAIL and t.number >= since):
-            params = t.params or t.system_attrs.get("fixed_params") or {}
-            covered.add(param_key({k: params.get(k) for k in spec.grid}))
+    covered = {_point(spec, study, t) for t in study.get_trials(deepcopy=False)
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+               or (t.state == TrialState.FAIL and t.number >= since)}
     return sum(param_key(p) not in covered for p in spec.points())
 
 
@@ -233,7 +242,26 @@ def _work(spec: Spec, storage: str, worker: int, since: int, n_trials: int | Non
             continue
         if not timebudget.next_fits(deadline, _durations(study, since)):
             break
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+        taken: list = []
+        try:
+            study.optimize(lambda trial: objective(taken.append(trial) or trial), n_trials=1, catch=(Exception,),
+                           callbacks=callbacks, gc_after_trial=True)
+        except Exception:
+            if not (taken and _failed_as_stale(study, taken[0])):
+                raise
+            # the database was away longer than the grace period and another worker took this live trial for
+            # dead: it was failed and queued again, and its retry reuses the run this worker has just finished
+            logging.getLogger(__name__).warning(f"trial {taken[0].number} was failed by another worker while the "
+                                                "study storage was away; its retry takes the finished run")
+
+
+def _failed_as_stale(study, trial) -> bool:
+    """Whether `trial` was failed by a heartbeat check and queued again (Optuna then refuses to record its end)."""
+    from optuna.trial import TrialState
+
+    if study._storage.get_trial(trial._trial_id).state != TrialState.FAIL:
+        return False
+    return any(t.system_attrs.get("failed_trial") == trial.number for t in study.get_trials(deepcopy=False))
 
 
 def _durations(study, since: int) -> list[float]:
@@ -272,8 +300,7 @@ def _queue_retries(spec: Spec, study) -> int:
 
     by_point: dict[str, list] = {}
     for t in study.get_trials(deepcopy=False):
-        params = t.params or t.system_attrs.get("fixed_params") or {}
-        by_point.setdefault(param_key({k: params.get(k) for k in spec.grid}), []).append(t)
+        by_point.setdefault(_point(spec, study, t), []).append(t)
     queued = 0
     for point in spec.points():
         trials = by_point.get(param_key(point), [])
