@@ -27,6 +27,7 @@ from budgetlora.adapters import methods
 from budgetlora.data.tokens import Tokens, length_grouped_batches
 from budgetlora.errors import BudgetloraError
 from budgetlora.hardware import resolve_precision
+from budgetlora.progress import progress
 from budgetlora.training import losses
 
 
@@ -204,8 +205,6 @@ def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: 
     hooks: what the adapter method adds to each step (methods.step_hooks). on_record: each history record, in the
     main process. on_step: called after each step's validation and checkpoint, if any; an exception it raises ends
     the run there, with the checkpoints written so far kept."""
-    from tqdm.auto import tqdm
-
     main = acc.is_main_process
     padding = resolve_padding(tc.padding, acc.device)
     total, per_epoch, eval_every = inputs.total_steps, inputs.steps_per_epoch, inputs.eval_every
@@ -225,7 +224,7 @@ def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: 
             on_record(entry)
 
     model.train()
-    bar = tqdm(total=total, initial=state["step"], desc=desc, disable=not main)
+    bar = progress(total=total, initial=state["step"], desc=desc, disable=not main)
     stop = False
     while state["step"] < total and not stop:
         epoch, in_epoch = divmod(state["step"], per_epoch)
@@ -237,13 +236,13 @@ def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: 
                                    hooks=hooks, step=state["step"])
             loss_n += 1
             state["step"] += 1
-            bar.update(1)
             if state["step"] % log_every == 0 or state["step"] % eval_every == 0 or state["step"] == total:
                 mean = float(acc.reduce(loss_sum, "mean")) / loss_n  # the one sync, at logging points only
                 record({"train_loss": mean, "lr": scheduler.get_last_lr()[0]})
-                bar.set_postfix(loss=f"{mean:.4f}")
+                bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
                 loss_sum.zero_()
                 loss_n = 0
+            bar.update(1)  # after the postfix, so a line written to a log shows this step's loss
             at_eval = state["step"] % eval_every == 0 or state["step"] == total
             if at_eval and inputs.evaluate is not None:
                 stop = _validate(acc, model, tc, inputs.evaluate, total, state, record, log)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from budgetlora.data.tokens import length_grouped_batches
+from budgetlora.progress import progress
 from budgetlora.training.loop import LoopInputs, device_batches, resolve_padding
 
 
@@ -46,8 +47,6 @@ def probe(acc, model, tc, max_length: int, inputs: LoopInputs, loss_fn, steps: i
     """Train the head of `model` alone for `steps` steps at train.lr (constant: the probe is short and its optimizer
     is thrown away). Every process runs the same batches, unsharded, so their heads stay equal without a gradient
     sync. Returns what the run records: steps, first and last loss, seconds."""
-    from tqdm.auto import tqdm
-
     module = acc.unwrap_model(model)
     head = [p for _, p in head_parameters(module)]
     if not head:
@@ -55,7 +54,7 @@ def probe(acc, model, tc, max_length: int, inputs: LoopInputs, loss_fn, steps: i
     optimizer = torch.optim.AdamW(head, lr=tc.lr, weight_decay=tc.weight_decay)
     padding, t0, losses, step = resolve_padding(tc.padding, acc.device), time.time(), [], 0
     module.train()
-    bar = tqdm(total=steps, desc="linear probe", disable=not acc.is_main_process)
+    bar = progress(total=steps, desc="linear probe", disable=not acc.is_main_process)
     with only_head_trains(module):
         while step < steps:
             tokens = inputs.epoch_tokens(0)
