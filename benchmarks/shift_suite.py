@@ -14,7 +14,7 @@ Shifts (each `--rows` texts, balanced unless said otherwise):
 
 For each shift and seed: the base run's accuracy by argmax; its posteriors over the whole set fitted to the TRUE class
 mix (shift.mix.fit_to_mix; uniform, or --skew for `skew`); gated EM prior correction (EM + BBSE agreement +
-separability, adapt.decide); one self-training round on the set's own texts (class-balanced top --share per class,
+separability, priors.decide); one self-training round on the set's own texts (class-balanced top --share per class,
 mixed to --mix of the training rows, --st-steps steps) from plain posteriors and from posteriors fitted to the true
 mix; and an LP-FT base (train.probe_steps: the head alone for --probe-steps steps, then the adapters join) read by
 argmax and fitted to the true mix. "share gap" is the largest |predicted share - true share| of the base's argmax.

@@ -1,11 +1,10 @@
-"""Train-time text data strategies: cheap word/character augmentation, row filters and a noisy-label filter.
+"""Train-time text augmentation: cheap word and character edits (the row filters and the noisy-label filter are
+in `filters`).
 
 Everything here is pure Python + numpy so it can run inside a data pipeline without touching the model.
 
 * `augment_texts` applies EDA-style edits (synonym replacement, random insertion, swap, deletion) and typos,
   deterministically for a (seed, epoch) pair so each epoch sees a fresh but reproducible view of the data.
-* `apply_filters` drops rows by length, symbol share, token count and exact / near duplication.
-* `cartography_select` drops the least learnable rows given per-epoch predicted probabilities.
 
 Synonyms come from an offline WordNet 3.0 database (Debian package `wordnet-base`, see
 `scripts/install_wordnet.sh`), read directly from its `index.*` / `data.*` files: the format is simple and this

@@ -3,11 +3,11 @@ adapting to it.
 
 `analyse` compares the run's validation split (held out at training time, so its confidences are honest) with the
 target texts: token lengths and the share cut at max_length, vocabulary overlap, confidence and entropy, predicted
-class shares against the training priors, the class priors estimated two ways (EM and BBSE, see `adapt`), and how
+class shares against the training priors, the class priors estimated two ways (EM and BBSE, see `priors`), and how
 separable the two sets are: a logistic regression told to tell validation from target rows on the encoder's
 mean-pooled features, scored by its held-out (cross-fitted) AUC. The separability is measured twice: raw, and with
 the validation rows reweighted to the estimated target priors, so that a pure change of class mix reads about 0.5 and
-only a change of the texts themselves stays high. The prior-correction gate (`adapt.decide`) reads the second.
+only a change of the texts themselves stays high. The prior-correction gate (`priors.decide`) reads the second.
 
 `write_analysis` writes shift.json, shift.png and advice.txt, each atomically.
 """
@@ -155,7 +155,7 @@ def reference_split(cfg) -> tuple[Split, Split]:
 def analyse(loaded, texts: list[str], mode: str = "auto", progress: bool = False, seed: int = 0,
             log=print) -> ShiftResult:
     """Measure the target `texts` against the run's training data and decide on prior correction (`mode`:
-    auto = gated, on / off = forced; see adapt.decide)."""
+    auto = gated, on / off = forced; see priors.decide)."""
     cfg, n = loaded.cfg, loaded.cfg.model.num_labels
     if len(texts) < 10:
         raise DataError(f"shift: {len(texts)} target texts; the separability check needs at least 10")

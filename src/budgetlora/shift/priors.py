@@ -10,7 +10,7 @@
 * `bbse_priors` estimates the same priors a second way, from the validation confusion matrix and the target's
   predicted shares (BBSE, Lipton et al. 2018), and `decide` is the gate: the correction is only worth applying
   when only the class mix moved, so it is applied when EM and BBSE agree, the texts are not separable once the
-  class mix is accounted for (measured by `shift`), and the priors moved at all; otherwise argmax is kept and the
+  class mix is accounted for (measured by `analysis`), and the priors moved at all; otherwise argmax is kept and the
   reason recorded. Bayes' prior rule is exact under label shift and wrong under text shift: on texts that moved,
   EM follows posteriors that are no longer calibrated and the "correction" costs accuracy.
 

@@ -126,7 +126,7 @@ def self_training(run: str | Path, unlabelled: str, out: str | Path, settings: S
     parent (the same held-out labelled rows) is refused: its run is not kept and no further round starts from it.
     The gate can only see labelled rows, so it guards against forgetting the task, not against confirmed mistakes
     on the target. first_probs: the calibrated posteriors of the unlabelled texts under `run`, when the caller
-    already computed them (shift.analyse does): round 1 then skips its own pass over the texts."""
+    already computed them (analysis.analyse does): round 1 then skips its own pass over the texts."""
     s = dataclasses.replace(settings or SelfTrainConfig(), **changes)  # __post_init__ checks every field
     overrides = {**s.overrides, **(overrides or {})}
     bad = [k for k in overrides if k.split(".")[0] in ("model", "lora", "budget")]

@@ -1,6 +1,6 @@
 """`budgetlora train`: one config into one run folder. The pipeline in order: build the model (the budget is checked
 before any weight loads) → prepare the rows (`prepare`) → tokenise once → the loop (`loop`) → evaluate the best
-state and write every artifact (`report`). A finished run id is not trained twice; a killed one resumes from its
+state and write every artifact (`artifacts`). A finished run id is not trained twice; a killed one resumes from its
 last checkpoint when the same command runs again.
 """
 from __future__ import annotations
