@@ -247,7 +247,7 @@ def _carried(carry: Path, model: str):
 # -- (b) MiniLM: accuracy, predictions, self-training ---------------------------------------------------------------
 def minilm(out: Out, carry: Path, model_dir: str, smoke: bool) -> None:
     from budgetlora.config import Config
-    from budgetlora.inference.predict import predict_file
+    from budgetlora.inference.predict import predict
     from budgetlora.runs import read_json
     from budgetlora.shift.selftrain import self_train
     from budgetlora.training.train import train
@@ -283,7 +283,7 @@ def minilm(out: Out, carry: Path, model_dir: str, smoke: bool) -> None:
         comp = str(root / "competition-head.csv")
         pd.read_csv(carry / "competition.csv.gz", nrows=200).to_csv(comp, index=False)
     t = time.time()
-    labels = predict_file(run, comp, out.folder / "submission_plain.csv")
+    labels = predict(run, comp, out.folder / "submission_plain.csv").labels
     results["predict_plain"] = {"run": best, "rows": len(labels), "seconds": round(time.time() - t, 1),
                                 "label_counts": [int((labels == c).sum()) for c in range(4)]}
     out.log(f"[b] predict ({best}) on {len(labels):,} competition texts: {results['predict_plain']}")
@@ -292,7 +292,7 @@ def minilm(out: Out, carry: Path, model_dir: str, smoke: bool) -> None:
     (child,) = self_train(run, comp, root / "self-train", rounds=1, threshold=0.3 if smoke else 0.9,
                           overrides={"train.max_steps": 6} if smoke else None, **QUIET)
     m = read_json(child / "metrics.json")
-    labels = predict_file(child, comp, out.folder / "submission_selftrain.csv")
+    labels = predict(child, comp, out.folder / "submission_selftrain.csv").labels
     results["self_train"] = {"seconds": round(time.time() - t, 1), "test_accuracy": m["test_accuracy"],
                              "val_accuracy": m["val_accuracy"], "steps": m["steps"],
                              "label_counts": [int((labels == c).sum()) for c in range(4)]}

@@ -22,7 +22,7 @@ import pandas as pd
 from budgetlora import runs
 from budgetlora.config import Config
 from budgetlora.inference.load import load_run
-from budgetlora.training.multilabel import multilabel_metrics
+from budgetlora.tasks import multilabel_metrics
 from budgetlora.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ Shifts (each `--rows` texts, balanced unless said otherwise):
              rows), whatever its label: the classes lose their surest cues unevenly, so predicted shares skew
 
 For each shift and seed: the base run's accuracy by argmax; its posteriors over the whole set fitted to the TRUE class
-mix (shift.mix.fit_to_mix; uniform, or --skew for `skew`); gated EM prior correction (EM + BBSE agreement +
+mix (inference.mix.fit_to_mix; uniform, or --skew for `skew`); gated EM prior correction (EM + BBSE agreement +
 separability, priors.decide); one self-training round on the set's own texts (class-balanced top --share per class,
 mixed to --mix of the training rows, --st-steps steps) from plain posteriors and from posteriors fitted to the true
 mix; and an LP-FT base (train.probe_steps: the head alone for --probe-steps steps, then the adapters join) read by
@@ -140,7 +140,7 @@ def measure(args, name: str, df: pd.DataFrame, base: Path, lpft: Path | None, kn
     """One shifted set under one seed's runs: every column of the table, and what they were decided on."""
     from budgetlora.inference.load import load_run
     from budgetlora.shift.analysis import analyse
-    from budgetlora.shift.mix import fit_to_mix, parse_prior
+    from budgetlora.inference.mix import fit_to_mix, parse_prior
     from budgetlora.shift.priors import calibrated_probabilities
     from budgetlora.shift.selftrain import self_train
 

@@ -14,7 +14,7 @@ from budgetlora.config import Config
 from budgetlora.errors import RunFolderError
 
 MODULES_THAT_LOAD = ("budgetlora.inference.load", "budgetlora.inference.predict", "budgetlora.inference.export",
-                     "budgetlora.shift.predict", "budgetlora.shift.selftrain", "budgetlora.shift.submit")
+                     "budgetlora.shift.selftrain", "budgetlora.shift.submit")
 MODULES_THAT_TRAIN = ("budgetlora.training.train", "budgetlora.shift.selftrain", "budgetlora.shift.submit")
 
 

@@ -31,39 +31,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from budgetlora import runs
     from budgetlora.inference.predict import evaluate_run
+    from budgetlora.tasks import task_of
 
     m = evaluate_run(args.run, args.data, base=args.base)
-    keys = ("accuracy", "loss", "macro_f1", "per_class_accuracy", "n") if "thresholds" not in m else \
-        ("accuracy", "loss", "micro_f1", "macro_f1", "per_label_f1", "thresholds", "n")
-    print(json.dumps({k: m[k] for k in keys}, indent=2))
+    print(json.dumps({k: m[k] for k in task_of(runs.load_config(args.run)).evaluate_keys}, indent=2))
     return 0
 
 
-def _is_multi(run: str) -> bool:
-    from budgetlora import runs
-
-    try:
-        return runs.load_config(run).model.problem_type == "multi"
-    except BudgetloraError:  # not a run folder: the command itself says so, in its own words
-        return False
-
-
 def cmd_predict(args) -> int:
-    from budgetlora.shift.predict import predict
+    from budgetlora.inference.predict import predict
+    from budgetlora.shift.predict import post_processor
 
-    if _is_multi(args.run):
-        from budgetlora.inference.predict import predict_file
-
-        if args.prior_correction != "off" or args.target_prior:
-            raise config_mod.ConfigError("--prior-correction and --target-prior apply to single-label runs only")
-        chosen = predict_file(args.run, args.input, args.output, base=args.base, max_length=args.max_length,
-                              proba=args.proba, top_k=args.top_k)
-        print(f"wrote {len(chosen):,} label sets to {args.output} (rows per label {chosen.sum(axis=0).tolist()}, "
-              f"{int((chosen.sum(axis=1) == 0).sum()):,} with none)")
-        return 0
-    done = predict(args.run, args.input, args.output, args.prior_correction, base=args.base,
-                   max_length=args.max_length, target_prior=args.target_prior, proba=args.proba, top_k=args.top_k)
+    done = predict(args.run, args.input, args.output, base=args.base, max_length=args.max_length, proba=args.proba,
+                   top_k=args.top_k, post=post_processor(args.prior_correction, args.target_prior))
     print("\n".join(done.summary()))
     return 0
 

@@ -16,7 +16,7 @@ from budgetlora.adapters.architectures import ModelNotFound, resolve_name
 from budgetlora.cli import main
 from budgetlora.hardware import inference_dtype
 from budgetlora.inference.load import LOGIT_TOLERANCE, VerificationError, load_run, verify_reload
-from budgetlora.inference.predict import predict_file
+from budgetlora.inference.predict import predict
 from budgetlora.training.train import train
 from tests.conftest import QUIET, tiny_config
 
@@ -51,7 +51,7 @@ def test_bf16_run_predicts_loads_serves_and_exports(bf16_run, small_csvs, tmp_pa
     from budgetlora.inference.serve import create_app
 
     _, test_csv = small_csvs
-    labels = predict_file(bf16_run, str(test_csv), tmp_path / "sub.csv")
+    labels = predict(bf16_run, str(test_csv), tmp_path / "sub.csv").labels
     assert (tmp_path / "sub.csv").read_text().count("\n") == len(labels) + 1
     clf = budgetlora.load(bf16_run)
     assert clf.predict(["Stocks fell as oil rose."])[0] in range(4)

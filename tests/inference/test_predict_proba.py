@@ -14,12 +14,12 @@ from budgetlora import runs
 from budgetlora.cli import main
 from budgetlora.config import Config
 from budgetlora.errors import ConfigError
-from budgetlora.inference.predict import Columns, columns, write_submission
-from budgetlora.shift.mix import fit_to_mix
-from budgetlora.shift.predict import write_known_mix
+from budgetlora.inference.mix import fit_to_mix, known_mix
+from budgetlora.inference.predict import Columns, columns, write_answers, write_prediction
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 P_COLS = [f"p_{x}" for x in NAMES]
+RUN_COLS = [f"p_{i}" for i in range(4)]  # the tiny run trains on a CSV of its own: its classes go by their ids
 
 
 def _predict(run, source, out, *flags) -> pd.DataFrame:
@@ -29,7 +29,7 @@ def _predict(run, source, out, *flags) -> pd.DataFrame:
 
 def _check_rows(df: pd.DataFrame, k: int) -> np.ndarray:
     """Sums, argmax and the top-k columns of a written file; returns its probabilities."""
-    probs = df[P_COLS].to_numpy()
+    probs = df[[c for c in df.columns if c.startswith("p_")]].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
     assert (probs >= 0).all()
     assert (probs.argmax(axis=1) == df["Label"].to_numpy()).all()
@@ -55,7 +55,7 @@ def test_columns_rank_ties_by_the_lower_id_and_read_back_exactly(tmp_path):
     probs = np.array([[0.25, 0.25, 0.5, 0.0], [1 / 3, 1 / 3 - 1e-16, 1 / 3 + 1e-16, 0.0]])
     labels = probs.argmax(axis=1)
     out = tmp_path / "p.csv"
-    write_submission(out, labels, probs, Columns(proba=True, top_k=3, names=tuple(NAMES)))
+    write_answers(out, labels, probs, Columns(proba=True, top_k=3, names=tuple(NAMES)))
     df = pd.read_csv(out)
     assert list(df.columns) == ["ID", "Label", *P_COLS, "top1", "top1_p", "top2", "top2_p", "top3", "top3_p"]
     assert df[["top1", "top2", "top3"]].to_numpy().tolist() == [[2, 0, 1], [2, 0, 1]]
@@ -67,7 +67,7 @@ def test_columns_fall_back_to_label_ids_without_usable_names(tmp_path):
     probs = np.array([[0.1, 0.9]])
     for names in ((), ("a", "a"), ("only one",)):
         out = tmp_path / "p.csv"
-        write_submission(out, probs.argmax(1), probs, Columns(proba=True, names=names))
+        write_answers(out, probs.argmax(1), probs, Columns(proba=True, names=names))
         assert out.read_text().splitlines()[0] == "ID,Label,p_0,p_1"
 
 
@@ -78,7 +78,7 @@ def test_known_mix_columns_are_the_fitted_posteriors(tmp_path):
     fit = fit_to_mix(probs, np.full(4, 0.25))
     assert fit.changed > 0  # the fit moved labels: the columns must follow the fit, not argmax of `probs`
     out = tmp_path / "mix.csv"
-    write_known_mix(out, fit, "target.csv", 32, Columns(proba=True, top_k=2, names=tuple(NAMES)))
+    write_prediction(out, known_mix(fit, "target.csv", 32), Columns(proba=True, top_k=2, names=tuple(NAMES)))
     df = pd.read_csv(out)
     written = _check_rows(df, 2)
     np.testing.assert_allclose(written, fit.posteriors, rtol=0, atol=0)
@@ -113,7 +113,7 @@ def test_default_output_is_unchanged_and_proba_matches_the_python_api(tiny_run, 
     plain = tmp_path / "plain.csv"
     assert main(["predict", str(tiny_run), "--input", str(unlabelled), "--output", str(plain)]) == 0
     df = _predict(tiny_run, unlabelled, tmp_path / "proba.csv", "--proba", "--top-k", "2")
-    assert list(df.columns) == ["ID", "Label", *P_COLS, "top1", "top1_p", "top2", "top2_p"]
+    assert list(df.columns) == ["ID", "Label", *RUN_COLS, "top1", "top1_p", "top2", "top2_p"]
     assert len(df) == 100 and df["ID"].tolist() == list(range(100))
     expected = "ID,Label\n" + "".join(f"{i},{x}\n" for i, x in enumerate(df["Label"]))
     assert plain.read_bytes() == expected.encode()  # the plain file, byte for byte, with the same labels

@@ -15,7 +15,7 @@ from budgetlora.config.sections import ServeConfig
 from budgetlora.errors import RunFolderError
 from budgetlora.inference.classifier import Classifier
 from budgetlora.inference.serve import answer, create_app
-from budgetlora.training.evaluate import softmax
+from budgetlora.tasks import softmax
 
 NAMES = ["toxic", "obscene", "threat"]
 THRESHOLDS = [0.5, 0.3, 0.9]

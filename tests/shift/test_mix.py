@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from budgetlora.errors import ConfigError
-from budgetlora.shift.mix import fit_to_mix, parse_prior, shares_differ
+from budgetlora.inference.mix import fit_to_mix, parse_prior, shares_differ
 
 
 def _skewed(rng, n=4000, c=4, bias=(0.0, 0.0, 0.0, 0.8)) -> tuple[np.ndarray, np.ndarray]:

@@ -79,7 +79,8 @@ def test_predict_with_prior_correction(noisy_run, unlabelled, tmp_path, capsys):
 @pytest.mark.slow
 def test_predict_prints_the_decision_it_made(noisy_run, unlabelled, tmp_path, capsys, monkeypatch):
     """The decision printed is the one made, not read back: the priors file vanishes as soon as it is written."""
-    from budgetlora.shift import predict as shift_predict
+    from budgetlora.inference.predict import predict
+    from budgetlora.shift.predict import PriorCorrection
 
     write_json, written = runs.write_json, []
 
@@ -89,7 +90,7 @@ def test_predict_prints_the_decision_it_made(noisy_run, unlabelled, tmp_path, ca
             written.append(obj)
             path.unlink()
 
-    monkeypatch.setattr(shift_predict.runs, "write_json", write_then_lose)
+    monkeypatch.setattr(runs, "write_json", write_then_lose)
     out = tmp_path / "sub.csv"
     assert main(["predict", str(noisy_run), "--input", str(unlabelled), "--output", str(out),
                  "--prior-correction", "on"]) == 0
@@ -97,15 +98,15 @@ def test_predict_prints_the_decision_it_made(noisy_run, unlabelled, tmp_path, ca
     printed = capsys.readouterr().out
     assert f"estimated class priors {written[0]['priors']}" in printed
     assert "prior correction applied (on): forced on" in printed
-    done = shift_predict.predict(noisy_run, str(unlabelled), out, "auto")
+    done = predict(noisy_run, str(unlabelled), out, post=PriorCorrection("auto"))
     assert done.decision == done.priors["decision"] and done.decision["mode"] == "auto"
     assert done.labels.tolist() == pd.read_csv(out)["Label"].tolist()
-    assert shift_predict.predict(noisy_run, str(unlabelled), out).priors is None  # off: argmax, no estimate
+    assert predict(noisy_run, str(unlabelled), out).priors is None  # no post-processor: argmax, no estimate
 
 
 def test_temperature_scaling_recovers_a_known_temperature():
     """Calibrated logits flattened by a factor 4: the fit must sharpen them back (T about 1/4)."""
-    from budgetlora.training.evaluate import fit_temperature, softmax
+    from budgetlora.tasks import fit_temperature, softmax
 
     rng = np.random.default_rng(0)
     true_logits = rng.normal(0, 3, size=(4000, 4))

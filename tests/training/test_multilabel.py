@@ -12,15 +12,8 @@ from budgetlora.cli import build_parser, main
 from budgetlora.config import Config, from_flags
 from budgetlora.data.readers import Split, load_data, stratified_indices, to_split, train_val_split
 from budgetlora.errors import ConfigError, DataError
-from budgetlora.training.artifacts import class_names
-from budgetlora.training.evaluate import metrics
-from budgetlora.training.multilabel import (
-    MultiLabelLoss,
-    format_sets,
-    label_counts,
-    multilabel_metrics,
-    tune_thresholds,
-)
+from budgetlora.tasks import TASKS, class_names, format_sets, multilabel_metrics, task_of, tune_thresholds
+from budgetlora.training.multilabel import MultiLabelLoss
 from tests.conftest import PUBLISHED
 
 
@@ -155,9 +148,11 @@ def test_label_columns_are_checked_against_the_problem_type_and_num_labels(overr
 
 
 def test_label_columns_name_the_classes_and_leave_other_run_ids_alone():
-    assert class_names(3, COLS) == COLS and class_names(4) == ["World", "Sports", "Business", "Sci/Tech"]
-    assert class_names(3, [0, 1, 2]) == ["0", "1", "2"] and class_names(3, []) == ["0", "1", "2"]
     plain, multi = Config(), Config().replace(**{"model.problem_type": "multi", "model.num_labels": 3})
+    named = multi.replace(**{"data.label_columns": COLS})
+    assert class_names(named) == COLS and class_names(plain) == ["World", "Sports", "Business", "Sci/Tech"]
+    assert class_names(multi.replace(**{"data.label_columns": [0, 1, 2]})) == ["0", "1", "2"]
+    assert class_names(multi.replace(**{"data.train": "mine.csv"})) == ["0", "1", "2"]
     assert plain.replace(**{"data.label_columns": []}).run_id == plain.run_id
     assert multi.replace(**{"data.label_columns": []}).run_id == multi.run_id
     assert multi.replace(**{"data.label_columns": COLS}).run_id != multi.run_id
@@ -209,7 +204,7 @@ def test_metrics_match_hand_computation():
     assert m["micro_f1"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 2))  # tp 4, fp 1, fn 2
     bce = -(gold * np.log(probs) + (1 - gold) * np.log(1 - probs)).mean()
     assert m["loss"] == pytest.approx(bce)
-    assert metrics(_logit(probs), gold, 3) == m  # the metrics the loop and `evaluate` call dispatch on the shape
+    assert TASKS["multi"].metrics(_logit(probs), gold, 3) == m  # what the loop and `evaluate` call
 
 
 def test_thresholds_are_tuned_per_label_on_validation():
@@ -231,8 +226,8 @@ def test_loss_counts_and_formats():
     logits, targets = torch.tensor([[0.0, 2.0]]), torch.tensor([[1, 0]])
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.float())
     assert MultiLabelLoss()(logits, targets).item() == pytest.approx(expected.item())
-    assert label_counts(np.array([[1, 1, 0], [0, 1, 0]]), 3) == [1, 2, 0]
-    assert label_counts(np.array([2, 0, 2]), 3) == [1, 0, 2]
+    assert TASKS["multi"].label_counts(np.array([[1, 1, 0], [0, 1, 0]]), 3) == [1, 2, 0]
+    assert TASKS["single"].label_counts(np.array([2, 0, 2]), 3) == [1, 0, 2]
     assert format_sets(np.array([[0, 1, 1], [0, 0, 0], [1, 0, 0]])) == ["1;2", "", "0"]
 
 
@@ -329,3 +324,25 @@ def test_a_run_on_label_columns_is_named_by_them_and_served_with_sets(tmp_path, 
     assert onnx.predict_sets(texts) == body["label_sets"]
     with TestClient(create_app(onnx)) as client:
         assert client.post("/predict", json={"texts": texts}).json()["class_sets"] == body["class_sets"]
+
+
+# -- the task is chosen once, from the config ------------------------------------------------------------------------
+def test_the_task_comes_from_the_config_and_decides_answers_and_columns():
+    single, multi = task_of(Config()), task_of(Config().replace(**{"model.problem_type": "multi"}))
+    assert (single.name, single.sets, single.answer_column) == ("single", False, "Label")
+    assert (multi.name, multi.sets, multi.answer_column) == ("multi", True, "Labels")
+    logits = _logit(np.array([[0.9, 0.2, 0.7], [0.1, 0.3, 0.4]]))
+    assert single.decide(logits, {}).tolist() == [0, 2]  # argmax
+    settings = multi.settings({"thresholds": [0.5, 0.5, 0.35]}, 3, "run")
+    assert multi.decide(logits, settings).tolist() == [[1, 0, 1], [0, 0, 1]]
+    assert multi.answer_cells(multi.decide(logits, settings), "|") == ["0|2", "2"]
+    with pytest.raises(Exception, match="no per-label thresholds"):
+        multi.settings({"thresholds": [0.5]}, 3, "run")
+
+
+def test_class_names_come_from_the_data_not_from_the_number_of_classes():
+    """Four classes on the user's own file are not AG News: their names are the label ids."""
+    own = Config().replace(**{"data.train": "mine.csv", "data.test": "mine_test.csv"})
+    assert class_names(own) == ["0", "1", "2", "3"]
+    assert class_names(own, stored=["a", "b", "c", "d"]) == ["a", "b", "c", "d"]  # what the run was reported with
+    assert class_names(own, stored=["a"]) == ["0", "1", "2", "3"]  # names that do not fit are not used

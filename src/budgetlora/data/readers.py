@@ -16,6 +16,7 @@ import numpy as np
 
 from budgetlora.data import safepickle
 from budgetlora.errors import DataError  # noqa: F401 (raised here; importable from here)
+from budgetlora.tasks import task_of
 
 DATA_ENV = "BUDGETLORA_DATA"
 HUB_DEFAULT = "ag_news"
@@ -336,7 +337,7 @@ def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """A seeded sample of n rows keeping class shares (sorted, so row order is kept)."""
     if n >= len(labels):
         return np.arange(len(labels))
-    if np.ndim(labels) == 2:  # label sets: stratified on each row's first (lowest) label id
+    if np.ndim(labels) == 2:  # label sets (the multi-label task's): stratified on each row's first label id
         labels = np.asarray(labels).argmax(axis=1)
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
@@ -357,7 +358,7 @@ def train_val_split(data: Split, val_fraction: float, seed: int) -> tuple[Split,
 def load_data(cfg) -> dict[str, Split]:
     """train / val / test splits for a config. Val is held out from train; test is only ever reported."""
     d, seed = cfg.data, cfg.train.seed
-    multi = cfg.model.problem_type == "multi"
+    multi = task_of(cfg).sets
     full = load_split(d.train, "train", d, cfg.model.num_labels, multi=multi)
     if d.train_limit:  # limit first so that a small run also gets a small validation set
         full = full.subset(stratified_indices(full.labels, d.train_limit, seed))

@@ -1,7 +1,7 @@
 """Running a sweep spec (see `spec`) on Optuna: the study (in a storage `storage` opens: SQLite or any SQLAlchemy
 URL, shared between processes and machines), local worker processes, grid points drawn one sweep at a time, the
-objective that plans, trains and records each trial, dead workers' trials failed and retried, the time budget
-(`timebudget`), and the summary (`summary`).
+objective that plans, trains and records each trial, dead workers' trials failed and retried (`retries`), the time
+budget (`timebudget`), and the summary (`summary`).
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import logging
 import multiprocessing
 import os
 import time
-import warnings
 from pathlib import Path
 
 from budgetlora import runs
 from budgetlora.config import Config, ConfigError
 from budgetlora.experiments import timebudget
+from budgetlora.experiments.retries import fail_dead_trials, failed_as_stale, point_of, queue_retries
 from budgetlora.experiments.spec import Runner, Spec, param_key, trial_config
 from budgetlora.experiments.storage import masked, open_storage
 from budgetlora.experiments.summary import format_summary, summary  # noqa: F401  (part of this module's API)
@@ -188,20 +188,11 @@ def _twin(trial, run_id: str) -> int | None:
 
 
 # -- workers ---------------------------------------------------------------------------------------------------
-def _point(spec: Spec, study, t) -> str:
-    """The grid point a trial holds (as `param_key`): its parameters, the ones it was queued with, or, for a
-    trial whose worker died before drawing them, the point its grid id names."""
-    params = t.params or t.system_attrs.get("fixed_params")
-    if not params and "grid_id" in t.system_attrs and hasattr(study.sampler, "_all_grids"):
-        params = dict(zip(study.sampler._param_names, study.sampler._all_grids[t.system_attrs["grid_id"]]))
-    return param_key({k: (params or {}).get(k) for k in spec.grid})
-
-
 def _grid_pending(spec: Spec, study, since: int) -> int:
     """Grid points with no trial that counts: COMPLETE, PRUNED, RUNNING, WAITING or failed during this sweep."""
     from optuna.trial import TrialState
 
-    covered = {_point(spec, study, t) for t in study.get_trials(deepcopy=False)
+    covered = {point_of(spec, study, t) for t in study.get_trials(deepcopy=False)
                if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
                or (t.state == TrialState.FAIL and t.number >= since)}
     return sum(param_key(p) not in covered for p in spec.points())
@@ -225,7 +216,7 @@ def _work(spec: Spec, storage: str, worker: int, since: int, n_trials: int | Non
     callbacks = [_trial_tracker(spec, track)] if track else []
     limit = n_trials if n_trials is not None else (None if spec.grid else spec.n_trials)
     while True:
-        _fail_dead_trials(study)  # a dead worker's trial: FAIL, and its retry queued (WAITING) for us to take
+        fail_dead_trials(study)  # a dead worker's trial: FAIL, and its retry queued (WAITING) for us to take
         # checked before every trial: GridSampler alone would re-draw a point another worker is still running
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
@@ -247,7 +238,7 @@ def _work(spec: Spec, storage: str, worker: int, since: int, n_trials: int | Non
             study.optimize(lambda trial: objective(taken.append(trial) or trial), n_trials=1, catch=(Exception,),
                            callbacks=callbacks, gc_after_trial=True)
         except Exception:
-            if not (taken and _failed_as_stale(study, taken[0])):
+            if not (taken and failed_as_stale(study, taken[0])):
                 raise
             # the database was away longer than the grace period and another worker took this live trial for
             # dead: it was failed and queued again, and its retry reuses the run this worker has just finished
@@ -255,27 +246,10 @@ def _work(spec: Spec, storage: str, worker: int, since: int, n_trials: int | Non
                                                 "study storage was away; its retry takes the finished run")
 
 
-def _failed_as_stale(study, trial) -> bool:
-    """Whether `trial` was failed by a heartbeat check and queued again (Optuna then refuses to record its end)."""
-    from optuna.trial import TrialState
-
-    if study._storage.get_trial(trial._trial_id).state != TrialState.FAIL:
-        return False
-    return any(t.system_attrs.get("failed_trial") == trial.number for t in study.get_trials(deepcopy=False))
-
-
 def _durations(study, since: int) -> list[float]:
     """How long each trial finished in this invocation of the sweep took (any worker's)."""
     return [t.user_attrs[timebudget.ELAPSED] for t in study.get_trials(deepcopy=False)
             if t.number >= since and t.state.is_finished() and timebudget.ELAPSED in t.user_attrs]
-
-
-def _fail_dead_trials(study) -> None:
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
 
 
 def _worker_main(*args) -> None:
@@ -286,28 +260,11 @@ def _worker_main(*args) -> None:
 def _retry_failed_points(spec: Spec, study, since: int) -> int:
     """Before workers start: fail trials of dead workers, and queue one retry of every grid point that only
     ever failed (a kill or an error in an earlier sweep). Returns the number queued."""
-    from optuna.trial import TrialState
-
-    _fail_dead_trials(study)
+    fail_dead_trials(study)
     if not spec.grid:
         return 0
     with _draw_lock(spec):  # another sweep starting now would queue the same points again
-        return _queue_retries(spec, study)
-
-
-def _queue_retries(spec: Spec, study) -> int:
-    from optuna.trial import TrialState
-
-    by_point: dict[str, list] = {}
-    for t in study.get_trials(deepcopy=False):
-        by_point.setdefault(_point(spec, study, t), []).append(t)
-    queued = 0
-    for point in spec.points():
-        trials = by_point.get(param_key(point), [])
-        if trials and all(t.state == TrialState.FAIL for t in trials):
-            study.enqueue_trial(point, user_attrs={"retry_of": trials[-1].number})
-            queued += 1
-    return queued
+        return queue_retries(spec, study)
 
 
 @contextlib.contextmanager

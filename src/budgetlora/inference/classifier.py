@@ -5,11 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetlora.errors import ConfigError, RunFolderError
+from budgetlora.errors import ConfigError
 from budgetlora.inference.load import LoadedRun, load_run
-from budgetlora.training.artifacts import class_names as default_class_names
-from budgetlora.training.evaluate import softmax
-from budgetlora.training.labelsets import set_ids
+from budgetlora.tasks import class_names, set_ids, softmax, task_of
 
 
 class Classifier:
@@ -17,7 +15,7 @@ class Classifier:
 
     def __init__(self, loaded: LoadedRun):
         self.run = loaded
-        self.class_names: list[str] = _class_names(loaded)
+        self.class_names: list[str] = class_names(loaded.cfg, loaded.metrics.get("class_names"))
 
     @property
     def path(self) -> Path:
@@ -44,12 +42,7 @@ class Classifier:
     @property
     def thresholds(self) -> list[float] | None:
         """A multi-label run's per-label thresholds tuned on validation (metrics.json); None for a single-label run."""
-        if self.run.cfg.model.problem_type != "multi":
-            return None
-        thresholds = self.run.metrics.get("thresholds")
-        if not isinstance(thresholds, list) or len(thresholds) != self.num_labels:
-            raise RunFolderError(f"{self.path}: metrics.json holds no per-label thresholds for this multi-label run")
-        return thresholds
+        return task_of(self.run.cfg).settings(self.run.metrics, self.num_labels, self.path).get("thresholds")
 
     def predict_sets(self, texts: list[str]) -> list[list[int]]:
         """A multi-label run's answers: each text's label ids at or above their thresholds tuned on validation."""
@@ -66,14 +59,6 @@ def load(run_dir: str | Path, verify: bool = True, base: str | None = None) -> C
     """Load a run folder; with `verify`, first prove the reloaded adapter reproduces the trained model.
     base: where the run's base model lives now, when it was trained on a local folder that has moved."""
     return Classifier(load_run(run_dir, verify=verify, base=base))
-
-
-def _class_names(loaded: LoadedRun) -> list[str]:
-    n = loaded.cfg.model.num_labels
-    names = loaded.metrics.get("class_names")  # the names the run was reported with win over the built-in table
-    if isinstance(names, list) and len(names) == n:
-        return [str(x) for x in names]
-    return default_class_names(n)
 
 
 def _check_texts(texts) -> list[str]:

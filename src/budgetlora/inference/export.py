@@ -20,7 +20,7 @@ from budgetlora.adapters import methods
 from budgetlora.config import ConfigError
 from budgetlora.errors import BudgetloraError
 from budgetlora.inference.load import LoadedRun, load_run
-from budgetlora.training.artifacts import class_names
+from budgetlora.tasks import class_names, task_of
 from budgetlora.training.evaluate import predict_logits
 
 TOLERANCE = 1e-4  # max |logit difference|, fp32: merging only reorders the same additions
@@ -85,7 +85,7 @@ def _merged_run(run, out: Path, force: bool, base: str | None = None, plain: boo
     unmerged = loaded.logits(texts, exact=True)  # fp32, before merging: merge_and_unload changes the base weights in place
 
     merged = merge(loaded)
-    names = class_names(cfg.model.num_labels, cfg.data.label_columns)
+    names = class_names(cfg, loaded.metrics.get("class_names"))
     merged.config.id2label = dict(enumerate(names))
     merged.config.label2id = {n: i for i, n in enumerate(names)}
     # the run truncated to max_length; saving it as the tokenizer's limit makes plain `truncation=True` agree
@@ -190,8 +190,7 @@ def export_onnx(run: str | Path, out: str | Path, force: bool = False, tolerance
                                                 "budget") if k in metrics},
             "verify_texts": len(texts), "tolerance": tolerance,
             # a multi-label export is served with label sets, at the thresholds its test metrics were taken at
-            **({"thresholds": metrics["thresholds"]} if cfg.model.problem_type == "multi" and "thresholds" in metrics
-               else {}),
+            **task_of(cfg).settings(metrics, cfg.model.num_labels, loaded.path),
         }
         runs.write_json(tmp / INFO_FILE, info)
         onnx_model = OnnxClassifier(tmp)

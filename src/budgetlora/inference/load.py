@@ -13,6 +13,7 @@ from budgetlora.adapters.model import load_tokenizer, load_trained
 from budgetlora.config import Config
 from budgetlora.errors import BudgetloraError, RunFolderError
 from budgetlora.hardware import inference_dtype
+from budgetlora.tasks import Task, class_names, task_of
 from budgetlora.training.evaluate import exact_fp32, predict_logits
 
 LOGIT_TOLERANCE = 1e-3
@@ -56,6 +57,18 @@ class LoadedRun:
     @property
     def read_length(self) -> int:
         return self.max_length or self.cfg.model.max_length
+
+    @property
+    def task(self) -> Task:
+        return task_of(self.cfg)
+
+    @property
+    def class_names(self) -> list[str]:
+        return class_names(self.cfg, self.metrics.get("class_names"))
+
+    def decide(self, logits: np.ndarray) -> np.ndarray:
+        """The run's answers from its logits, by its task's rule at the settings it fitted on validation."""
+        return self.task.decide(logits, self.task.settings(self.metrics, self.cfg.model.num_labels, self.path))
 
     def logits(self, texts: list[str], progress: bool = False, exact: bool = False) -> np.ndarray:
         """Logits under the run's precision on this machine (bf16 where it trained so and the hardware has it), or

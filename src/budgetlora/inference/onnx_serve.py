@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from budgetlora.errors import BudgetloraError, ConfigError
-from budgetlora.training.labelsets import set_ids
+from budgetlora.tasks import set_ids, softmax
 
 MODEL_FILE = "model.onnx"
 INFO_FILE = "export.json"
@@ -38,12 +38,6 @@ def find_export(path: str | Path) -> Path:
     hint = f"budgetlora export {path} --onnx {path / ONNX_SUBFOLDER}" if (path / "config.yaml").is_file() \
         else "budgetlora export RUN --onnx DIR"
     raise OnnxModelError(f"no ONNX export in {path} ({MODEL_FILE} and {INFO_FILE}); write one with `{hint}`")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:  # evaluate.softmax's twin: importing evaluate would import torch
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class OnnxClassifier:

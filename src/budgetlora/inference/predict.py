@@ -1,34 +1,34 @@
-"""Predictions from a finished run: metrics on a labelled file, ID,Label for an unlabelled one (with, on request,
-the probabilities the labels came from)."""
+"""Predictions from a finished run, on one path for every task: metrics on a labelled file (`evaluate_run`), and
+answers for an unlabelled one (`predict`): ID,Label (or a multi-label run's ID,Labels), with on request the
+probabilities the labels came from, and optionally a post-processor that moves the posteriors before the decision
+(a known class mix, `mix.KnownMix`; prior correction, `shift.predict.PriorCorrection`)."""
 from __future__ import annotations
 
 import csv
 import io
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from budgetlora import runs
 from budgetlora.config import Config
 from budgetlora.data.readers import load_split
-from budgetlora.errors import ConfigError, RunFolderError
-from budgetlora.inference.classifier import _class_names
-from budgetlora.inference.load import load_run
-from budgetlora.training.evaluate import metrics, softmax
-from budgetlora.training.multilabel import format_sets, label_sets, multilabel_metrics
+from budgetlora.errors import ConfigError
+from budgetlora.inference.load import LoadedRun, load_run
+from budgetlora.inference.mix import Adjusted, priors_path
+from budgetlora.tasks import TASKS, Task, softmax, task_of
 
 
 def evaluate_run(run: str | Path, source: str = "", base: str | None = None) -> dict:
-    """Metrics of a saved run on a labelled file (default: the config's test split)."""
+    """Metrics of a saved run on a labelled file (default: the config's test split), at the decision settings the
+    run was reported with; `Task.evaluate_keys` names the ones `budgetlora evaluate` prints."""
     loaded = load_run(run, base=base)
-    cfg = loaded.cfg
-    multi = cfg.model.problem_type == "multi"
-    data = load_split(source or cfg.data.test, "test", cfg.data, cfg.model.num_labels, multi=multi)
+    cfg, task, n = loaded.cfg, loaded.task, loaded.cfg.model.num_labels
+    data = load_split(source or cfg.data.test, "test", cfg.data, n, multi=task.sets)
     logits = loaded.logits(data.texts, progress=True)
-    if multi:  # at the thresholds the run was reported with
-        return multilabel_metrics(logits, data.labels, loaded.metrics.get("thresholds"))
-    return metrics(logits, data.labels, cfg.model.num_labels)
+    return task.metrics(logits, data.labels, n, task.settings(loaded.metrics, n, loaded.path))
 
 
 def read_unlabelled(source: str, cfg: Config) -> list[str]:
@@ -50,7 +50,7 @@ class Columns:
 
     def named(self, loaded) -> Columns:
         """These columns, named by a loaded run's class names."""
-        return replace(self, names=tuple(_class_names(loaded)))
+        return replace(self, names=tuple(loaded.class_names))
 
     def header(self, num_labels: int) -> list[str]:
         names = list(self.names)
@@ -76,14 +76,18 @@ class Columns:
         return rows
 
 
-def columns(run: str | Path, proba: bool = False, top_k: int | None = None) -> Columns:
-    """The columns asked for, checked against the run's config before anything is loaded or written. top_k: None
-    for none; otherwise 1 to the run's number of classes."""
+def columns(run: str | Path | Config, proba: bool = False, top_k: int | None = None) -> Columns:
+    """The columns asked for, checked against the run's config (or the run folder's) before anything is loaded or
+    written. top_k: None for none; otherwise 1 to the run's number of classes. Single-label runs only: a label
+    set has no one ranking of classes to show."""
+    cfg = run if isinstance(run, Config) else runs.load_config(Path(run))
+    if (proba or top_k is not None) and task_of(cfg).sets:
+        raise ConfigError("--proba and --top-k apply to single-label runs only (model.problem_type single)")
     if top_k is None:
         return Columns(proba=bool(proba))
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
         raise ConfigError(f"--top-k must be a whole number of at least 1, got {top_k!r}")
-    n = runs.load_config(Path(run)).model.num_labels
+    n = cfg.model.num_labels
     if top_k > n:
         raise ConfigError(f"--top-k {top_k} is more than the run's {n} classes")
     return Columns(proba=bool(proba), top_k=int(top_k))
@@ -95,59 +99,115 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
     return softmax(np.asarray(logits, dtype=np.float64))
 
 
-def write_submission(path: str | Path, labels: np.ndarray, probs: np.ndarray | None = None,
-                     cols: Columns | None = None) -> None:
-    """ID,Label, and the probability columns of `cols` when it asks for any (computed from `probs`)."""
+def write_answers(path: str | Path, answers: np.ndarray, probs: np.ndarray | None = None,
+                  cols: Columns | None = None, task: Task = TASKS["single"], delimiter: str = ";") -> None:
+    """ID and the task's answer column (Label: a class id; Labels: a label set joined by `delimiter`), and the
+    probability columns of `cols` when it asks for any (computed from `probs`)."""
     cols = cols if cols is not None and cols.wanted else None
-    if cols is not None and (probs is None or len(probs) != len(labels)):
+    if cols is not None and (probs is None or len(probs) != len(answers)):
         raise ValueError("probability columns need one row of probabilities per label")
+    cells = task.answer_cells(answers, delimiter)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if cols is None:
-        w.writerow(["ID", "Label"])
-        w.writerows(enumerate(int(x) for x in labels))
+        w.writerow(["ID", task.answer_column])
+        w.writerows(enumerate(cells))
     else:
-        w.writerow(["ID", "Label", *cols.header(probs.shape[1])])
-        w.writerows([i, int(x), *cells] for i, (x, cells) in enumerate(zip(labels, cols.values(probs))))
+        w.writerow(["ID", task.answer_column, *cols.header(probs.shape[1])])
+        w.writerows([i, x, *row] for i, (x, row) in enumerate(zip(cells, cols.values(probs))))
     runs.write_text(Path(path), buf.getvalue())
 
 
-def predict_file(run: str | Path, source: str, output: str | Path, base: str | None = None,
-                 max_length: int = 0, proba: bool = False, top_k: int | None = None) -> np.ndarray:
-    """Argmax labels for every row of `source`, in row order, written as ID,Label after the reload check passed;
-    `proba` / `top_k` add the softmax probabilities (see `Columns`).
-    max_length: tokens read per text (0 = the run's model.max_length); longer reads long texts past the training cut.
-    Prior-corrected labels come from `budgetlora.shift.predict.predict_adapted`, which composes the shift analysis.
-    """
-    cols = columns(run, proba, top_k)  # a bad --top-k is refused before the model loads
-    runs.check_output(output)
-    # a folder that is no run is refused by load_run below, in its words
-    if (Path(run) / runs.CONFIG).is_file() and runs.load_config(Path(run)).model.problem_type == "multi":
-        if cols.wanted:
-            raise ConfigError("--proba and --top-k apply to single-label runs only (model.problem_type single)")
-        return predict_sets(run, source, output, base=base, max_length=max_length)
-    loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
-    loaded.max_length = max_length
-    logits = loaded.logits(read_unlabelled(source, loaded.cfg), progress=True)
-    labels = logits.argmax(1)
-    write_submission(output, labels, probabilities(logits) if cols.wanted else None, cols.named(loaded))
-    return labels
+@dataclass
+class Prediction:
+    """Answers written to `output`; with a post-processor, also what `<output>.priors.json` holds."""
+
+    labels: np.ndarray  # class ids (n,), or a multi-label run's 0/1 label-set matrix (n, num_labels)
+    output: Path
+    priors: dict | None = None  # the post-processor's record: estimates, the mix, the decision; None without one
+    task: Task = TASKS["single"]
+
+    @property
+    def decision(self) -> dict | None:
+        return None if self.priors is None else self.priors["decision"]
+
+    @property
+    def priors_file(self) -> Path:
+        return priors_path(self.output)
+
+    def summary(self) -> list[str]:
+        """What `budgetlora predict` prints."""
+        if self.task.sets:
+            chosen = self.labels
+            return [f"wrote {len(chosen):,} label sets to {self.output} (rows per label "
+                    f"{chosen.sum(axis=0).tolist()}, {int((chosen.sum(axis=1) == 0).sum()):,} with none)"]
+        counts = dict(enumerate(np.bincount(self.labels).tolist()))
+        lines = [f"wrote {len(self.labels):,} predictions to {self.output} (label counts {counts})"]
+        if self.priors is not None and self.priors["decision"]["mode"] == "known-mix":
+            est = self.priors
+            lines += [f"fitted to the class mix {est['target_prior']}: predicted shares {est['shares_before']} -> "
+                      f"{est['shares_after']}, {est['labels_changed']:,} labels changed -> {self.priors_file}"]
+        elif self.priors is not None:
+            est, d = self.priors, self.priors["decision"]
+            lines += [f"estimated class priors {est['priors']} (EM; BBSE {(est['bbse'] or {}).get('priors')}; trained "
+                      f"under {est['train_priors']}) -> {self.priors_file}",
+                      f"prior correction {'applied' if d['apply'] else 'not applied'} ({d['mode']}): "
+                      + "; ".join(d["reasons"])]
+        return lines
 
 
-def predict_sets(run: str | Path, source: str, output: str | Path, base: str | None = None,
-                 max_length: int = 0) -> np.ndarray:
-    """A multi-label run's answers: ID,Labels, each row's label ids at or above their thresholds (metrics.json
-    `thresholds`) joined by data.label_delimiter, '' for none. Returns the (n, num_labels) 0/1 matrix."""
+class PostProcessor(Protocol):
+    """Moves a single-label run's posteriors on a whole target set before the decision (`mix.KnownMix`,
+    `shift.predict.PriorCorrection`)."""
+
+    def check(self, cfg: Config) -> None: ...  # refuse a bad setting before the model loads
+
+    def __call__(self, loaded: LoadedRun, texts: list[str], source: str) -> Adjusted: ...
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Plain softmax, as `Classifier.predict_proba` answers; in float64, where two different logits never share
+    a probability, so argmax of the probabilities is argmax of the logits."""
+    return softmax(np.asarray(logits, dtype=np.float64))
+
+
+def predict(run: str | Path, source: str, output: str | Path, base: str | None = None, max_length: int = 0,
+            proba: bool = False, top_k: int | None = None, post: PostProcessor | None = None) -> Prediction:
+    """`budgetlora predict`: the run's answers for every row of `source`, in row order, written to `output` once
+    the reload check passed. `proba` / `top_k` add the probabilities the labels came from (see `Columns`); `post`
+    moves the posteriors first and records how in `<output>.priors.json`. max_length: tokens read per text (0 = the
+    run's model.max_length); longer reads long texts past the training cut. Everything that can be refused is
+    refused before the model loads."""
+    cfg = _run_config(run)
+    task = task_of(cfg)
+    cols = columns(cfg, proba, top_k)
+    if post is not None:
+        if task.sets:
+            raise ConfigError("--prior-correction and --target-prior apply to single-label runs only")
+        post.check(cfg)
+        runs.check_output(priors_path(output))
     runs.check_output(output)
     loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
     loaded.max_length = max_length
-    thresholds = loaded.metrics.get("thresholds")
-    if not isinstance(thresholds, list) or len(thresholds) != loaded.cfg.model.num_labels:
-        raise RunFolderError(f"{run}: metrics.json holds no per-label thresholds for this multi-label run")
-    chosen = label_sets(loaded.logits(read_unlabelled(source, loaded.cfg), progress=True), thresholds)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["ID", "Labels"])
-    w.writerows(enumerate(format_sets(chosen, loaded.cfg.data.label_delimiter)))
-    runs.write_text(Path(output), buf.getvalue())
-    return chosen
+    texts = read_unlabelled(source, loaded.cfg)
+    if post is not None:
+        return write_prediction(output, post(loaded, texts, source), cols.named(loaded))
+    logits = loaded.logits(texts, progress=True)
+    answers = loaded.decide(logits)
+    write_answers(output, answers, probabilities(logits) if cols.wanted else None, cols.named(loaded), task,
+                  cfg.data.label_delimiter)
+    return Prediction(answers, Path(output), task=task)
+
+
+def write_prediction(output: str | Path, adjusted: Adjusted, cols: Columns | None = None) -> Prediction:
+    """A post-processed answer written: its record to `<output>.priors.json`, then ID,Label (and the `cols` asked
+    for, from the posteriors the labels are the argmax of)."""
+    runs.write_json(priors_path(output), adjusted.record)
+    write_answers(output, adjusted.labels, adjusted.probs, cols)
+    return Prediction(adjusted.labels, Path(output), adjusted.record)
+
+
+def _run_config(run: str | Path) -> Config:
+    if not Path(run).is_dir():
+        raise FileNotFoundError(f"run folder not found: {run}")  # as load_run words it
+    return runs.load_config(Path(run))

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model, fiel
 from budgetlora import runs
 from budgetlora.config.sections import ServeConfig
 from budgetlora.inference.page import POLICY, render
-from budgetlora.training.labelsets import set_ids, sigmoid
+from budgetlora.tasks import set_ids, sigmoid
 
 if TYPE_CHECKING:  # only for annotations: the ONNX backend serves without importing torch (which api pulls in)
     from budgetlora.inference.classifier import Classifier

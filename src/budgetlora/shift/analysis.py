@@ -23,13 +23,12 @@ import numpy as np
 from budgetlora import runs
 from budgetlora.data.readers import DataError, Split, load_data, stratified_indices
 from budgetlora.data.tokens import encode
-from budgetlora.shift.mix import shares_differ
+from budgetlora.inference.mix import calibrated_probabilities, shares_differ
 from budgetlora.shift.priors import (
     BBSEEstimate,
     Decision,
     PriorEstimate,
     bbse_priors,
-    calibrated_probabilities,
     decide,
     estimate_priors,
     total_variation,

@@ -19,11 +19,11 @@ Self-training, the other adaptation, trains new runs and so sits above the loop,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from budgetlora.config.sections import PRIOR_CORRECTION
+from budgetlora.inference.mix import calibrated_probabilities
 
 
 @dataclass
@@ -74,11 +74,6 @@ def train_priors(metrics: dict, num_labels: int) -> np.ndarray | None:
         return None
     counts = np.asarray(counts, dtype=np.float64)
     return counts / counts.sum()
-
-
-def priors_path(output: str | Path) -> Path:
-    """Where `predict --prior-correction` writes its estimate: beside the predictions."""
-    return Path(f"{output}.priors.json")
 
 
 def corrected_probabilities(loaded, texts: list[str], progress: bool = False) -> tuple[np.ndarray, PriorEstimate]:
@@ -199,14 +194,6 @@ def decide(mode: str, em: PriorEstimate, bbse: BBSEEstimate | None, auc_adjusted
     return Decision(True, mode, [f"label shift only: EM and BBSE agree (TV {checks['disagreement_tv']:.3f}), "
                                  f"texts not separable (AUC {auc_adjusted:.3f}), priors moved by TV "
                                  f"{checks['em_shift_tv']:.3f}"], checks)
-
-
-def calibrated_probabilities(logits: np.ndarray, temperature: float | None) -> np.ndarray:
-    """softmax(logits / T) with the run's validation temperature (metrics "temperature"; None for runs that did not
-    record one), as EM assumes calibration."""
-    from budgetlora.training.evaluate import softmax
-
-    return softmax(np.asarray(logits, dtype=np.float64) / (temperature or 1.0))
 
 
 def val_confusion(metrics: dict) -> np.ndarray | None:

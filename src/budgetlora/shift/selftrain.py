@@ -23,7 +23,7 @@ from budgetlora.config.sections import SelfTrainConfig
 from budgetlora.inference.load import load_run
 from budgetlora.inference.predict import read_unlabelled
 from budgetlora.shift.analysis import analyse
-from budgetlora.shift.mix import fit_to_mix, parse_prior
+from budgetlora.inference.mix import fit_to_mix, parse_prior
 from budgetlora.shift.priors import PriorEstimate, corrected_probabilities, estimate_priors, train_priors
 from budgetlora.training.train import train
 
@@ -59,7 +59,7 @@ def select_pseudo_labels(probs: np.ndarray, threshold: float = 0.9, balance: boo
 
 
 def fitted_posteriors(probs: np.ndarray, target_prior: str) -> np.ndarray:
-    """The posteriors pseudo labels are drawn from: as given, or fitted to a known class mix (shift.mix), so that
+    """The posteriors pseudo labels are drawn from: as given, or fitted to a known class mix (inference.mix), so that
     each class's top share comes from the balanced assignment rather than from the model's skew on moved texts."""
     if not target_prior:
         return probs

@@ -22,11 +22,10 @@ from budgetlora.config import Config
 from budgetlora.config.sections import SubmitConfig
 from budgetlora.hardware import process_peak_rss_mb, trim_memory
 from budgetlora.inference.load import LoadedRun, load_run
-from budgetlora.inference.predict import read_unlabelled
+from budgetlora.inference.mix import KnownMix, fit_to_mix, known_mix, parse_prior, priors_path
+from budgetlora.inference.predict import Prediction, predict, read_unlabelled, write_prediction
 from budgetlora.shift.analysis import ShiftResult, analyse, write_analysis
-from budgetlora.shift.mix import fit_to_mix, parse_prior
-from budgetlora.shift.predict import Prediction, predict, predict_known_mix, write_adapted, write_known_mix
-from budgetlora.shift.priors import priors_path
+from budgetlora.shift.predict import adapted, post_processor
 from budgetlora.shift.selftrain import self_training
 from budgetlora.training.train import train
 
@@ -72,13 +71,12 @@ def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs
     t = time.time()
     if s.target_prior and final == base:  # a known class mix, fitted to the analysis' posteriors: no second pass
         fit = fit_to_mix(result.probs, parse_prior(s.target_prior, cfg.model.num_labels))
-        prediction = write_known_mix(output, fit, target, result.report["read_length"])
-    elif s.target_prior:
-        prediction = predict_known_mix(final, target, output, s.target_prior, max_length=s.max_length)
-    elif final == base and s.prior_correction != "off":  # nothing changed since the analysis: its labels stand
-        prediction = write_adapted(output, result, target)
+        prediction = write_prediction(output, known_mix(fit, target, result.report["read_length"]))
+    elif final == base and s.prior_correction != "off" and not s.target_prior:
+        prediction = write_prediction(output, adapted(result, target))  # nothing changed since the analysis
     else:
-        prediction = predict(final, target, output, s.prior_correction, max_length=s.max_length)
+        post = KnownMix(s.target_prior) if s.target_prior else post_processor(s.prior_correction)
+        prediction = predict(final, target, output, max_length=s.max_length, post=post)
     times["predict_s"] = round(time.time() - t, 1)
     times["total_s"] = round(time.time() - t0, 1)
     report = _report(cfg, target, prediction, base, final, metrics, result, files, rounds, times)

@@ -12,18 +12,10 @@ from budgetlora import runs
 from budgetlora.adapters.methods import save_adapter
 from budgetlora.hardware import inference_dtype
 from budgetlora.training.card import CARD, model_card
-from budgetlora.training.evaluate import exact_fp32, fit_temperature, metrics, predict_logits
-from budgetlora.training.multilabel import run_metrics
+from budgetlora.tasks import class_names, task_of
+from budgetlora.training.evaluate import exact_fp32, predict_logits
 
 VERIFY_ROWS = 256  # validation rows whose logits are stored, so a reloaded adapter can be checked against them
-CLASS_NAMES = {4: ["World", "Sports", "Business", "Sci/Tech"]}
-
-
-def class_names(num_labels: int, label_columns=()) -> list[str]:
-    """The names a run reports its classes by: a multi-label run's own 0/1 label columns when it has them."""
-    if label_columns:
-        return [str(c) for c in label_columns]
-    return CLASS_NAMES.get(num_labels, [str(i) for i in range(num_labels)])
 
 
 def history_csv(history: list[dict]) -> str:
@@ -42,30 +34,22 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
     """Evaluate the best state on val and test, then write every artifact; metrics.json last marks completion. A
     write that fails (a full disk) is a RunFolderError naming the folder, raised before anything is marked finished."""
     n, ml, bs = cfg.model.num_labels, cfg.model.max_length, cfg.train.eval_batch_size
-    names = class_names(n, cfg.data.label_columns)
+    names, task = class_names(cfg), task_of(cfg)
     dtype = inference_dtype(cfg.train.precision, next(model.parameters()).device)  # as `evaluate` will score it
     val_logits = predict_logits(model, tokenizer, val.texts, ml, bs, dtype=dtype)
     test_logits = predict_logits(model, tokenizer, test.texts, ml, bs, progress=True, dtype=dtype)
-    multi = np.ndim(val.labels) == 2  # label sets: no confusion matrix, softmax temperature or argmax answers
-    if multi:  # accuracy is subset accuracy, loss BCE, both at thresholds tuned on validation
-        val_m, test_m, per_mode = run_metrics(val_logits, val.labels, test_logits, test.labels)
-    else:
-        val_m, test_m = metrics(val_logits, val.labels, n), metrics(test_logits, test.labels, n)
-        per_mode = {"test_per_class_accuracy": test_m["per_class_accuracy"],
-                    "test_confusion_matrix": test_m["confusion_matrix"],
-                    "val_confusion_matrix": val_m["confusion_matrix"]}
+    # the task's metrics at the decision settings it fitted on validation (a temperature; per-label thresholds)
+    val_m, test_m, per_task = task.run_metrics(val_logits, val.labels, test_logits, test.labels, n)
     result = {
         "run_id": cfg.run_id, "name": cfg.name, "model": cfg.model.name,
         "val_accuracy": val_m["accuracy"], "val_loss": val_m["loss"], "val_macro_f1": val_m["macro_f1"],
         "test_accuracy": test_m["accuracy"], "test_loss": test_m["loss"], "test_macro_f1": test_m["macro_f1"],
-        **per_mode,
+        **per_task,
         "trainable_params": plan.total, "budget": plan.max_params, "best_step": state.get("best_step"),
         "steps": state["step"], "train_time_s": round(train_time, 2),
         "wall_time_s": round(total_time, 2), "filters": filter_report, "class_names": names,
         # the label shares the model was trained under: the reference priors for prior correction
         "train_class_counts": train_class_counts,
-        # softmax temperature calibrated on validation; prior correction divides logits by it first
-        **({} if multi else {"temperature": fit_temperature(val_logits, val.labels)}),
         # what the run cost: precision, threads, validation time inside train_time_s, peak memory (MiB)
         **(cost or {}), **(memory.as_dict() if memory is not None else {}),
     }
@@ -74,7 +58,7 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         save_adapter(model, stage)  # PEFT format; PiSSA/OLoRA converted to plain LoRA on the original base
         result["adapter_bytes"] = sum((stage / f).stat().st_size for f in runs.ADAPTER_FILES)
         runs.write_json(stage / runs.VERIFY, verification_sample(model, tokenizer, val.texts[:VERIFY_ROWS], ml))
-        if not multi:  # paired comparisons read one gold and one predicted class per row
+        if not task.sets:  # paired comparisons read one gold and one predicted class per row
             runs.write_text(stage / runs.PREDICTIONS, predictions_csv(test, test_logits))
         runs.write_text(stage / runs.HISTORY, history_csv(state["history"]))
         runs.write_json(stage / runs.VERSIONS, runs.versions())

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from budgetlora.adapters import methods
+from budgetlora.tasks import class_names, task_of
 
 CARD = "README.md"
 # the hub ids of the bases we ship or know, so `base_model` links to the real model page
@@ -89,10 +90,7 @@ def _intended_use(cfg) -> list[str]:
 def _limits(cfg, m: dict, names: list[str]) -> list[str]:
     out = ["- Measured on one test split only; texts from another source, period or style (a shifted test set) "
            "can score lower. `budgetlora predict --prior-correction` re-estimates class priors for such a set.",
-           "- The probabilities are softmax outputs; metrics.json holds a temperature fitted on validation "
-           f"(T = {m.get('temperature', 1.0):.3g}) for calibrated use." if "thresholds" not in m else
-           "- The probabilities are one sigmoid per label; a label is predicted at or above its threshold, tuned on "
-           "validation (metrics.json `thresholds`)."]
+           "- " + task_of(cfg).probabilities_note.format(temperature=m.get("temperature", 1.0))]
     per = m.get("test_per_class_accuracy") or []
     if per and not cfg.model.random_init:
         worst = min(range(len(per)), key=per.__getitem__)
@@ -129,7 +127,7 @@ def _per_label(m: dict, names: list[str]) -> list[str]:
 
 def model_card(cfg, m: dict, plan: dict | None = None) -> str:
     """The card's text from the run's config, its metrics.json dict and (optionally) its parameter plan."""
-    names = m.get("class_names") or [str(i) for i in range(cfg.model.num_labels)]
+    names = class_names(cfg, m.get("class_names"))
     plan = plan or {}
     test_cm, val_cm = m.get("test_confusion_matrix") or [], m.get("val_confusion_matrix") or []
     # a multi-label run has no confusion matrix: it states its row counts
@@ -168,7 +166,7 @@ def model_card(cfg, m: dict, plan: dict | None = None) -> str:
         f"- Train: `{dataset_id(cfg.data.train)}`"
         + (f", a stratified sample of {cfg.data.train_limit:,} rows" if cfg.data.train_limit else "")
         # a multi-label row counts once per label, so the per-class counts do not add up to the rows
-        + (f"; {sum(counts):,} rows trained on" if "thresholds" not in m else "")
+        + (f"; {sum(counts):,} rows trained on" if not task_of(cfg).sets else "")
         + (f" (per class: {', '.join(map(str, counts))})" if counts else "")
         + f", after a seeded stratified {cfg.data.val_fraction:g} validation hold-out of {n_val:,} rows.",
         f"- Test: `{dataset_id(cfg.data.test)}`, {n_test:,} rows.",
@@ -216,7 +214,7 @@ def model_card(cfg, m: dict, plan: dict | None = None) -> str:
              f"{n_test:,}"],
         ]),
         "",
-        *(_per_class(m, names, test_cm) if "thresholds" not in m else _per_label(m, names)),
+        *(_per_label(m, names) if task_of(cfg).sets else _per_class(m, names, test_cm)),
         "",
         "## Intended use",
         "",

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from budgetlora.data.tokens import Tokens, encode, sorted_batches
+from budgetlora.progress import progress as progress_bar
 
 
 def eval_batch_size(requested: int, device) -> int:
@@ -21,8 +22,6 @@ def logits_for_ids(model, ids, batch_size: int, pad_id: int, device=None, rows=N
     autocast for speed, None in plain fp32. `ids` is a list of token id
     lists or a `Tokens`; batch_size 0 picks one for the device; `rows` restricts to those batch indices (used to
     shard across processes). With `features`, returns (logits, mean-pooled last hidden states) from the same pass."""
-    from tqdm.auto import tqdm
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     batch_size = eval_batch_size(batch_size, device)
     tokens = ids if isinstance(ids, Tokens) else Tokens(ids, pad_id)
@@ -33,7 +32,7 @@ def logits_for_ids(model, ids, batch_size: int, pad_id: int, device=None, rows=N
         batches = [batches[i] for i in rows]
     out = np.zeros((len(tokens), model.config.num_labels), dtype=np.float32)
     pooled = np.zeros((len(tokens), 0), dtype=np.float32)  # sized by the first batch: the encoder's width
-    for b in tqdm(batches, desc="eval", leave=False, disable=not progress):
+    for b in progress_bar(batches, desc="eval", leave=False, disable=not progress):
         batch = {k: v.to(device) for k, v in tokens.batch(b, padding).items()}
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             result = model(**batch, **({"output_hidden_states": True} if features else {}))
@@ -72,51 +71,3 @@ def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
     """`logits_for_ids` of the texts (and with `features` the pooled hidden states as well)."""
     return logits_for_ids(model, encode(tokenizer, texts, max_length), batch_size, tokenizer.pad_token_id,
                           progress=progress, dtype=dtype, features=features)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T minimising validation NLL of softmax(logits / T) (Guo et al. 2017): calibrated posteriors are what
-    prior correction by EM assumes. A log-spaced grid, then a finer one around the best point: 1-D and cheap."""
-    labels = np.asarray(labels)
-
-    def nll(t):
-        logp = np.log(np.clip(softmax(logits / t), 1e-12, 1.0))
-        return -logp[np.arange(len(labels)), labels].mean()
-
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 61))
-    best = grid[int(np.argmin([nll(t) for t in grid]))]
-    fine = best * np.exp(np.linspace(-0.12, 0.12, 25))
-    return float(fine[int(np.argmin([nll(t) for t in fine]))])
-
-
-def metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:
-    """Accuracy, mean cross-entropy, macro-F1, per-class accuracy (recall) and the confusion matrix. Label sets (an
-    (n, num_labels) 0/1 matrix) get the multi-label metrics at 0.5 thresholds instead."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2:
-        from budgetlora.training.multilabel import multilabel_metrics
-
-        return multilabel_metrics(logits, labels)
-    pred = logits.argmax(axis=1)
-    logp = np.log(np.clip(softmax(logits), 1e-12, 1.0))
-    conf = np.zeros((num_labels, num_labels), dtype=np.int64)
-    np.add.at(conf, (labels, pred), 1)
-    tp = np.diag(conf).astype(float)
-    support, predicted = conf.sum(axis=1), conf.sum(axis=0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
-    return {
-        "accuracy": float((pred == labels).mean()),
-        "loss": float(-logp[np.arange(len(labels)), labels].mean()),
-        "macro_f1": float(f1.mean()),
-        "per_class_accuracy": recall.round(6).tolist(),
-        "confusion_matrix": conf.tolist(),
-        "n": int(len(labels)),
-    }

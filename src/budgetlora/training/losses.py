@@ -1,6 +1,6 @@
 """The training loss of a config: cross-entropy or focal loss, each optionally weighted per class.
 
-Only training uses it; validation and test report the plain, unweighted cross-entropy (`evaluate.metrics`), so runs
+Only training uses it; validation and test report the plain, unweighted cross-entropy (`tasks.class_metrics`), so runs
 trained under different losses stay comparable on the same numbers.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from budgetlora.config import class_weight_list
 from budgetlora.errors import DataError
+from budgetlora.tasks import task_of
 from budgetlora.training.multilabel import MultiLabelLoss
 
 
@@ -66,6 +67,6 @@ def make_loss(tc, weight: torch.Tensor | None = None) -> torch.nn.Module:
 def training_loss(cfg, labels) -> torch.nn.Module:
     """The loss a run of `cfg` trains under: BCE over label sets (model.problem_type multi), else train.loss with
     the class weights counted from the training `labels`."""
-    if cfg.model.problem_type == "multi":
+    if task_of(cfg).sets:
         return MultiLabelLoss()
     return make_loss(cfg.train, class_weights(cfg, labels))

@@ -15,7 +15,8 @@ from budgetlora.data.filters import cartography_select
 from budgetlora.data.readers import Split
 from budgetlora.data.tokens import Tokens, encode
 from budgetlora.training import loop
-from budgetlora.training.evaluate import logits_for_ids, softmax
+from budgetlora.tasks import softmax
+from budgetlora.training.evaluate import logits_for_ids
 
 MIN_RECORDS = 3  # a mean and a spread over fewer points say little; a 1-epoch pass is sampled 3 times
 

@@ -20,9 +20,9 @@ from budgetlora.config import Config, ConfigError
 from budgetlora.data.readers import Split
 from budgetlora.data.tokens import Tokens, encode
 from budgetlora.hardware import PeakMemory, inference_dtype, set_threads, trim_memory
+from budgetlora.tasks import task_of
 from budgetlora.training import loop
-from budgetlora.training.evaluate import eval_batch_size, logits_for_ids, metrics
-from budgetlora.training.multilabel import label_counts
+from budgetlora.training.evaluate import eval_batch_size, logits_for_ids
 from budgetlora.training.prepare import prepare
 
 
@@ -116,6 +116,7 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
                                                                          train_split.labels)
     eval_batch = eval_batch_size(tc.eval_batch_size, acc.device)
     infer_dtype = inference_dtype(tc.precision, acc.device)  # validation under the training precision
+    task = task_of(cfg)
 
     def evaluate_val() -> dict:
         shard = list(range(acc.process_index, math.ceil(len(val_tokens) / eval_batch), acc.num_processes))
@@ -123,7 +124,7 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
                                 dtype=infer_dtype, padding=loop.resolve_padding(tc.padding, acc.device))
         if acc.num_processes > 1:  # every process computed its share of rows; sum the zero-padded arrays
             logits = acc.reduce(torch.as_tensor(logits, device=acc.device), "sum").cpu().numpy()
-        return metrics(logits, val.labels, cfg.model.num_labels)
+        return task.metrics(logits, val.labels, cfg.model.num_labels)
 
     state = loop.new_state()
     ckpt = out / runs.CHECKPOINT / "state.pt"
@@ -157,7 +158,7 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
                                              "threads": threads, "val_time_s": round(state["eval_time"], 2),
                                              **state.get("probe", {}),
                                              **throughput(state, steps, base_tokens, tc.batch_size)},
-                        train_class_counts=label_counts(train_split.labels, cfg.model.num_labels))
+                        train_class_counts=task.label_counts(train_split.labels, cfg.model.num_labels))
     shutil.rmtree(out / runs.CHECKPOINT, ignore_errors=True)
     acc.wait_for_everyone()
     return out

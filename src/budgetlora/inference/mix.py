@@ -1,4 +1,5 @@
-"""A class mix the user knows: fit the posteriors of a whole target set to it, then decide by argmax.
+"""A class mix the user knows: fit the posteriors of a whole target set to it, then decide by argmax. `KnownMix` is
+the post-processor `inference.predict.predict` runs for `--target-prior`.
 
 Benchmark test sets are often balanced by construction (AG News's test split has 1,900 rows per class), yet on texts
 that moved a classifier's predicted shares skew, and an estimated prior (EM, BBSE) follows the skew instead of
@@ -10,10 +11,12 @@ the known prior; under text shift it still spends the known marginal, which argm
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from budgetlora.errors import ConfigError
+from budgetlora.tasks import softmax
 
 
 def parse_prior(spec: str | list | tuple | np.ndarray, num_labels: int) -> np.ndarray:
@@ -94,3 +97,54 @@ def shares_differ(labels: np.ndarray, mix: np.ndarray, z: float = 3.0) -> list[i
     share = _shares(np.asarray(labels), len(mix))
     se = np.sqrt(mix * (1 - mix) / max(n, 1))
     return [int(c) for c in np.flatnonzero(np.abs(share - mix) > z * np.maximum(se, 1e-12))]
+
+
+def calibrated_probabilities(logits: np.ndarray, temperature: float | None) -> np.ndarray:
+    """softmax(logits / T) with the run's validation temperature (metrics "temperature"; None for runs that did not
+    record one): fitting to a mix and EM prior estimates both assume calibrated posteriors."""
+    return softmax(np.asarray(logits, dtype=np.float64) / (temperature or 1.0))
+
+
+def priors_path(output: str | Path) -> Path:
+    """Where a prediction that moved its posteriors (a known mix, prior correction) records how: beside it."""
+    return Path(f"{output}.priors.json")
+
+
+@dataclass
+class Adjusted:
+    """What a post-processor made of a target set: the labels, the posteriors they are the argmax of, and the record
+    written to `<output>.priors.json`."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+    record: dict
+
+
+def known_mix(fit: MixFit, source: str, read_length: int) -> Adjusted:
+    """A mix fit as an answer: its labels and posteriors, and its record (the mix, shares before and after)."""
+    reasons = [f"the class mix was given: {fit.target.round(4).tolist()}"]
+    if not fit.converged:
+        reasons.append(f"the fit stopped after {fit.iterations} iterations without reaching it (a class the model "
+                       "never predicts cannot be raised)")
+    n = len(fit.posteriors)
+    record = {**fit.as_dict(), "source": str(source), "read_length": read_length,
+              "decision": {"mode": "known-mix", "apply": True, "reasons": reasons},
+              "label_counts_uncorrected": [int(round(x * n)) for x in fit.shares_before],
+              "label_counts_written": [int(round(x * n)) for x in fit.shares_after]}
+    return Adjusted(fit.labels, fit.posteriors, record)
+
+
+@dataclass(frozen=True)
+class KnownMix:
+    """`predict --target-prior`: the run's validation-calibrated posteriors of the whole set scaled per class until
+    they average to the given mix, then argmax."""
+
+    mix: str | list | tuple
+
+    def check(self, cfg) -> None:
+        parse_prior(self.mix, cfg.model.num_labels)  # a malformed mix is refused before the model loads
+
+    def __call__(self, loaded, texts: list[str], source: str) -> Adjusted:
+        probs = calibrated_probabilities(loaded.logits(texts, progress=True), loaded.metrics.get("temperature"))
+        fit = fit_to_mix(probs, parse_prior(self.mix, loaded.cfg.model.num_labels))
+        return known_mix(fit, source, loaded.read_length)
