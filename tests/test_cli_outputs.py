@@ -101,22 +101,22 @@ def test_export(tmp_path, run, no_model, capsys):
 
 
 def test_self_train(tmp_path, run, texts, no_model, capsys):
-    refused(["self-train", str(run), "--unlabelled", str(texts), "--out", str(tmp_path / "missing" / "runs")],
+    refused(["self-train", str(run), "--input", str(texts), "--runs", str(tmp_path / "missing" / "runs")],
             capsys, "does not exist")
 
 
 def test_shift(tmp_path, run, texts, no_model, capsys):
-    refused(["shift", str(run), "--target", str(texts), "--out", str(tmp_path / "missing" / "shift")], capsys,
+    refused(["shift", str(run), "--input", str(texts), "--output", str(tmp_path / "missing" / "shift")], capsys,
             "does not exist")
     (run / "shift").write_text("a file where the analysis folder goes")
-    refused(["shift", str(run), "--target", str(texts)], capsys, "is a file")
+    refused(["shift", str(run), "--input", str(texts)], capsys, "is a file")
 
 
 def test_submit(tmp_path, texts, no_model, capsys):
-    refused(["submit", "--config", "minilm-quick", "--target", str(texts), "--runs", str(tmp_path / "runs"),
+    refused(["submit", "--config", "minilm-quick", "--input", str(texts), "--runs", str(tmp_path / "runs"),
              "--output", str(tmp_path / "missing" / "submission.csv")], capsys, "does not exist")
     (tmp_path / "submission.csv.summary.json").mkdir()
-    refused(["submit", "--config", "minilm-quick", "--target", str(texts), "--runs", str(tmp_path / "runs"),
+    refused(["submit", "--config", "minilm-quick", "--input", str(texts), "--runs", str(tmp_path / "runs"),
              "--output", str(tmp_path / "submission.csv")], capsys, "submission.csv.summary.json", "is a folder")
     assert not (tmp_path / "runs").exists()  # nothing trained
 

@@ -66,14 +66,14 @@ def commands(run: Path, tmp: Path, inputs: dict[str, Path], served: list) -> dic
         return pd.read_csv(path)["ID"].tolist() == list(range(ROWS))
 
     return {
-        "evaluate": (["evaluate", run, "--data", csv], lambda out: json.loads(out)["n"] == ROWS),
+        "evaluate": (["evaluate", run, "--input", csv], lambda out: json.loads(out)["n"] == ROWS),
         "predict": (["predict", run, "--input", texts, "--output", tmp / "p.csv"], lambda out: rows(tmp / "p.csv")),
         "predict --prior-correction": (
             ["predict", run, "--input", texts, "--output", tmp / "pc.csv", "--prior-correction"],
             lambda out: rows(tmp / "pc.csv") and (tmp / "pc.csv.priors.json").is_file()),
-        "shift": (["shift", run, "--target", texts, "--out", tmp / "shift"],
+        "shift": (["shift", run, "--input", texts, "--output", tmp / "shift"],
                   lambda out: (tmp / "shift" / "shift.json").is_file()),
-        "self-train": (["self-train", run, "--unlabelled", texts, "--out", tmp / "st", "--max-steps", "1",
+        "self-train": (["self-train", run, "--input", texts, "--runs", tmp / "st", "--max-steps", "1",
                         "--threshold", "0"], lambda out: len(runs.list_runs(tmp / "st")) == 1),
         "export --merged": (["export", run, "--merged", tmp / "merged"],
                             lambda out: (tmp / "merged" / "config.json").is_file()),

@@ -35,7 +35,7 @@ def cmd_evaluate(args) -> int:
     from budgetlora.inference.predict import evaluate_run
     from budgetlora.tasks import task_of
 
-    m = evaluate_run(args.run, args.data, base=args.base)
+    m = evaluate_run(args.run, args.input, base=args.base)
     print(json.dumps({k: m[k] for k in task_of(runs.load_config(args.run)).evaluate_keys}, indent=2))
     return 0
 
@@ -54,8 +54,8 @@ def cmd_self_train(args) -> int:
     from budgetlora import runs
     from budgetlora.shift.selftrain import self_training
 
-    runs.check_output(args.out, "into")  # a mistyped --out is refused, not made with every folder above it
-    done = self_training(args.run, args.unlabelled, args.out, config_mod.from_flags(args).self_train, base=args.base)
+    runs.check_output(args.runs, "into")  # a mistyped --runs is refused, not made with every folder above it
+    done = self_training(args.run, args.input, args.runs, config_mod.from_flags(args).self_train, base=args.base)
     print("\n".join(done.summary()))
     return 0
 
@@ -111,7 +111,7 @@ def cmd_report(args) -> int:
 def cmd_shift(args) -> int:
     from budgetlora.shift.submit import shift_analysis
 
-    result, files = shift_analysis(args.run, args.target, args.out, max_length=args.max_length, base=args.base)
+    result, files = shift_analysis(args.run, args.input, args.output, max_length=args.max_length, base=args.base)
     print("\n".join(result.report["advice"]))
     for kind, path in files.items():
         print(f"{kind}: {path}")
@@ -121,10 +121,33 @@ def cmd_shift(args) -> int:
 def cmd_submit(args) -> int:
     from budgetlora.shift.submit import submit
 
-    rep = submit(config_mod.from_flags(args), args.target, args.output, root=args.runs)
+    rep = submit(config_mod.from_flags(args), args.input, args.output, root=args.runs)
     print("\n".join(rep["summary"]))
     print(f"report: {args.output}.summary.txt / .summary.json")
     return 0
+
+
+# one name per concept in every command: --runs (a folder of run folders), --input (a file of texts or rows),
+# --output (what the command writes). Earlier spellings still work, hidden from --help, with a one-line notice.
+class _Renamed(argparse.Action):
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"budgetlora: note: {option_string} is now {self.new}; the old spelling still works", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_flag(p: argparse.ArgumentParser, flag: str, *old: str, required: bool = False, **kwargs) -> None:
+    """`flag`, and its earlier spellings `old` accepted as hidden aliases. A required flag is checked in `main`
+    (argparse would refuse a command that gave only an old spelling)."""
+    dest = flag.lstrip("-").replace("-", "_")
+    p.add_argument(flag, dest=dest, **kwargs)
+    for name in old:
+        p.add_argument(name, dest=dest, action=_Renamed, new=flag, help=argparse.SUPPRESS)
+    if required:
+        p.set_defaults(_required=p.get_default("_required") + (flag,) if p.get_default("_required") else (flag,))
 
 
 def add_base_flag(p: argparse.ArgumentParser) -> None:
@@ -163,14 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a saved run on its test split or another labelled file")
     p.add_argument("run")
     add_base_flag(p)
-    p.add_argument("--data", default="", help="labelled file (default: the run's test split)")
+    add_flag(p, "--input", "--data", default="", help="labelled file (default: the run's test split)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write ID,Label predictions for a file, after re-checking the saved adapter")
     p.add_argument("run")
     add_base_flag(p)
-    p.add_argument("--input", required=True, help="texts to label (.csv/.csv.gz/.parquet/.pkl with a text column)")
-    p.add_argument("--output", required=True, help="CSV to write (ID,Label)")
+    add_flag(p, "--input", required=True, help="texts to label (.csv/.csv.gz/.parquet/.pkl with a text column)")
+    add_flag(p, "--output", required=True, help="CSV to write (ID,Label; a multi-label run: ID,Labels)")
     p.add_argument("--prior-correction", nargs="?", const="auto", default="off", choices=PRIOR_CORRECTION,
                    help="correct the posteriors for the input's class priors: auto (the flag alone) only where EM "
                         "and BBSE agree and the texts did not move, on = always, off = argmax (default); writes "
@@ -193,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "run's adapter on train + pseudo-labelled rows (a new run per round)")
     p.add_argument("run")
     add_base_flag(p)
-    p.add_argument("--unlabelled", required=True, help="texts to pseudo-label (.csv/.csv.gz/.parquet/.pkl)")
-    p.add_argument("--out", default="runs", help="folder for the new run folders")
+    add_flag(p, "--input", "--unlabelled", required=True, help="texts to pseudo-label (.csv/.csv.gz/.parquet/.pkl)")
+    add_flag(p, "--runs", "--out", default="runs", help="folder holding run folders: the new ones go there")
     add_settings_flags(p, SelfTrainConfig, "self_train")
     p.set_defaults(func=cmd_self_train)
 
@@ -240,16 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      "confidence, class shares, separability; PNG + JSON + advice")
     p.add_argument("run")
     add_base_flag(p)
-    p.add_argument("--target", required=True, help="texts to compare (.csv/.csv.gz/.parquet/.pkl)")
-    p.add_argument("--out", default=None, help="folder for shift.json, shift.png, advice.txt (default RUN/shift)")
+    add_flag(p, "--input", "--target", required=True, help="texts to compare (.csv/.csv.gz/.parquet/.pkl)")
+    add_flag(p, "--output", "--out", default=None,
+             help="folder for shift.json, shift.png, advice.txt (default RUN/shift)")
     p.add_argument("--max-length", type=int, default=0, help="tokens read per text (0 = the run's max_length)")
     p.set_defaults(func=cmd_shift)
 
     p = sub.add_parser("submit", help="train, adapt to a target file (gated self-training and prior correction), "
                                       "predict and write ID,Label with a summary of what was done")
     config_mod.add_flags(p)
-    p.add_argument("--target", required=True, help="the texts to label (.csv/.csv.gz/.parquet/.pkl)")
-    p.add_argument("--output", required=True, help="submission CSV to write (ID,Label)")
+    add_flag(p, "--input", "--target", required=True, help="the texts to label (.csv/.csv.gz/.parquet/.pkl)")
+    add_flag(p, "--output", required=True, help="submission CSV to write (ID,Label)")
     p.add_argument("--runs", default="runs", help="folder holding run folders")
     add_section_flags(p, SubmitConfig, "submit")
     p.set_defaults(func=cmd_submit)
@@ -257,7 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = [flag for flag in getattr(args, "_required", ())
+               if getattr(args, flag.lstrip("-").replace("-", "_")) is None]
+    if missing:
+        parser.error(f"{args.command}: the following arguments are required: {', '.join(missing)}")
     try:
         return args.func(args)
     except (BudgetloraError, FileNotFoundError) as e:  # expected: one line, never a traceback

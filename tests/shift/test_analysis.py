@@ -137,7 +137,7 @@ def test_shift_analysis_files(tiny_run, small_csvs, tmp_path, capsys):
     target = tmp_path / "target.csv"
     # a text shift a reader can see: every text doubled, so far more of them pass max_length
     pd.DataFrame({"text": [t + " " + t for t in test.text]}).to_csv(target, index=False)
-    assert main(["shift", str(tiny_run), "--target", str(target), "--out", str(tmp_path / "rep")]) == 0
+    assert main(["shift", str(tiny_run), "--input", str(target), "--output", str(tmp_path / "rep")]) == 0
     rep = json.loads((tmp_path / "rep" / "shift.json").read_text())
     png = (tmp_path / "rep" / "shift.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -160,7 +160,7 @@ def test_shift_analysis_files(tiny_run, small_csvs, tmp_path, capsys):
 def test_shift_refuses_a_tiny_target(tiny_run, tmp_path, capsys):
     target = tmp_path / "few.csv"
     pd.DataFrame({"text": ["one text", "another"]}).to_csv(target, index=False)
-    assert main(["shift", str(tiny_run), "--target", str(target), "--out", str(tmp_path / "r")]) == 2
+    assert main(["shift", str(tiny_run), "--input", str(target), "--output", str(tmp_path / "r")]) == 2
     assert "at least 10" in capsys.readouterr().err
 
 
@@ -175,7 +175,7 @@ def test_submit_end_to_end(tiny_run, small_csvs, tmp_path):
     flags = ["--data.train", str(train_csv), "--data.test", str(test_csv), "--data.val_fraction", "0.1",
              "--model.max_length", "32", "--train.max_steps", "10", "--train.lr", "0.005", "--train.batch_size", "16",
              "--train.eval_every", "5"]
-    assert main(["submit", *flags, "--runs", str(tiny_run.parent), "--target", str(target), "--output", str(out),
+    assert main(["submit", *flags, "--runs", str(tiny_run.parent), "--input", str(target), "--output", str(out),
                  "--rounds", "1", "--steps", "2", "--share", "0.5", "--max-val-drop", "1.0"]) == 0
     sub = pd.read_csv(out)
     assert list(sub.columns) == ["ID", "Label"] and sub["ID"].tolist() == list(range(120))
@@ -191,7 +191,7 @@ def test_submit_end_to_end(tiny_run, small_csvs, tmp_path):
     assert (tmp_path / "submission.csv.priors.json").is_file()
     assert (tmp_path / "submission.csv.summary.txt").read_text().splitlines() == rep["summary"]
     # without self-training the analysis' own decision is what gets written: no second pass over the target
-    assert main(["submit", *flags, "--runs", str(tiny_run.parent), "--target", str(target), "--output", str(out),
+    assert main(["submit", *flags, "--runs", str(tiny_run.parent), "--input", str(target), "--output", str(out),
                  "--prior-correction", "on"]) == 0
     rep = json.loads((tmp_path / "submission.csv.summary.json").read_text())
     priors = json.loads((tmp_path / "submission.csv.priors.json").read_text())
@@ -199,7 +199,7 @@ def test_submit_end_to_end(tiny_run, small_csvs, tmp_path):
     assert priors["decision"]["apply"] and priors["label_counts_written"] == priors["label_counts_corrected"]
     assert np.bincount(pd.read_csv(out)["Label"], minlength=4).tolist() == priors["label_counts_corrected"]
     # a known class mix: the analysis' posteriors fitted to it, the fit in the report and the priors file
-    assert main(["submit", *flags, "--runs", str(tiny_run.parent), "--target", str(target), "--output", str(out),
+    assert main(["submit", *flags, "--runs", str(tiny_run.parent), "--input", str(target), "--output", str(out),
                  "--target-prior", "uniform"]) == 0
     rep = json.loads((tmp_path / "submission.csv.summary.json").read_text())
     fit = rep["class_mix_fit"]
@@ -214,7 +214,7 @@ def test_submit_settings_come_from_the_preset_and_flags(tmp_path):
     them changes the run id."""
     preset = Config.from_yaml("minilm-submit")
     assert (preset.submit.rounds, preset.submit.share, preset.submit.prior_correction) == (0, 0.3, "auto")
-    args = build_parser().parse_args(["submit", "--config", "minilm-submit", "--target", "t.csv", "--output", "o.csv",
+    args = build_parser().parse_args(["submit", "--config", "minilm-submit", "--input", "t.csv", "--output", "o.csv",
                                       "--rounds", "2", "--st-lr", "0.001", "--prior-correction", "off"])
     cfg = from_flags(args)
     assert (cfg.submit.rounds, cfg.submit.lr, cfg.submit.prior_correction) == (2, 0.001, "off")
@@ -223,7 +223,7 @@ def test_submit_settings_come_from_the_preset_and_flags(tmp_path):
     assert cfg.run_id == preset.run_id
     yaml = tmp_path / "st.yaml"
     yaml.write_text("self_train:\n  share: 0.3\n  prior_correction: auto\n")
-    args = build_parser().parse_args(["self-train", "run", "--unlabelled", "u.csv", "--config", str(yaml),
+    args = build_parser().parse_args(["self-train", "run", "--input", "u.csv", "--config", str(yaml),
                                       "--mix", "0.25", "--balance", "false"])
     st = from_flags(args).self_train
     assert (st.share, st.mix, st.balance, st.prior_correction, st.min_confidence) == (0.3, 0.25, False, "auto", 0.0)

@@ -281,7 +281,7 @@ def test_multi_label_run_end_to_end(tmp_path, multi_csvs):
     assert all(c == "" or all(x in "0123" for x in c.split(";")) for c in pred.Labels)
     assert main(["predict", str(run), "--input", str(multi_csvs / "unlabelled.csv"), "--output", str(out),
                  "--top-k", "2"]) == 2
-    assert main(["evaluate", str(run), "--data", str(multi_csvs / "test.csv")]) == 0
+    assert main(["evaluate", str(run), "--input", str(multi_csvs / "test.csv")]) == 0
 
 
 @pytest.mark.slow
