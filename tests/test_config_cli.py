@@ -91,7 +91,7 @@ def test_cli_train_evaluate_predict(tmp_path, small_csvs, tiny_run):
     from budgetlora.inference.load import load_run
 
     assert sub["Label"].tolist() == load_run(tiny_run).logits(texts).argmax(1).tolist()
-    assert main(["evaluate", str(tiny_run), "--data", str(test_csv)]) == 0
+    assert main(["evaluate", str(tiny_run), "--input", str(test_csv)]) == 0
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", float("nan")])
@@ -113,8 +113,8 @@ def test_use_sections_are_not_part_of_the_run_id():
 @pytest.mark.parametrize("argv,message", [
     (["serve", "no-such-run", "--max-batch", "0"], "serve.max_batch must be >= 1"),
     (["serve", "no-such-run", "--port", "eighty"], "serve.port: cannot read 'eighty' as int"),
-    (["self-train", "no-such-run", "--unlabelled", "u.csv", "--mix", "1"], "self_train.mix must be in [0, 1), got 1.0"),
-    (["submit", "--target", "t.csv", "--output", "o.csv", "--steps", "0"], "submit.steps must be >= 1"),
+    (["self-train", "no-such-run", "--input", "u.csv", "--mix", "1"], "self_train.mix must be in [0, 1), got 1.0"),
+    (["submit", "--input", "t.csv", "--output", "o.csv", "--steps", "0"], "submit.steps must be >= 1"),
 ])
 def test_bad_section_values_are_one_line(argv, message, capsys):
     """A bad command setting is refused before anything is loaded or trained, as one line."""
@@ -126,7 +126,7 @@ def test_bad_section_values_are_one_line(argv, message, capsys):
 def test_bad_section_value_in_yaml_is_one_line(tmp_path, capsys):
     p = tmp_path / "c.yaml"
     p.write_text("submit:\n  prior_correction: sometimes\n")
-    assert main(["submit", "--config", str(p), "--target", "t.csv", "--output", "o.csv"]) == 2
+    assert main(["submit", "--config", str(p), "--input", "t.csv", "--output", "o.csv"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "submit.prior_correction must be one of off, auto, on" in err
 
@@ -138,4 +138,3 @@ def test_command_settings_flags_stay_on_their_commands():
     assert "--lora.r" in train_help and "--serve." not in train_help and "--submit." not in train_help
     serve_help = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     assert "--max-batch" in serve_help and "texts per forward pass" in serve_help
-
