@@ -101,3 +101,16 @@ def test_noisy_filter_report_in_metrics(noisy_run):
     assert rep["removed"] == round(0.05 * 200) == sum(rep["per_class"])
     assert len(rep["per_class"]) == 4 and rep["records"] == 3
     assert rep["kept"] == m["filters"]["kept"] == 190 == sum(m["train_class_counts"])
+
+
+def test_the_noisy_pass_borrows_the_runs_accelerator(small_csvs, tmp_path, monkeypatch):
+    """One Accelerator per run: making a second one resets accelerate's process-wide state, which the noisy-label
+    pass inside a live run must not do (and its model is let go before the run prepares its own)."""
+    made = []
+    make = loop.make_accelerator
+    monkeypatch.setattr(loop, "make_accelerator", lambda tc: made.append(make(tc)) or made[-1])
+    cfg = tiny_config(small_csvs, **{"data.train_limit": 120, "data.test_limit": 20, "train.max_steps": 2,
+                                     "filter.noisy_fraction": 0.05})
+    out = train(cfg, root=tmp_path, **QUIET)
+    assert runs.is_finished(out) and len(made) == 1
+    assert runs.read_json(out / runs.METRICS)["filters"]["noisy_fraction"]["removed"] > 0

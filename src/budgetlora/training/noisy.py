@@ -35,12 +35,14 @@ def record_points(cfg: Config, n_rows: int) -> tuple[int, list[int]]:
     return total, points
 
 
-def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print) -> np.ndarray:
+def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print, acc=None) -> np.ndarray:
     """(E, N, C) class probabilities of every training row, recorded at E points of a first training pass.
 
     The pass is the training loop itself (`loop.run`, set up by `loop.setup_training`), run without
     validation: whatever the method changes in a step (LoRA+'s learning rate for B, AdaLoRA's penalty and rank
-    allocation) and the loss (train.loss, class weights counted on these same rows) change the first pass alike."""
+    allocation) and the loss (train.loss, class weights counted on these same rows) change the first pass alike.
+    acc: the Accelerator of the run this pass prepares rows for (its references to this pass's model are freed at
+    the end); None makes one, for a pass on its own."""
     from budgetlora.adapters.model import build, load_tokenizer
 
     tc = cfg.train
@@ -50,7 +52,9 @@ def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print)
     ids = Tokens(encode(tokenizer, train.texts, cfg.model.max_length), pad)
     steps = loop.count_steps(tc, len(train))
     _, points = record_points(cfg, len(train))
-    acc = loop.make_accelerator(tc)
+    # a run's pass borrows the run's Accelerator: making another would reset accelerate's process-wide state under
+    # the live run (loop.make_accelerator)
+    acc = acc or loop.make_accelerator(tc)
     model, optimizer, scheduler, loss_fn, hooks = loop.setup_training(acc, model, cfg, steps.total, train.labels)
     records = []
 
@@ -64,13 +68,15 @@ def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print)
                              steps.eval_every)  # the base rows every epoch: no augmentation in this pass
     loop.run(acc, model, optimizer, scheduler, loss_fn, tc, cfg.model.max_length, inputs, loop.new_state(),
              on_step=score, log=log, desc="noisy filter", hooks=hooks)
+    acc.free_memory()  # drop the pass's model and optimizer before the run prepares its own
     return np.stack(records)
 
 
-def noisy_filter(cfg: Config, train: Split, tokenizer=None, mode: str = "hard", log=print) -> tuple[Split, dict]:
+def noisy_filter(cfg: Config, train: Split, tokenizer=None, mode: str = "hard", log=print,
+                 acc=None) -> tuple[Split, dict]:
     """Drop the `filter.noisy_fraction` least learnable training rows; returns the kept rows and a report
     {"removed", "per_class", "kept", "mode", "records", ...} in the shape of the other filters' reports."""
-    probs = training_probabilities(cfg, train, tokenizer, log)
+    probs = training_probabilities(cfg, train, tokenizer, log, acc)
     kept, report = cartography_select(probs, train.labels, cfg.filter.noisy_fraction, mode)
     report["records"] = int(probs.shape[0])
     log(f"noisy filter dropped {report['removed']:,} of {len(train):,} training rows "

@@ -93,7 +93,7 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
     if tc.init_from:
         init_from_run(model, cfg)
     tokenizer = load_tokenizer(cfg)
-    data, filter_report = prepare(cfg, tokenizer, data, log)
+    data, filter_report = prepare(cfg, tokenizer, data, log, acc)
     train_split, val, test = data["train"], data["val"], data["test"]
     log(f"run {cfg.run_id}: {plan.total:,} trainable params (budget {plan.max_params:,}); "
         f"train {len(train_split):,} / val {len(val):,} / test {len(test):,} rows; device {acc.device}, "
