@@ -10,6 +10,7 @@ from budgetlora import config as config_mod
 from budgetlora.config.flags import add_section_flags
 from budgetlora.config.sections import PRIOR_CORRECTION, SelfTrainConfig, ServeConfig, SubmitConfig
 from budgetlora.errors import BudgetloraError
+from budgetlora.tasks import LONG_TEXTS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenise in one call per split; no fork warnings
 
@@ -35,7 +36,7 @@ def cmd_evaluate(args) -> int:
     from budgetlora.inference.predict import evaluate_run
     from budgetlora.tasks import task_of
 
-    m = evaluate_run(args.run, args.input, base=args.base)
+    m = evaluate_run(args.run, args.input, base=args.base, long_texts=args.long_texts)
     print(json.dumps({k: m[k] for k in task_of(runs.load_config(args.run)).evaluate_keys}, indent=2))
     return 0
 
@@ -45,7 +46,8 @@ def cmd_predict(args) -> int:
     from budgetlora.shift.predict import post_processor
 
     done = predict(args.run, args.input, args.output, base=args.base, max_length=args.max_length, proba=args.proba,
-                   top_k=args.top_k, post=post_processor(args.prior_correction, args.target_prior))
+                   top_k=args.top_k, post=post_processor(args.prior_correction, args.target_prior),
+                   long_texts=args.long_texts)
     print("\n".join(done.summary()))
     return 0
 
@@ -63,7 +65,8 @@ def cmd_self_train(args) -> int:
 def cmd_serve(args) -> int:
     from budgetlora.inference.serve import serve
 
-    serve(args.run, config_mod.from_flags(args).serve, verify=not args.no_verify, base=args.base)
+    serve(args.run, config_mod.from_flags(args).serve, verify=not args.no_verify, base=args.base,
+          long_texts=args.long_texts)
     return 0
 
 
@@ -150,6 +153,13 @@ def add_flag(p: argparse.ArgumentParser, flag: str, *old: str, required: bool = 
         p.set_defaults(_required=p.get_default("_required") + (flag,) if p.get_default("_required") else (flag,))
 
 
+def add_long_texts_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--long-texts", choices=LONG_TEXTS, default="truncate",
+                   help="a text longer than the run reads (max_length): truncate = its start (default); chunk = all "
+                        "of it, in windows sharing a quarter of their tokens, their logits pooled (mean; a "
+                        "multi-label run: max)")
+
+
 def add_base_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, metavar="PATH",
                    help="where the run's base model lives now, if it was trained on a local folder that has moved")
@@ -187,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     add_base_flag(p)
     add_flag(p, "--input", "--data", default="", help="labelled file (default: the run's test split)")
+    add_long_texts_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write ID,Label predictions for a file, after re-checking the saved adapter")
@@ -207,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proba", action="store_true",
                    help="add one probability column per class after ID,Label (p_<class name>): the softmax, or the "
                         "corrected posteriors the labels were taken from under --prior-correction / --target-prior")
+    add_long_texts_flag(p)
     p.add_argument("--top-k", type=int, default=None, metavar="K",
                    help="add the K most probable label ids and their probabilities (top1, top1_p, ..., topK, "
                         "topK_p); 1 to the run's number of classes")
@@ -225,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     add_base_flag(p)
     p.add_argument("--no-verify", action="store_true", help="skip re-checking the adapter against verify.json")
+    add_long_texts_flag(p)
     add_settings_flags(p, ServeConfig, "serve")
     p.set_defaults(func=cmd_serve)
 

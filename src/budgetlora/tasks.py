@@ -154,6 +154,10 @@ class Task:
         """Training rows per class (a multi-label row counts once per label of its set)."""
         raise NotImplementedError
 
+    def pool(self, window_logits: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+        """One row of logits per text from the logits of its windows (`owner`: each window's text)."""
+        raise NotImplementedError
+
 
 class SingleLabel(Task):
     def metrics(self, logits, labels, num_labels, settings=None):
@@ -180,6 +184,11 @@ class SingleLabel(Task):
 
     def label_counts(self, labels, num_labels):
         return np.bincount(np.asarray(labels), minlength=num_labels).tolist()
+
+    def pool(self, window_logits, owner, n):
+        # the mean of the windows' logits: each window's evidence counts by its length share of the text, and an
+        # equal vote is what a text of one topic throughout needs (benchmarks/long_texts.py compares the rules)
+        return _pooled(window_logits, owner, n, np.add.at) / np.bincount(owner, minlength=n)[:, None]
 
 
 class MultiLabel(Task):
@@ -214,6 +223,19 @@ class MultiLabel(Task):
 
     def label_counts(self, labels, num_labels):
         return np.asarray(labels).sum(axis=0).astype(int).tolist()
+
+    def pool(self, window_logits, owner, n):
+        # the largest logit per label: a label of any one part of a text is a label of the text
+        return _pooled(window_logits, owner, n, np.maximum.at, start=-np.inf)
+
+
+def _pooled(window_logits: np.ndarray, owner: np.ndarray, n: int, combine, start: float = 0.0) -> np.ndarray:
+    out = np.full((n, window_logits.shape[1]), start, dtype=np.float64)
+    combine(out, owner, np.asarray(window_logits, dtype=np.float64))
+    return out.astype(np.float32)
+
+
+LONG_TEXTS = ("truncate", "chunk")  # how a text longer than the model reads is read: its start, or every window
 
 
 TASKS: dict[str, Task] = {

@@ -11,6 +11,17 @@ def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
 
 
+def windows(tokenizer, texts: list[str], max_length: int, stride: int) -> tuple[list[list[int]], np.ndarray]:
+    """Every text as windows of at most max_length tokens (special tokens included), each repeating the last
+    `stride` tokens of the one before, so no sentence is only ever seen cut at a window's edge: the windows' ids,
+    and the text each window belongs to. A text within max_length is one window, with the ids `encode` gives it."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("reading long texts in windows needs a fast (Rust) tokenizer")
+    enc = tokenizer(texts, truncation=True, max_length=max_length, stride=stride, padding=False,
+                    return_overflowing_tokens=True)
+    return enc["input_ids"], np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64)
+
+
 def length_grouped_batches(lengths, batch_size: int, seed: int, epoch: int, group: bool = True) -> list[np.ndarray]:
     """Shuffle, sort by length inside mega-batches of 50 batches, shuffle the batches: random yet little padding."""
     rng = np.random.default_rng([seed, epoch])

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from budgetlora.errors import ConfigError
-from budgetlora.inference.load import LoadedRun, load_run
+from budgetlora.inference.load import LoadedRun, check_long_texts, load_run
 from budgetlora.tasks import class_names, set_ids, softmax, task_of
 
 
@@ -55,10 +55,15 @@ class Classifier:
         return f"Classifier({str(self.path)!r}, model={self.run.cfg.model.name!r}, classes={self.class_names})"
 
 
-def load(run_dir: str | Path, verify: bool = True, base: str | None = None) -> Classifier:
+def load(run_dir: str | Path, verify: bool = True, base: str | None = None, long_texts: str = "truncate") -> Classifier:
     """Load a run folder; with `verify`, first prove the reloaded adapter reproduces the trained model.
-    base: where the run's base model lives now, when it was trained on a local folder that has moved."""
-    return Classifier(load_run(run_dir, verify=verify, base=base))
+    base: where the run's base model lives now, when it was trained on a local folder that has moved.
+    long_texts: "truncate" reads a text's first max_length tokens; "chunk" reads all of it, in windows whose
+    logits are pooled (see `LoadedRun.long_texts`)."""
+    long_texts = check_long_texts(long_texts)
+    loaded = load_run(run_dir, verify=verify, base=base)  # verified as trained: on each text's start
+    loaded.long_texts = long_texts
+    return Classifier(loaded)
 
 
 def _check_texts(texts) -> list[str]:

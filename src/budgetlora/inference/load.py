@@ -11,12 +11,14 @@ from budgetlora import runs
 from budgetlora.adapters.architectures import ModelNotFound, is_missing_folder
 from budgetlora.adapters.model import load_tokenizer, load_trained
 from budgetlora.config import Config
-from budgetlora.errors import BudgetloraError, RunFolderError
+from budgetlora.data.tokens import windows
+from budgetlora.errors import BudgetloraError, ConfigError, RunFolderError
 from budgetlora.hardware import inference_dtype
-from budgetlora.tasks import Task, class_names, task_of
-from budgetlora.training.evaluate import exact_fp32, predict_logits
+from budgetlora.tasks import LONG_TEXTS, Task, class_names, task_of
+from budgetlora.training.evaluate import exact_fp32, logits_for_ids, predict_logits
 
 LOGIT_TOLERANCE = 1e-3
+STRIDE_SHARE = 4  # long_texts chunk: consecutive windows share a quarter of their tokens
 
 
 class VerificationError(BudgetloraError, RuntimeError):
@@ -53,6 +55,9 @@ class LoadedRun:
     # metrics.json, read once here: class names, temperature, training priors and the validation confusion matrix
     # all come from it, and nothing downstream opens the file again
     metrics: dict = field(default_factory=dict)
+    # a text longer than read_length: "truncate" reads its start; "chunk" reads it all, as windows whose logits
+    # are pooled by the task (tasks.Task.pool). Set it after load_run, as max_length
+    long_texts: str = "truncate"
 
     @property
     def read_length(self) -> int:
@@ -74,8 +79,20 @@ class LoadedRun:
         """Logits under the run's precision on this machine (bf16 where it trained so and the hardware has it), or
         with `exact` in plain fp32, for the checks that compare against stored or merged logits."""
         dtype = None if exact else inference_dtype(self.cfg.train.precision, next(self.model.parameters()).device)
+        if self.long_texts == "chunk":
+            ids, owner = windows(self.tokenizer, texts, self.read_length, self.read_length // STRIDE_SHARE)
+            pieces = logits_for_ids(self.model, ids, self.cfg.train.eval_batch_size, self.tokenizer.pad_token_id,
+                                    progress=progress, dtype=dtype)
+            return self.task.pool(pieces, owner, len(texts))
         return predict_logits(self.model, self.tokenizer, texts, self.read_length,
                               self.cfg.train.eval_batch_size, progress=progress, dtype=dtype)
+
+
+def check_long_texts(value: str) -> str:
+    """A `LoadedRun.long_texts` setting, checked: one line naming the choices otherwise."""
+    if value not in LONG_TEXTS:
+        raise ConfigError(f"long_texts must be one of {', '.join(LONG_TEXTS)}, got {value!r}")
+    return value
 
 
 def load_run(run: str | Path, verify: bool = True, base: str | None = None) -> LoadedRun:

@@ -140,6 +140,7 @@ class KnownMix:
     they average to the given mix, then argmax."""
 
     mix: str | list | tuple
+    windows = True
 
     def check(self, cfg) -> None:
         parse_prior(self.mix, cfg.model.num_labels)  # a malformed mix is refused before the model loads

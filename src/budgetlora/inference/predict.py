@@ -16,15 +16,17 @@ from budgetlora import runs
 from budgetlora.config import Config
 from budgetlora.data.readers import load_split
 from budgetlora.errors import ConfigError
-from budgetlora.inference.load import LoadedRun, load_run
+from budgetlora.inference.load import LoadedRun, check_long_texts, load_run
 from budgetlora.inference.mix import Adjusted, priors_path
 from budgetlora.tasks import TASKS, Task, softmax, task_of
 
 
-def evaluate_run(run: str | Path, source: str = "", base: str | None = None) -> dict:
+def evaluate_run(run: str | Path, source: str = "", base: str | None = None, long_texts: str = "truncate") -> dict:
     """Metrics of a saved run on a labelled file (default: the config's test split), at the decision settings the
-    run was reported with; `Task.evaluate_keys` names the ones `budgetlora evaluate` prints."""
+    run was reported with; `Task.evaluate_keys` names the ones `budgetlora evaluate` prints. long_texts: see
+    `LoadedRun.long_texts`."""
     loaded = load_run(run, base=base)
+    loaded.long_texts = check_long_texts(long_texts)
     cfg, task, n = loaded.cfg, loaded.task, loaded.cfg.model.num_labels
     data = load_split(source or cfg.data.test, "test", cfg.data, n, multi=task.sets)
     logits = loaded.logits(data.texts, progress=True)
@@ -160,6 +162,8 @@ class PostProcessor(Protocol):
     """Moves a single-label run's posteriors on a whole target set before the decision (`mix.KnownMix`,
     `shift.predict.PriorCorrection`)."""
 
+    windows: bool  # whether it reads a long text whole when asked to (its logits come from LoadedRun.logits)
+
     def check(self, cfg: Config) -> None: ...  # refuse a bad setting before the model loads
 
     def __call__(self, loaded: LoadedRun, texts: list[str], source: str) -> Adjusted: ...
@@ -172,12 +176,18 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 
 
 def predict(run: str | Path, source: str, output: str | Path, base: str | None = None, max_length: int = 0,
-            proba: bool = False, top_k: int | None = None, post: PostProcessor | None = None) -> Prediction:
+            proba: bool = False, top_k: int | None = None, post: PostProcessor | None = None,
+            long_texts: str = "truncate") -> Prediction:
     """`budgetlora predict`: the run's answers for every row of `source`, in row order, written to `output` once
     the reload check passed. `proba` / `top_k` add the probabilities the labels came from (see `Columns`); `post`
     moves the posteriors first and records how in `<output>.priors.json`. max_length: tokens read per text (0 = the
-    run's model.max_length); longer reads long texts past the training cut. Everything that can be refused is
-    refused before the model loads."""
+    run's model.max_length); longer reads long texts past the training cut. long_texts: "truncate" reads a text's
+    first max_length tokens, "chunk" all of it in windows (`LoadedRun.long_texts`). Everything that can be refused
+    is refused before the model loads."""
+    long_texts = check_long_texts(long_texts)
+    if long_texts == "chunk" and post is not None and not post.windows:
+        raise ConfigError("--long-texts chunk does not combine with --prior-correction (its shift analysis reads "
+                          "each text's start); use --target-prior, or read longer texts with --max-length")
     cfg = _run_config(run)
     task = task_of(cfg)
     cols = columns(cfg, proba, top_k)
@@ -188,7 +198,7 @@ def predict(run: str | Path, source: str, output: str | Path, base: str | None =
         runs.check_output(priors_path(output))
     runs.check_output(output)
     loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
-    loaded.max_length = max_length
+    loaded.max_length, loaded.long_texts = max_length, long_texts
     texts = read_unlabelled(source, loaded.cfg)
     if post is not None:
         return write_prediction(output, post(loaded, texts, source), cols.named(loaded))

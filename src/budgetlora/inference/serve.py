@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model, fiel
 
 from budgetlora import runs
 from budgetlora.config.sections import ServeConfig
+from budgetlora.errors import ConfigError
 from budgetlora.inference.page import POLICY, render
 from budgetlora.tasks import set_ids, sigmoid
 
@@ -319,7 +320,7 @@ def create_app(classifier: Classifier, settings: ServeConfig | None = None) -> F
 
 
 def serve(run: str, settings: ServeConfig | None = None, verify: bool = True, log_level: str = "info",
-          base: str | None = None) -> None:
+          base: str | None = None, long_texts: str = "truncate") -> None:
     """Load `run` (verified unless told not to) and serve it under `settings` until stopped."""
     import uvicorn
 
@@ -329,11 +330,13 @@ def serve(run: str, settings: ServeConfig | None = None, verify: bool = True, lo
     if settings.backend == "onnx":  # an `export --onnx` folder on onnxruntime: torch is never imported
         from budgetlora.inference.onnx_serve import load_onnx
 
+        if long_texts != "truncate":
+            raise ConfigError("--long-texts chunk is served by the torch backend only")
         classifier = load_onnx(run)
     else:
         from budgetlora.inference.classifier import load
 
-        classifier = load(run, verify=verify, base=base)
+        classifier = load(run, verify=verify, base=base, long_texts=long_texts)
     print(f"loaded {classifier.path} in {time.perf_counter() - t0:.1f}s; serving on http://{host}:{port} "
           f"(a page at /, docs at /docs)", flush=True)
     # SIGTERM: uvicorn stops accepting, lets the requests in flight finish, stops the batcher, and then raises the

@@ -30,6 +30,7 @@ def adapted(result: ShiftResult, source: str) -> Adjusted:
 @dataclass(frozen=True)
 class PriorCorrection:
     mode: str = "auto"  # auto (gated) or on (always)
+    windows = False  # the analysis reads each text's start (its features come from one pass)
 
     def check(self, cfg) -> None:
         pass  # the mode was checked where it was parsed (config.sections.PRIOR_CORRECTION)
