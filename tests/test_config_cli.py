@@ -1,14 +1,22 @@
 """The config is the CLI: YAML round trip, flags, run ids, validation; and a CLI smoke run on tiny data."""
+import argparse
+import copy
+import dataclasses
+import functools
 import json
 import subprocess
 import sys
+import typing
 
 import pandas as pd
 import pytest
 
+from budgetlora import config as config_mod
 from budgetlora.cli import main
-from budgetlora.config import Config, ConfigError
+from budgetlora.config import BASELINE_FIELDS, METHODS, NOT_IDENTITY, USE_SECTIONS, Config, ConfigError
+from budgetlora.config.flags import add_section_flags, field_, leaves
 from tests.conftest import PUBLISHED
+from tests.test_presets import CONFIGS, RUN_IDS
 
 
 def test_yaml_round_trip_and_run_id(tmp_path):
@@ -138,3 +146,113 @@ def test_command_settings_flags_stay_on_their_commands():
     assert "--lora.r" in train_help and "--serve." not in train_help and "--submit." not in train_help
     serve_help = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     assert "--max-batch" in serve_help and "texts per forward pass" in serve_help
+
+
+# -- run identity: a field added with a default leaves every run id as it was ----------------------------------------
+def _published_configs() -> list[Config]:
+    """Every preset, and every config of tests/preset_run_ids.json."""
+    presets = [Config.from_yaml(CONFIGS / f"{name}.yaml") for name in RUN_IDS["presets"]]
+    cases = [(Config.from_yaml(c["preset"]) if "preset" in c else Config()).replace(**c["overrides"])
+             for c in RUN_IDS["configs"].values()]
+    return presets + cases
+
+
+def _with_added_field(section: str, default):
+    """A Config whose `section` ('' for the top level, or a section name that does not exist yet) has one more field,
+    `added`, defaulting to `default`: the config as it would be the day that field is added."""
+    added = [("added", type(default), field_(default, "a field added later"))]
+    if not section:
+        return dataclasses.make_dataclass("WithAdded", added, bases=(Config,), frozen=True)
+    own = typing.get_type_hints(Config).get(section)
+    grown = dataclasses.make_dataclass(f"Grown_{section}", added, bases=(own,) if own else (), frozen=True)
+    return dataclasses.make_dataclass("WithAdded", [(section, grown, dataclasses.field(default_factory=grown))],
+                                      bases=(Config,), frozen=True)
+
+
+def _other(value):
+    return (not value) if isinstance(value, bool) else value + (0.5 if isinstance(value, float) else
+                                                                 1 if isinstance(value, int) else "x")
+
+
+@pytest.mark.parametrize("section,default", [
+    ("", "x"), ("model", 0), ("data", ""), ("lora", 1.0), ("train", False), ("augment", 0.0), ("filter", 0),
+    ("budget", 0), ("adalora", 1), ("ia3", True), ("serve", 0), ("a_new_section", 0),
+])
+def test_a_field_added_with_a_default_keeps_every_run_id(section, default):
+    """Without any list to update: at its default the new field leaves every published id alone; set away from it,
+    the field makes another training, unless it sits where the run id never looks (another method's section, the
+    settings of the commands that use a run)."""
+    grown = _with_added_field(section, default)
+    for cfg in _published_configs():
+        d = cfg.to_dict()
+        assert grown.from_dict(d).run_id == cfg.run_id
+        if section == "filter" and cfg.model.problem_type == "multi":
+            continue  # a label set refuses any filter setting
+        moved = copy.deepcopy(d)
+        (moved.setdefault(section, {}) if section else moved)["added"] = _other(default)
+        ignored = section in USE_SECTIONS or (section in METHODS and section not in ("lora", cfg.method))
+        assert (grown.from_dict(moved).run_id == cfg.run_id) == ignored, (section, cfg.method)
+
+
+def _flat(tree: dict, prefix: str = "") -> set[str]:
+    return {k for key, v in tree.items()
+            for k in (_flat(v, f"{prefix}{key}.") if isinstance(v, dict) else {prefix + key})}
+
+
+def test_baseline_fields_exist_and_count_at_their_defaults():
+    keys = {key for key, _, _ in leaves(Config)}
+    assert BASELINE_FIELDS <= keys, f"baseline fields that no longer exist: {sorted(BASELINE_FIELDS - keys)}"
+    assert not any(k == n or k.startswith(n + ".") for k in BASELINE_FIELDS for n in NOT_IDENTITY)
+    # a default config's identity is exactly the baseline of the sections its method reads
+    unused = set(METHODS) - {"lora"}
+    assert _flat(config_mod._identity(Config())) == {k for k in BASELINE_FIELDS if k.split(".")[0] not in unused}
+    in_use = _flat(config_mod._identity(Config().replace(method="vera")))
+    assert in_use == {k for k in BASELINE_FIELDS if k.split(".")[0] not in unused - {"vera"}} | {"method"}
+
+
+# -- fields with a fixed set of values: declared once, on the field ------------------------------------------------
+ENUMERATED = [(key, f) for key, f, _ in leaves(Config) if "choices" in f.metadata]
+
+
+def test_enumerated_fields_declare_their_values():
+    assert {key for key, _ in ENUMERATED} >= {
+        "method", "model.problem_type", "model.head", "lora.bias", "lora.init", "train.optimizer", "train.schedule",
+        "train.precision", "train.padding", "train.loss", "train.select", "self_train.prior_correction",
+        "submit.prior_correction", "serve.backend"}
+    assert not hasattr(config_mod, "CHOICES")
+
+
+def _flag_action(key: str) -> argparse.Action:
+    """The argparse action of `key`'s flag, built the way the CLI builds it."""
+    parser = argparse.ArgumentParser()
+    section = key.split(".")[0]
+    if section in USE_SECTIONS:
+        add_section_flags(parser, type(getattr(Config(), section)), section)
+    else:
+        config_mod.add_flags(parser)
+    return next(a for a in parser._actions if a.dest == f"cfg:{key}")
+
+
+@pytest.mark.parametrize("key,f", ENUMERATED, ids=[k for k, _ in ENUMERATED])
+def test_choices_help_and_error_come_from_the_declaration(key, f):
+    allowed = f.metadata["choices"]
+    action = _flag_action(key)
+    # --help shows the declared values (as argparse shows choices) next to the field's own help text; the value is
+    # checked by the config, so a bad flag is the same one-line error as a bad YAML or Python value
+    assert action.metavar == "{" + ",".join(allowed) + "}"
+    assert action.help == f"{f.metadata['help']} (default: {f.default})" and action.choices is None
+    for value in allowed:
+        assert functools.reduce(getattr, key.split("."), Config().replace(**{key: value})) == value
+    with pytest.raises(ConfigError) as e:
+        Config().replace(**{key: "nope"})
+    assert str(e.value) == f"{key} must be one of {', '.join(allowed)}, got 'nope'"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "--train.loss", "hinge"], "train.loss must be one of ce, focal, got 'hinge'"),
+    (["plan", "--method", "boft"], "method must be one of lora, adalora, vera, loha, lokr, ia3, got 'boft'"),
+    (["serve", "no-such-run", "--backend", "gpu"], "serve.backend must be one of torch, onnx, got 'gpu'"),
+])
+def test_a_bad_choice_on_the_command_line_is_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"budgetlora: error: {message}"

@@ -1,5 +1,7 @@
-"""Every YAML under configs/ loads: presets plan to their documented counts, sweep specs expand, and the
-deliberately invalid presets are refused. Globbed, so a new file is checked the day it is added."""
+"""Every YAML under configs/ loads: presets plan to their documented counts, sweep specs expand, the deliberately
+invalid presets are refused, and every preset keeps its published run id. Globbed, so a new file is checked the day
+it is added."""
+import json
 import re
 from pathlib import Path
 
@@ -14,6 +16,8 @@ ALL = sorted(CONFIGS.glob("**/*.yaml"))
 PRESETS = [p for p in ALL if p.parent == CONFIGS]
 SWEEPS = [p for p in ALL if p.parent.name == "sweeps"]
 INVALID = [p for p in ALL if p.parent.name == "invalid"]
+# the published run ids: every preset's, and those of configs that set each field the run id treats specially
+RUN_IDS = json.loads((Path(__file__).resolve().parent / "preset_run_ids.json").read_text())
 
 # the reference project's RoBERTa-base runs and their trainable-parameter counts (head included)
 ROBERTA = {
@@ -104,3 +108,28 @@ def test_mpnet_presets():
         ("mpnet", 10, 32, ["q", "v"], "auto")
     assert plan(seed).total == 962_308 and plan(seed).head == {"classifier": 593_668}
     assert submit.run_id == cpu.run_id and submit.submit.target_prior == "uniform"
+
+
+def _preset_key(path: Path) -> str:
+    return path.relative_to(CONFIGS).with_suffix("").as_posix()
+
+
+def test_every_preset_has_a_published_run_id():
+    recorded, shipped = set(RUN_IDS["presets"]), {_preset_key(p) for p in PRESETS + INVALID}
+    assert shipped <= recorded, f"record the run id of {sorted(shipped - recorded)} in tests/preset_run_ids.json"
+    assert recorded <= shipped, f"presets gone or renamed: {sorted(recorded - shipped)}"
+
+
+@pytest.mark.parametrize("path", PRESETS + INVALID, ids=_preset_key)
+def test_preset_run_id_is_unchanged(path):
+    assert Config.from_yaml(path).run_id == RUN_IDS["presets"][_preset_key(path)]
+
+
+@pytest.mark.parametrize("name", sorted(RUN_IDS["configs"]))
+def test_config_run_id_is_unchanged(name):
+    """Every method, multi-label, the linear head, and the training fields that count only away from their
+    defaults (loss, class weights, probe steps, base dropout, select, label columns, ...)."""
+    case = RUN_IDS["configs"][name]
+    base = Config.from_yaml(case["preset"]) if "preset" in case else Config()
+    assert base.replace(**case["overrides"]).run_id == case["run_id"]
+

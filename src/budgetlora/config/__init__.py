@@ -1,14 +1,17 @@
 """One frozen, typed config tree. It is at once the Python API, the YAML format and the CLI flags.
 
 Every leaf field carries its help text in `metadata["help"]`; `add_flags` turns the tree into `--section.field`
-argparse options and `from_flags` builds the config back, so a field added here appears everywhere at once.
+argparse options and `from_flags` builds the config back, so a field added here appears everywhere at once. A field
+with a fixed set of values declares them (`choices`), and its check, its error and its --help all read that one
+declaration. Each section checks its own fields as it is built; `validate` holds the checks that need two sections.
 The run id is a short hash of the canonical (sorted, defaults-filled) config, so the same config always maps to the
-same run folder.
+same run folder; `BASELINE_FIELDS` says which fields count at any value and which only away from their default.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -19,8 +22,9 @@ from typing import Any
 import yaml
 
 from budgetlora.config import flags as _flags
-from budgetlora.config.flags import build as _build, field_ as _f, set_dotted as _set_dotted
+from budgetlora.config.flags import build as _build, check, default_of, field_ as _f, set_dotted as _set_dotted
 from budgetlora.config.sections import (
+    LORA_ONLY,
     METHOD_SECTIONS,
     AdaLoraConfig,
     AugmentConfig,
@@ -60,7 +64,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: str = _f("lora", "adapter method: lora (with dora, rslora, init, b_lr_ratio), adalora, vera, loha, lokr, "
-                             "ia3; each has its own section")
+                             "ia3; each has its own section", choices=tuple(METHOD_SECTIONS))
     lora: LoraConfig = field(default_factory=LoraConfig)
     adalora: AdaLoraConfig = field(default_factory=AdaLoraConfig)
     vera: VeraConfig = field(default_factory=VeraConfig)
@@ -115,52 +119,61 @@ class Config:
 
     @property
     def run_id(self) -> str:
-        d = _identity(self.to_dict())
+        d = _identity(self)
         canonical = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(canonical.encode()).hexdigest()[:10]
 
 
 METHODS = tuple(METHOD_SECTIONS)  # each method's settings live in the section of its name
-_LORA_ONLY = {"init": "default", "b_lr_ratio": 1.0}  # lora fields that only the lora method reads
 USE_SECTIONS = ("self_train", "submit", "serve")  # settings of the commands that use a run, not of its training
-# train fields added after run ids were first published: at these values a config keeps the id it always had
-_TRAIN_DEFAULTS = {"base_dropout": -1, "class_weights": "none", "loss": "ce", "focal_gamma": 2.0, "select": "loss",
-                   "probe_steps": 0}
-_ADDED_DEFAULTS = {"model": {"problem_type": "single", "head": "auto"},  # the same, other sections
-                   "data": {"label_delimiter": ";", "label_columns": []}}
+# never part of a run id: the run's label, how fast it trains (threads), and how a trained run is used
+NOT_IDENTITY = ("name", "train.threads", *USE_SECTIONS)
+
+# The fields a run id counts at any value: the schema run ids were first published with (each method's section as it
+# was when that method came). Written once, never edited: any field not named here counts only when set away from its
+# default, so a field added with a default leaves every existing run id as it was, with no list to keep up to date.
+# Outside it: `method` (so a lora run hashes as it did before there were methods) and the LoRA-only lora.init and
+# lora.b_lr_ratio (another method refuses them away from their defaults, so they never count there).
+BASELINE_FIELDS = frozenset(f"{section}.{name}" for section, names in {
+    "model": "name tokenizer random_init num_labels max_length",
+    "data": "train test val_fraction train_limit test_limit text_column label_column pseudo_labels unlabelled",
+    "lora": "r alpha dropout targets layers bias rslora dora",
+    "adalora": "init_r target_r tinit tfinal delta_t beta1 beta2 orth_reg_weight",
+    "vera": "r d_initial prng_key",
+    "loha": "r alpha rank_dropout module_dropout",
+    "lokr": "r alpha decompose_both factor rank_dropout module_dropout",
+    "ia3": "feedforward",
+    "train": "epochs batch_size eval_batch_size lr optimizer schedule warmup weight_decay label_smoothing grad_clip "
+             "precision eval_every patience group_by_length padding compile seed max_steps init_from",
+    "augment": "synonym insert swap delete char_noise",
+    "filter": "min_words max_words min_tokens max_tokens max_non_alnum dedup_exact dedup_near noisy_fraction",
+    "budget": "max_params",
+}.items() for name in names.split())
 
 
-def _identity(d: dict) -> dict:
-    """What makes two configs the same training: the name and the sections of methods not in use do not count, and
-    a plain LoRA config (method lora, LoRA-only fields at their defaults) hashes as it did before methods existed.
-    Nor do the USE_SECTIONS: serving or adapting a run never changes which training it was."""
-    d = {k: v for k, v in d.items() if k not in USE_SECTIONS}
-    d = {k: v for k, v in d.items() if k != "name" and not (k in METHODS and k not in ("lora", d["method"]))}
-    # threads: how fast, not what is trained
-    d["train"] = {k: v for k, v in d["train"].items()
-                  if k != "threads" and not (k in _TRAIN_DEFAULTS and v == _TRAIN_DEFAULTS[k])}
-    for section, defaults in _ADDED_DEFAULTS.items():
-        d[section] = {k: v for k, v in d[section].items() if not (k in defaults and v == defaults[k])}
-    if d["method"] == "lora":
-        d.pop("method")
-        d["lora"] = {k: v for k, v in d["lora"].items() if not (k in _LORA_ONLY and v == _LORA_ONLY[k])}
-    else:
-        d["lora"] = {k: v for k, v in d["lora"].items() if k not in _LORA_ONLY}
-    return d
+def _identity(cfg: Config) -> dict:
+    """What makes two configs the same training, nested as in the config: never NOT_IDENTITY nor the settings of
+    methods not in use; a BASELINE_FIELDS field at any value; any other field only away from its default."""
+    unused_methods = [m for m in METHODS if m not in ("lora", cfg.method)]  # lora's targets and layers serve all
+    left_out = tuple(f"{name}." for name in (*NOT_IDENTITY, *unused_methods))
+    identity: dict = {}
+    for key, default in _defaults(type(cfg)).items():
+        value = functools.reduce(getattr, key.split("."), cfg)
+        if f"{key}.".startswith(left_out) or (key not in BASELINE_FIELDS and value == default):
+            continue
+        *sections, leaf = key.split(".")
+        node = identity
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return identity
 
 
-CHOICES = {
-    "lora.bias": ("none", "lora_only", "all"),
-    "train.optimizer": ("adamw", "rmsprop", "adagrad", "sgd"),
-    "train.schedule": ("linear", "cosine", "constant"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.padding": ("auto", "longest", "buckets"),
-    "lora.init": ("default", "gaussian", "pissa", "olora"),
-    "train.loss": ("ce", "focal"),
-    "train.select": ("loss", "accuracy", "macro_f1"),
-    "model.problem_type": ("single", "multi"),
-    "model.head": ("auto", "linear"),
-}
+@functools.cache
+def _defaults(cls) -> dict:
+    """Every leaf's default under the dataclass `cls`, by dotted key ('train.lr' under Config, 'lr' under
+    TrainConfig)."""
+    return {key: default_of(f) for key, f, _ in _flags.leaves(cls)}
 
 
 def class_weight_list(spec: str, num_labels: int) -> list[float] | None:
@@ -182,88 +195,44 @@ def class_weight_list(spec: str, num_labels: int) -> list[float] | None:
 
 
 def validate(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
-        section, leaf = key.split(".")
-        value = getattr(getattr(cfg, section), leaf)
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-    checks = [
-        (cfg.lora.r >= 1, "lora.r must be >= 1"),
-        (0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
-        (len(cfg.lora.targets) > 0, "lora.targets must name at least one module"),
-        (cfg.model.num_labels >= 2, "model.num_labels must be >= 2"),
-        (cfg.model.max_length >= 8, "model.max_length must be >= 8"),
-        (0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
-        (cfg.data.train_limit >= 0 and cfg.data.test_limit >= 0, "data limits must be >= 0"),
-        (cfg.train.epochs > 0, "train.epochs must be > 0"),
-        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
-        (cfg.train.eval_batch_size >= 0, "train.eval_batch_size must be >= 0 (0 = auto)"),
-        (cfg.train.threads >= 0, "train.threads must be >= 0 (0 = auto)"),
-        (cfg.train.probe_steps >= 0, "train.probe_steps must be >= 0 (0 = no linear probe)"),
-        (cfg.train.base_dropout == -1 or 0 <= cfg.train.base_dropout < 1,
-         "train.base_dropout must be -1 (the checkpoint's own) or in [0, 1)"),
-        (cfg.train.lr > 0, "train.lr must be > 0"),
-        (0 <= cfg.train.warmup < 1, "train.warmup must be in [0, 1)"),
-        (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
-        (cfg.train.focal_gamma >= 0, "train.focal_gamma must be >= 0"),
-        (cfg.train.loss == "focal" or cfg.train.focal_gamma == _TRAIN_DEFAULTS["focal_gamma"],
-         "train.focal_gamma applies to train.loss focal only"),
-        (cfg.train.loss == "ce" or cfg.train.label_smoothing == 0,
-         "train.label_smoothing applies to train.loss ce only: focal loss already softens confident rows"),
-        (cfg.budget.max_params > 0, "budget.max_params must be > 0"),
+    """The checks that need two sections (each section checks its own fields as it is built)."""
+    class_weight_list(cfg.train.class_weights, cfg.model.num_labels)
+    check(cfg, "", [
         (not cfg.data.label_columns or cfg.model.problem_type == "multi",
          "data.label_columns applies to model.problem_type multi only (one 0/1 column per label)"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
-    class_weight_list(cfg.train.class_weights, cfg.model.num_labels)
-    _validate_method(cfg)
-    if cfg.model.problem_type == "multi":
-        _validate_multi(cfg)
+        *_method_rules(cfg),
+        *(_multi_rules(cfg) if cfg.model.problem_type == "multi" else ()),
+    ])
 
 
-def _validate_multi(cfg: Config) -> None:
+def _multi_rules(cfg: Config) -> list[tuple[bool, str]]:
     """Settings built on one class per row (class frequencies, softmax, one gold class) that a label set has no
     meaning for: refused rather than silently ignored."""
-    checks = [
+    columns = cfg.data.label_columns
+    return [
         (cfg.data.label_delimiter.strip() != "", "data.label_delimiter must not be empty or blank"),
         (cfg.train.class_weights == "none", "train.class_weights applies to model.problem_type single only"),
         (cfg.train.loss == "ce", "train.loss focal applies to model.problem_type single only (multi trains on BCE)"),
         (cfg.train.label_smoothing == 0, "train.label_smoothing applies to model.problem_type single only"),
-        (cfg.filter == FilterConfig(), "filter settings apply to model.problem_type single only"),
+        (cfg.filter == type(cfg.filter)(), "filter settings apply to model.problem_type single only"),
         (not cfg.data.pseudo_labels, "data.pseudo_labels applies to model.problem_type single only"),
-        (not cfg.data.label_columns or len(cfg.data.label_columns) == cfg.model.num_labels,
-         f"data.label_columns names {len(cfg.data.label_columns)} column(s) for {cfg.model.num_labels} labels "
+        (not columns or len(columns) == cfg.model.num_labels,
+         f"data.label_columns names {len(columns)} column(s) for {cfg.model.num_labels} labels "
          "(model.num_labels): one column per label"),
-        (len(set(map(str, cfg.data.label_columns))) == len(cfg.data.label_columns),
-         "data.label_columns names a column twice"),
+        (len(set(map(str, columns))) == len(columns), "data.label_columns names a column twice"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
 
 
-def _validate_method(cfg: Config) -> None:
-    """The method's name, and LoRA-only settings used with another method (silently ignored otherwise); each
-    method's own section checks its values itself."""
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    lc = cfg.lora
-    if cfg.method != "lora":
-        for key, default in (*_LORA_ONLY.items(), ("dora", False), ("rslora", False), ("bias", "none")):
-            if getattr(lc, key) != default:
-                raise ConfigError(f"lora.{key} applies to method lora only, not to {cfg.method}")
-    checks = [
-        (lc.b_lr_ratio > 0, "lora.b_lr_ratio must be > 0"),
-        (not (lc.dora and lc.init in ("pissa", "olora")), "lora.init pissa/olora cannot be combined with lora.dora "
-                                                          "(the saved adapter is converted to plain LoRA)"),
-        (all(str(t) in map(str, lc.targets) for t in cfg.ia3.feedforward) or cfg.method != "ia3",
+def _method_rules(cfg: Config) -> list[tuple[bool, str]]:
+    """LoRA-only settings used with another method (silently ignored otherwise), and (IA)3's scaled inputs, which
+    must be among the adapted modules; the method's name is checked against its declared choices, and each method's
+    own section checks its values itself."""
+    return [
+        *((cfg.method == "lora" or getattr(cfg.lora, key) == _defaults(LoraConfig)[key],
+           f"lora.{key} applies to method lora only, not to {cfg.method}") for key in LORA_ONLY),
+        (cfg.method != "ia3" or all(str(t) in map(str, cfg.lora.targets) for t in cfg.ia3.feedforward),
          "ia3.feedforward must be a subset of lora.targets"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
 
 
 # -- CLI -----------------------------------------------------------------------------------------------------------

@@ -1,21 +1,58 @@
-"""How the frozen dataclass tree in `config` is read: YAML mappings and `--section.field` flags, coerced to each
-field's type with one clear error, and the help text taken from each field's metadata."""
+"""How the frozen dataclass tree in `config` is declared, checked and read. A field is declared once, with `field_`:
+its default, its help text and, for a setting with a fixed set of values, those values. Every check goes through
+`check`, which reads a field's declared values itself, so the check, the error message and the `--help` text all come
+from the one declaration. YAML mappings and `--section.field` flags are coerced to each field's type with one clear
+error."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import typing
-from typing import Any
+from typing import Any, Iterable
 
 from budgetlora.errors import ConfigError
 
 
-def field_(default, help: str):
-    """A config field with its help text (lists and dicts get a fresh copy per instance)."""
+def field_(default, help: str, choices: tuple = (), flag: str = ""):
+    """A config field with its help text (lists and dicts get a fresh copy per instance). `choices`: the only values
+    the field takes; `check` refuses any other and `--help` lists them. `flag`: a command's flag spelling other than
+    the field's name with dashes (an older, shorter one)."""
+    metadata = {"help": help}
+    if choices:
+        metadata["choices"] = tuple(choices)
+    if flag:
+        metadata["flag"] = flag
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def default_of(field: dataclasses.Field):
+    """A field's default value (a fresh copy for a list or dict)."""
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def check(section, key: str, rules: Iterable[tuple[bool, str]] = ()) -> None:
+    """Refuse a config section built with a bad value, as one ConfigError of one line: first a field outside its
+    declared choices, then the first of `rules` ((holds, message) pairs) that does not hold. `key` is the section's
+    name in the tree ('train'; '' for the whole config), which the choices' messages start with. Every config check
+    raises here and nowhere else."""
+    for ok, message in (*_choice_rules(section, key), *rules):
+        if not ok:
+            raise ConfigError(message)
+
+
+def _choice_rules(section, key: str) -> list[tuple[bool, str]]:
+    """A broken rule for each field whose value is not one of its declared choices."""
+    rules = []
+    for f in dataclasses.fields(section):
+        allowed, value = f.metadata.get("choices"), getattr(section, f.name)
+        if allowed and value not in allowed:
+            name = f"{key}.{f.name}" if key else f.name
+            rules.append((False, f"{name} must be one of {', '.join(allowed)}, got {value!r}"))
+    return rules
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:
@@ -30,8 +67,9 @@ def set_dotted(d: dict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
+@functools.cache
 def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls)  # slow (it compiles every annotation), and a class's hints never change
 
 
 def build(cls, d: dict, prefix: str):
@@ -94,14 +132,25 @@ def _coerce(value: Any, t, key: str):
 
 
 def leaves(cls, prefix=""):
+    """(dotted key, field, type) of every leaf of the tree under `cls`, in field order."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         t = hints[f.name]
         if dataclasses.is_dataclass(t):
             yield from leaves(t, prefix + f.name + ".")
         else:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            yield prefix + f.name, t, default, f.metadata.get("help", "")
+            yield prefix + f.name, f, t
+
+
+def _metavar(f: dataclasses.Field, t) -> str:
+    """How --help shows a flag's value: a field's declared choices as argparse shows choices ({a,b,c}), else its type.
+    The value itself is checked by the config, not by argparse, so that a bad one is the config's one-line error
+    whether it came from a flag, a YAML file or Python."""
+    if "choices" in f.metadata:
+        return "{" + ",".join(f.metadata["choices"]) + "}"
+    if t is bool:
+        return "BOOL"
+    return "LIST" if (t is list or typing.get_origin(t) is list) else getattr(t, "__name__", "value").upper()
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -110,13 +159,13 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) 
     parser.add_argument("--config", help="YAML config file, or a shipped preset by name: minilm-default, "
                                          "minilm-quick, roberta-m3, ... (flags override it)")
     group = parser.add_argument_group("config fields (override the YAML)")
-    for key, t, default, help in leaves(cls):
+    for key, f, t in leaves(cls):
         if key.split(".")[0] in skip:
             continue
-        kind = "list" if (t is list or typing.get_origin(t) is list) else getattr(t, "__name__", str(t))
+        default = default_of(f)
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar=kind.upper(),
-                           help=f"{help} (default: {shown})")
+        group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar=_metavar(f, t),
+                           help=f"{f.metadata['help']} (default: {shown})")
 
 
 def from_flags(args: argparse.Namespace, cls):
@@ -128,16 +177,14 @@ def from_flags(args: argparse.Namespace, cls):
 def add_section_flags(parser: argparse.ArgumentParser, cls, section: str) -> None:
     """One `--field-name` flag per field of the config section `section` (of type `cls`), each with its help and
     default, overriding `section.field` of `--config` (`from_flags` reads them back). A field's metadata may name
-    another spelling ("flag") and the allowed values ("choices"). A bool that defaults to false is a flag alone."""
+    another spelling ("flag"). A bool that defaults to false is a flag alone."""
     group = parser.add_argument_group(f"{section} settings (override the {section}: section of --config)")
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         t, meta = hints[f.name], f.metadata
         if t is bool and not f.default:
             extra = {"action": "store_const", "const": "true"}
-        elif "choices" in meta:
-            extra = {"choices": meta["choices"]}
         else:
-            extra = {"metavar": "BOOL" if t is bool else getattr(t, "__name__", "value").upper()}
+            extra = {"metavar": _metavar(f, t)}
         group.add_argument(f"--{meta.get('flag', f.name.replace('_', '-'))}", dest=f"cfg:{section}.{f.name}",
                            default=None, help=f"{meta['help']} (default: {f.default})", **extra)

@@ -1,11 +1,12 @@
-"""The sections of the config tree, one frozen dataclass each; every field carries its help text."""
+"""The sections of the config tree, one frozen dataclass each; every field carries its help text (and, for a fixed
+set of values, those values). Each section checks its own fields as it is built; checks that need two sections are
+the whole config's (`config.validate`)."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-from budgetlora.config.flags import field_ as _f
-from budgetlora.errors import ConfigError
+from budgetlora.config.flags import check, field_ as _f
 
 
 @dataclass(frozen=True)
@@ -15,10 +16,17 @@ class ModelConfig:
     random_init: bool = _f(False, "build the architecture from its config with random weights (speed/param tests)")
     num_labels: int = _f(4, "number of classes")
     max_length: int = _f(128, "truncate texts to this many tokens")
-    problem_type: str = _f("single", "single (one class per text) or multi (a set of labels per text, sigmoid + BCE)")
+    problem_type: str = _f("single", "single (one class per text) or multi (a set of labels per text, sigmoid + BCE)",
+                           choices=("single", "multi"))
     head: str = _f("auto", "classification head: auto (the architecture's own; RoBERTa and MPNet: dense 768x768 + "
                            "out_proj, 593,668 params at 4 classes) or linear (one Linear on the first token's final "
-                           "state, 3,076 params: the freed budget goes to the adapters)")
+                           "state, 3,076 params: the freed budget goes to the adapters)", choices=("auto", "linear"))
+
+    def __post_init__(self):
+        check(self, "model", [
+            (self.num_labels >= 2, "model.num_labels must be >= 2"),
+            (self.max_length >= 8, "model.max_length must be >= 8"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,12 @@ class DataConfig:
     pseudo_labels: str = _f("", "CSV of pseudo-labelled rows (text,label written by self-train) added to train")
     unlabelled: str = _f("", "the unlabelled source the pseudo labels were predicted from (a record)")
 
+    def __post_init__(self):
+        check(self, "data", [
+            (0 < self.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
+            (self.train_limit >= 0 and self.test_limit >= 0, "data limits must be >= 0"),
+        ])
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -44,23 +58,33 @@ class LoraConfig:
     dropout: float = _f(0.1, "dropout on the LoRA input")
     targets: list = _f(["q", "k", "v", "o", "ffn_in", "ffn_out"], "modules to adapt: short names q,k,v,o,ffn_in,ffn_out (or exact module suffixes)")
     layers: list = _f([], "layer indices to adapt (empty = all); negative counts from the top")
-    bias: str = _f("none", "which biases train: none, lora_only, all")
+    bias: str = _f("none", "which biases train: none, lora_only, all", choices=("none", "lora_only", "all"))
     rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
     dora: bool = _f(False, "weight-decomposed LoRA (adds one magnitude vector per module)")
     init: str = _f("default", "LoRA init: default (B = 0), gaussian, pissa (principal singular vectors of W; the "
-                              "base keeps the residual), olora (QR of W); method lora only")
+                              "base keeps the residual), olora (QR of W); method lora only",
+                   choices=("default", "gaussian", "pissa", "olora"))
     b_lr_ratio: float = _f(1.0, "LoRA+: the B matrices learn at train.lr x this (1 = plain LoRA, 16 in the LoRA+ "
                                 "paper); method lora only")
+
+    def __post_init__(self):
+        check(self, "lora", [
+            (self.r >= 1, "lora.r must be >= 1"),
+            (0 <= self.dropout < 1, "lora.dropout must be in [0, 1)"),
+            (len(self.targets) > 0, "lora.targets must name at least one module"),
+            (self.b_lr_ratio > 0, "lora.b_lr_ratio must be > 0"),
+            (not (self.dora and self.init in ("pissa", "olora")),
+             "lora.init pissa/olora cannot be combined with lora.dora (the saved adapter is converted to plain LoRA)"),
+        ])
+
+
+# the lora fields only the lora method reads: another method refuses them away from their defaults
+LORA_ONLY = ("init", "b_lr_ratio", "dora", "rslora", "bias")
 
 
 # -- one section per adapter method besides LoRA; lora.targets, lora.layers (and lora.dropout and lora.alpha where a
 # method has an input dropout or a scale) say where and how every method adapts, so a method switch keeps targets.
 # Each section checks its own values; METHOD_SECTIONS below names every method.
-def _check(rules) -> None:
-    for ok, msg in rules:
-        if not ok:
-            raise ConfigError(msg)
-
 
 @dataclass(frozen=True)
 class AdaLoraConfig:
@@ -74,7 +98,7 @@ class AdaLoraConfig:
     orth_reg_weight: float = _f(0.5, "AdaLoRA: weight of the orthogonality penalty on A and B")
 
     def __post_init__(self):
-        _check([
+        check(self, "adalora", [
             (1 <= self.target_r <= self.init_r, "adalora needs 1 <= target_r <= init_r"),
             (0 <= self.tinit and 0 <= self.tfinal and self.tinit + self.tfinal < 1,
              "adalora.tinit + adalora.tfinal must be in [0, 1): the rest is the pruning phase"),
@@ -92,7 +116,7 @@ class VeraConfig:
     prng_key: int = _f(0, "VeRA: seed of the shared frozen random matrices (saved with the adapter)")
 
     def __post_init__(self):
-        _check([(self.r >= 1, "vera.r must be >= 1")])
+        check(self, "vera", [(self.r >= 1, "vera.r must be >= 1")])
 
 
 @dataclass(frozen=True)
@@ -103,9 +127,10 @@ class LohaConfig:
     module_dropout: float = _f(0.0, "LoHa: probability of skipping a whole module during training")
 
     def __post_init__(self):
-        _check([(self.r >= 1, "loha.r must be >= 1"),
-                (0 <= self.rank_dropout < 1 and 0 <= self.module_dropout < 1,
-                 "loha dropouts must be in [0, 1)")])
+        check(self, "loha", [
+            (self.r >= 1, "loha.r must be >= 1"),
+            (0 <= self.rank_dropout < 1 and 0 <= self.module_dropout < 1, "loha dropouts must be in [0, 1)"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -118,10 +143,11 @@ class LokrConfig:
     module_dropout: float = _f(0.0, "LoKr: probability of skipping a whole module during training")
 
     def __post_init__(self):
-        _check([(self.r >= 1, "lokr.r must be >= 1"),
-                (self.factor == -1 or self.factor >= 1, "lokr.factor must be -1 or >= 1"),
-                (0 <= self.rank_dropout < 1 and 0 <= self.module_dropout < 1,
-                 "lokr dropouts must be in [0, 1)")])
+        check(self, "lokr", [
+            (self.r >= 1, "lokr.r must be >= 1"),
+            (self.factor == -1 or self.factor >= 1, "lokr.factor must be -1 or >= 1"),
+            (0 <= self.rank_dropout < 1 and 0 <= self.module_dropout < 1, "lokr dropouts must be in [0, 1)"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -142,19 +168,21 @@ class TrainConfig:
     batch_size: int = _f(32, "training batch size")
     eval_batch_size: int = _f(0, "evaluation batch size; 0 = auto: 64 on a CPU (less padding, cache-sized), 512 on a GPU")
     lr: float = _f(2e-3, "peak learning rate")
-    optimizer: str = _f("adamw", "adamw, rmsprop, adagrad or sgd (with momentum 0.9)")
-    schedule: str = _f("linear", "linear, cosine or constant, after warmup")
+    optimizer: str = _f("adamw", "adamw, rmsprop, adagrad or sgd (with momentum 0.9)",
+                        choices=("adamw", "rmsprop", "adagrad", "sgd"))
+    schedule: str = _f("linear", "linear, cosine or constant, after warmup", choices=("linear", "cosine", "constant"))
     warmup: float = _f(0.06, "warmup as a fraction of all steps")
     weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
     class_weights: str = _f("none", "per-class loss weights: none, auto (inverse training class frequency, mean 1) "
                                     "or one positive number per class ('1,2,4,8')")
     loss: str = _f("ce", "training loss: ce (cross-entropy) or focal ((1 - p)^focal_gamma x CE, class weights as "
-                         "alpha)")
+                         "alpha)", choices=("ce", "focal"))
     focal_gamma: float = _f(2.0, "focal loss exponent (0 = plain cross-entropy); loss focal only")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
     precision: str = _f("auto", "auto (bf16 on a GPU that has it and on a CPU with native bf16 (AVX512-BF16 or "
-                                "AMX), else fp32), fp32, bf16 or fp16; evaluation and prediction follow it")
+                                "AMX), else fp32), fp32, bf16 or fp16; evaluation and prediction follow it",
+                        choices=("auto", "fp32", "bf16", "fp16"))
     threads: int = _f(0, "CPU threads for torch (0 = the cores not already busy); not part of the run id")
     base_dropout: float = _f(-1.0, "dropout inside the frozen base while training (hidden states and attention); "
                                    "-1 keeps the checkpoint's own (0.1 for BERT types); 0 lets attention run as one "
@@ -163,16 +191,36 @@ class TrainConfig:
     patience: int = _f(0, "early stopping: evaluations without improvement of train.select before stopping "
                           "(0 = off)")
     select: str = _f("loss", "validation metric that picks the kept state and drives patience: loss (lower is "
-                             "better), accuracy or macro_f1")
+                             "better), accuracy or macro_f1", choices=("loss", "accuracy", "macro_f1"))
     group_by_length: bool = _f(True, "batch texts of similar length together (less padding)")
     padding: str = _f("auto", "batch width: longest (each batch's longest row), buckets (a few fixed widths, so a GPU "
-                              "reuses shapes and a CPU keeps fewer kernels in memory), auto (= buckets)")
+                              "reuses shapes and a CPU keeps fewer kernels in memory), auto (= buckets)",
+                      choices=("auto", "longest", "buckets"))
     compile: bool = _f(False, "torch.compile the model for training (pays off on a GPU with padding=buckets)")
     seed: int = _f(42, "seed for splits, batches, dropout and init")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit)")
     probe_steps: int = _f(0, "train the head alone for this many steps first (a linear probe, LP-FT), then the "
                              "adapters with it; not counted in epochs or max_steps (0 = off)")
     init_from: str = _f("", "start from this run folder's adapter weights (same model and LoRA setup)")
+
+    def __post_init__(self):
+        check(self, "train", [
+            (self.epochs > 0, "train.epochs must be > 0"),
+            (self.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.eval_batch_size >= 0, "train.eval_batch_size must be >= 0 (0 = auto)"),
+            (self.threads >= 0, "train.threads must be >= 0 (0 = auto)"),
+            (self.probe_steps >= 0, "train.probe_steps must be >= 0 (0 = no linear probe)"),
+            (self.base_dropout == -1 or 0 <= self.base_dropout < 1,
+             "train.base_dropout must be -1 (the checkpoint's own) or in [0, 1)"),
+            (self.lr > 0, "train.lr must be > 0"),
+            (0 <= self.warmup < 1, "train.warmup must be in [0, 1)"),
+            (0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
+            (self.focal_gamma >= 0, "train.focal_gamma must be >= 0"),
+            (self.loss == "focal" or self.focal_gamma == TrainConfig.focal_gamma,  # the class attribute: its default
+             "train.focal_gamma applies to train.loss focal only"),
+            (self.loss == "ce" or self.label_smoothing == 0,
+             "train.label_smoothing applies to train.loss ce only: focal loss already softens confident rows"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -186,9 +234,9 @@ class AugmentConfig:
     char_noise: float = _f(0.0, "per-character probability of a typo")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            if not 0.0 <= getattr(self, f.name) <= 1.0:
-                raise ConfigError(f"augment.{f.name} must be a probability in [0, 1], got {getattr(self, f.name)}")
+        check(self, "augment", [(0.0 <= getattr(self, f.name) <= 1.0,
+                                 f"augment.{f.name} must be a probability in [0, 1], got {getattr(self, f.name)}")
+                                for f in dataclasses.fields(self)])
 
     @property
     def enabled(self) -> bool:
@@ -213,47 +261,27 @@ class FilterConfig:
     noisy_fraction: float = _f(0.0, "drop this share of rows a first training pass finds least learnable (0 = off)")
 
     def __post_init__(self):
-        for name in ("min_words", "max_words", "min_tokens", "max_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"filter.{name} must be >= 0")
-        for name in ("max_non_alnum", "dedup_near"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"filter.{name} must be in [0, 1]")
-        if not 0.0 <= self.noisy_fraction < 1.0:
-            raise ConfigError("filter.noisy_fraction must be in [0, 1)")
+        check(self, "filter", [
+            *((getattr(self, name) >= 0, f"filter.{name} must be >= 0")
+              for name in ("min_words", "max_words", "min_tokens", "max_tokens")),
+            *((0.0 <= getattr(self, name) <= 1.0, f"filter.{name} must be in [0, 1]")
+              for name in ("max_non_alnum", "dedup_near")),
+            (0.0 <= self.noisy_fraction < 1.0, "filter.noisy_fraction must be in [0, 1)"),
+        ])
 
 
 @dataclass(frozen=True)
 class BudgetConfig:
     max_params: int = _f(1_000_000, "hard limit on trainable parameters, head included")
 
-
+    def __post_init__(self):
+        check(self, "budget", [(self.max_params > 0, "budget.max_params must be > 0")])
 
 
 # -- the settings of the commands that use a run rather than train one: read from the same YAML and flags, never part
 # of the run id (the same training serves, self-trains and submits under any of them)
 PRIOR_CORRECTION = ("off", "auto", "on")  # off: argmax; auto: where the shift analysis' gate applies it; on: always
 
-
-def _flag(default, help: str, flag: str):
-    """A command setting whose command-line flag is not its field name with dashes (an older, shorter spelling)."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
-
-
-def _choice(default: str, help: str, choices: tuple[str, ...]):
-    """A setting with a fixed set of values: --help lists them, and `_one_of` checks against the same tuple."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
-
-
-def _one_of(obj, name: str) -> tuple[bool, str]:
-    allowed = next(f for f in dataclasses.fields(obj) if f.name == name).metadata["choices"]
-    return getattr(obj, name) in allowed, f"{name} must be one of {', '.join(allowed)}, got {getattr(obj, name)!r}"
-
-
-def _require(section: str, checks: list[tuple[bool, str]]) -> None:
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(f"{section}.{msg}")
 
 
 @dataclass(frozen=True)
@@ -269,19 +297,19 @@ class ServeConfig:
     batch_wait_ms: float = _f(2.0, "how long a forward pass waits for more requests to merge")
     show_paths: bool = _f(False, "GET /info shows the run's and base model's full paths on this server, not only "
                                  "their names")
-    backend: str = _choice("torch", "torch, or onnx: serve an `export --onnx` folder (or a run folder holding one "
-                                    "in onnx/) on onnxruntime, without torch", ("torch", "onnx"))
+    backend: str = _f("torch", "torch, or onnx: serve an `export --onnx` folder (or a run folder holding one in "
+                               "onnx/) on onnxruntime, without torch", choices=("torch", "onnx"))
 
     def __post_init__(self):
-        _require("serve", [
-            (bool(self.host), "host must name an address"),
-            (0 <= self.port <= 65535, "port must be in 0..65535"),
-            (self.max_batch >= 1, "max_batch must be >= 1"),
-            (self.max_texts >= 1, "max_texts must be >= 1"),
-            (self.max_chars >= 1, "max_chars must be >= 1"),
-            (self.max_body_bytes >= 0, "max_body_bytes must be >= 0 (0 = derived from max_texts and max_chars)"),
-            (self.batch_wait_ms >= 0, "batch_wait_ms must be >= 0"),
-            _one_of(self, "backend"),
+        check(self, "serve", [
+            (bool(self.host), "serve.host must name an address"),
+            (0 <= self.port <= 65535, "serve.port must be in 0..65535"),
+            (self.max_batch >= 1, "serve.max_batch must be >= 1"),
+            (self.max_texts >= 1, "serve.max_texts must be >= 1"),
+            (self.max_chars >= 1, "serve.max_chars must be >= 1"),
+            (self.max_body_bytes >= 0,
+             "serve.max_body_bytes must be >= 0 (0 = derived from max_texts and max_chars)"),
+            (self.batch_wait_ms >= 0, "serve.batch_wait_ms must be >= 0"),
         ])
 
     @property
@@ -308,9 +336,9 @@ class SelfTrainConfig:
                                   "parent's, and stop there (1 = keep every round)")
     balance: bool = _f(True, "same number of pseudo labels per predicted class, most confident first")
     max_per_class: int = _f(0, "at most this many pseudo labels per class (0 = no cap)")
-    prior_correction: str = _choice("off", "pseudo-label from prior-corrected posteriors: off, on, or auto (each "
-                                           "round runs the shift analysis and corrects only where its gate applies)",
-                                    PRIOR_CORRECTION)
+    prior_correction: str = _f("off", "pseudo-label from prior-corrected posteriors: off, on, or auto (each round "
+                                      "runs the shift analysis and corrects only where its gate applies)",
+                               choices=PRIOR_CORRECTION)
     target_prior: str = _f("", "pseudo-label from posteriors fitted to this known class mix ('uniform' or one share "
                                "per class), so a round cannot learn the skew it should remove ('' = off)")
     epochs: float = _f(0.0, "train.epochs of the new runs (0 = the parent's)")
@@ -318,18 +346,18 @@ class SelfTrainConfig:
     lr: float = _f(0.0, "train.lr of the new runs (0 = the parent's)")
 
     def __post_init__(self):
-        _require("self_train", [
+        check(self, "self_train", [
             (not (self.target_prior and self.prior_correction != "off"),
-             "give target_prior (a known class mix) or prior_correction (an estimated one), not both"),
-            (self.rounds >= 1, "rounds must be >= 1"),
-            (self.threshold == -1 or 0 <= self.threshold <= 1, "threshold must be in [0, 1] (or -1: the default)"),
-            (0 <= self.share <= 1, f"share must be in [0, 1], got {self.share}"),
-            (0 <= self.mix < 1, f"mix must be in [0, 1), got {self.mix}"),
-            (-1 <= self.max_val_drop <= 1, "max_val_drop must be in [-1, 1] (1 = keep every round)"),
-            (self.max_per_class >= 0, "max_per_class must be >= 0"),
-            _one_of(self, "prior_correction"),
-            (self.epochs >= 0 and self.lr >= 0, "epochs and lr must be >= 0 (0 = the parent's)"),
-            (self.max_steps >= -1, "max_steps must be >= -1 (-1 = the parent's)"),
+             "self_train.give target_prior (a known class mix) or prior_correction (an estimated one), not both"),
+            (self.rounds >= 1, "self_train.rounds must be >= 1"),
+            (self.threshold == -1 or 0 <= self.threshold <= 1,
+             "self_train.threshold must be in [0, 1] (or -1: the default)"),
+            (0 <= self.share <= 1, f"self_train.share must be in [0, 1], got {self.share}"),
+            (0 <= self.mix < 1, f"self_train.mix must be in [0, 1), got {self.mix}"),
+            (-1 <= self.max_val_drop <= 1, "self_train.max_val_drop must be in [-1, 1] (1 = keep every round)"),
+            (self.max_per_class >= 0, "self_train.max_per_class must be >= 0"),
+            (self.epochs >= 0 and self.lr >= 0, "self_train.epochs and lr must be >= 0 (0 = the parent's)"),
+            (self.max_steps >= -1, "self_train.max_steps must be >= -1 (-1 = the parent's)"),
         ])
 
     @property
@@ -354,25 +382,24 @@ class SubmitConfig:
     share: float = _f(0.3, "self-training: top share of each predicted class")
     mix: float = _f(0.25, "self-training: pseudo rows' share of the training rows")
     steps: int = _f(300, "self-training: optimizer steps per round")
-    lr: float = _flag(5e-4, "self-training: learning rate of a round", "st-lr")
+    lr: float = _f(5e-4, "self-training: learning rate of a round", flag="st-lr")
     max_val_drop: float = _f(0.005, "self-training round gate: largest validation accuracy loss a kept round may have")
-    prior_correction: str = _choice("auto", "off, on, or auto: only where EM and BBSE agree and the texts did not "
-                                            "move", PRIOR_CORRECTION)
+    prior_correction: str = _f("auto", "off, on, or auto: only where EM and BBSE agree and the texts did not move",
+                               choices=PRIOR_CORRECTION)
     max_length: int = _f(0, "tokens read per target text (0 = model.max_length)")
     target_prior: str = _f("", "the target's class mix when it is known: 'uniform' or one share per class "
                                "('0.4,0.2,0.2,0.2'); the target's posteriors are fitted to it, instead of prior "
                                "correction ('' = not known)")
 
     def __post_init__(self):
-        _require("submit", [
-            (self.rounds >= 0, "rounds must be >= 0"),
-            (0 < self.share <= 1, f"share must be in (0, 1], got {self.share}"),
-            (0 <= self.mix < 1, f"mix must be in [0, 1), got {self.mix}"),
-            (self.steps >= 1, "steps must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (-1 <= self.max_val_drop <= 1, "max_val_drop must be in [-1, 1]"),
-            _one_of(self, "prior_correction"),
-            (self.max_length >= 0, "max_length must be >= 0 (0 = model.max_length)"),
+        check(self, "submit", [
+            (self.rounds >= 0, "submit.rounds must be >= 0"),
+            (0 < self.share <= 1, f"submit.share must be in (0, 1], got {self.share}"),
+            (0 <= self.mix < 1, f"submit.mix must be in [0, 1), got {self.mix}"),
+            (self.steps >= 1, "submit.steps must be >= 1"),
+            (self.lr > 0, "submit.lr must be > 0"),
+            (-1 <= self.max_val_drop <= 1, "submit.max_val_drop must be in [-1, 1]"),
+            (self.max_length >= 0, "submit.max_length must be >= 0 (0 = model.max_length)"),
         ])
 
     def self_training(self) -> SelfTrainConfig:
