@@ -75,6 +75,8 @@ def cmd_export(args) -> int:
 
     if not (args.merged or args.onnx):
         raise config_mod.ConfigError("export: say what to write: --merged OUT, --onnx OUT, or both")
+    if args.quantize and not args.onnx:
+        raise config_mod.ConfigError("--quantize applies to --onnx exports")
     from budgetlora import runs
 
     for out in filter(None, (args.merged, args.onnx)):  # both, before the first export spends minutes
@@ -82,7 +84,8 @@ def cmd_export(args) -> int:
     if args.merged:
         export_merged(args.run, args.merged, force=args.force, tolerance=args.tolerance, base=args.base)
     if args.onnx:
-        export_onnx(args.run, args.onnx, force=args.force, tolerance=args.tolerance, base=args.base)
+        export_onnx(args.run, args.onnx, force=args.force, tolerance=args.tolerance, base=args.base,
+                    quantize=args.quantize)
     return 0
 
 
@@ -249,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--merged", metavar="OUT", help="a transformers model folder (must be empty or absent)")
     out.add_argument("--onnx", metavar="OUT", help="an ONNX model + tokenizer folder for `serve --backend onnx` "
                                                   "(needs the onnx extra: pip install 'budgetlora[onnx]')")
+    out.add_argument("--quantize", choices=("int8",), default=None,
+                     help="with --onnx: 8-bit weights (onnxruntime dynamic quantization), about 4x smaller and "
+                          "faster on a CPU; checked by answers agreeing with the adapter's, not by logits")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |merged - unmerged| logit difference")
     p.set_defaults(func=cmd_export)

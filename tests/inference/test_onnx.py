@@ -152,3 +152,36 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "no ONNX export" in err and f"--onnx {run / 'onnx'}" in err
     assert main(["export", str(run)]) == 2
     assert "--merged OUT, --onnx OUT" in capsys.readouterr().err
+
+
+# -- int8 ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_an_int8_export_is_smaller_checked_by_its_answers_and_served_unchanged(onnx_export, tiny_run, texts,
+                                                                              tmp_path):
+    from fastapi.testclient import TestClient
+
+    from budgetlora.inference.export import INT8_AGREEMENT
+    from budgetlora.inference.serve import create_app
+
+    out = tmp_path / "int8"
+    info = export_onnx(tiny_run, out, log=lambda *a: None, quantize="int8")
+    q = runs.read_json(out / INFO_FILE)["quantization"]
+    assert q == info["quantization"] and q["type"] == "int8" and q["label_agreement"] >= INT8_AGREEMENT
+    assert q["verify_texts"] == info["verify_texts"] > 0 and "max_abs_logit_diff" not in info
+    fp32_bytes = (onnx_export[0] / MODEL_FILE).stat().st_size
+    assert (out / MODEL_FILE).stat().st_size < fp32_bytes / 2.5  # 8-bit weights
+    assert not (out / "model.fp32.onnx").exists()
+    model = OnnxClassifier(out)
+    agree = (model.logits(texts).argmax(1) == OnnxClassifier(onnx_export[0]).logits(texts).argmax(1)).mean()
+    assert agree >= 0.9, agree  # texts the check never saw
+    with TestClient(create_app(model)) as client:
+        r = client.post("/predict", json={"texts": texts[:3]})
+        assert r.status_code == 200 and len(r.json()["labels"]) == 3
+
+
+def test_quantize_needs_an_onnx_export(tmp_path, capsys):
+    from budgetlora.cli import main
+
+    assert main(["export", str(tmp_path), "--merged", str(tmp_path / "m"), "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--quantize applies to --onnx exports" in err
