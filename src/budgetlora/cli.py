@@ -8,7 +8,7 @@ import sys
 
 from budgetlora import config as config_mod
 from budgetlora.config.flags import add_section_flags
-from budgetlora.config.sections import PRIOR_CORRECTION, SelfTrainConfig, ServeConfig, SubmitConfig
+from budgetlora.config.use import PRIOR_CORRECTION, SelfTrainConfig, ServeConfig, SubmitConfig
 from budgetlora.errors import BudgetloraError
 from budgetlora.tasks import LONG_TEXTS
 

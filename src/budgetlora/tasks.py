@@ -258,11 +258,14 @@ def task_of(cfg) -> Task:
 
 
 def class_names(cfg, stored=None) -> list[str]:
-    """The names a run's classes go by: those it was reported with (`stored`, metrics.json), a multi-label run's own
-    0/1 label columns, the default dataset's (AG News) when it trains on that, else the label ids."""
+    """The names a run's classes go by: those it was reported with (`stored`, metrics.json), the config's
+    (data.class_names), a multi-label run's own 0/1 label columns, the default dataset's (AG News) when it trains on
+    that, else the label ids."""
     n = cfg.model.num_labels
     if isinstance(stored, list) and len(stored) == n:
         return [str(x) for x in stored]
+    if cfg.data.class_names:
+        return [str(c) for c in cfg.data.class_names]
     if cfg.data.label_columns:
         return [str(c) for c in cfg.data.label_columns]
     if cfg.data.train in ("", "ag_news") and n == len(AG_NEWS_CLASSES):

@@ -13,7 +13,7 @@ import uvicorn
 import budgetlora
 from budgetlora import runs
 from budgetlora.cli import main
-from budgetlora.config.sections import ServeConfig
+from budgetlora.config.use import ServeConfig
 from budgetlora.errors import ConfigError
 from budgetlora.inference.serve import MicroBatcher, create_app
 from tests.inference.servers import uvicorn_thread

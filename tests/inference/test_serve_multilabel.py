@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from budgetlora import runs
 from budgetlora.config import Config
-from budgetlora.config.sections import ServeConfig
+from budgetlora.config.use import ServeConfig
 from budgetlora.errors import RunFolderError
 from budgetlora.inference.classifier import Classifier
 from budgetlora.inference.serve import answer, create_app

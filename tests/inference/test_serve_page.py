@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 import budgetlora
-from budgetlora.config.sections import ServeConfig
+from budgetlora.config.use import ServeConfig
 from budgetlora.inference.page import render
 from budgetlora.inference.serve import create_app
 from tests.inference.servers import uvicorn_thread

@@ -54,7 +54,7 @@ def test_mix_repeats():
 
 
 def test_self_train_settings():
-    from budgetlora.config.sections import SelfTrainConfig
+    from budgetlora.config.use import SelfTrainConfig
 
     assert SelfTrainConfig().min_confidence == 0.9 and SelfTrainConfig(share=0.3).min_confidence == 0.0
     assert SelfTrainConfig(share=0.3, threshold=0.5).min_confidence == 0.5

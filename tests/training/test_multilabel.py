@@ -346,3 +346,13 @@ def test_class_names_come_from_the_data_not_from_the_number_of_classes():
     assert class_names(own) == ["0", "1", "2", "3"]
     assert class_names(own, stored=["a", "b", "c", "d"]) == ["a", "b", "c", "d"]  # what the run was reported with
     assert class_names(own, stored=["a"]) == ["0", "1", "2", "3"]  # names that do not fit are not used
+
+
+def test_class_names_from_the_config_are_checked_and_leave_run_ids_alone():
+    own = Config().replace(**{"data.train": "mine.csv"})
+    named = own.replace(**{"data.class_names": ["a", "b", "c", "d"]})
+    assert class_names(named) == ["a", "b", "c", "d"] and class_names(own) == ["0", "1", "2", "3"]
+    assert own.replace(**{"data.class_names": []}).run_id == own.run_id
+    for bad, words in ((["a", "b"], "names 2 class(es) for 4"), (["a", "a", "b", "c"], "names a class twice")):
+        with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            own.replace(**{"data.class_names": bad})

@@ -36,12 +36,10 @@ from budgetlora.config.sections import (
     LokrConfig,
     LoraConfig,
     ModelConfig,
-    SelfTrainConfig,
-    ServeConfig,
-    SubmitConfig,
     TrainConfig,
     VeraConfig,
 )
+from budgetlora.config.use import SelfTrainConfig, ServeConfig, SubmitConfig
 from budgetlora.errors import ConfigError
 
 
@@ -200,6 +198,10 @@ def validate(cfg: Config) -> None:
     check(cfg, "", [
         (not cfg.data.label_columns or cfg.model.problem_type == "multi",
          "data.label_columns applies to model.problem_type multi only (one 0/1 column per label)"),
+        (not cfg.data.class_names or len(cfg.data.class_names) == cfg.model.num_labels,
+         f"data.class_names names {len(cfg.data.class_names)} class(es) for {cfg.model.num_labels} "
+         "(model.num_labels): one name per class"),
+        (len(set(map(str, cfg.data.class_names))) == len(cfg.data.class_names), "data.class_names names a class twice"),
         *_method_rules(cfg),
         *(_multi_rules(cfg) if cfg.model.problem_type == "multi" else ()),
     ])

@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model, field_validator
 
 from budgetlora import runs
-from budgetlora.config.sections import ServeConfig
+from budgetlora.config.use import ServeConfig
 from budgetlora.errors import ConfigError
 from budgetlora.inference.page import POLICY, render
 from budgetlora.tasks import set_ids, sigmoid

@@ -33,7 +33,7 @@ class PriorCorrection:
     windows = False  # the analysis reads each text's start (its features come from one pass)
 
     def check(self, cfg) -> None:
-        pass  # the mode was checked where it was parsed (config.sections.PRIOR_CORRECTION)
+        pass  # the mode was checked where it was parsed (config.use.PRIOR_CORRECTION)
 
     def __call__(self, loaded, texts: list[str], source: str) -> Adjusted:
         return adapted(analyse(loaded, texts, mode=self.mode, progress=True), source)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from budgetlora.config.sections import PRIOR_CORRECTION
+from budgetlora.config.use import PRIOR_CORRECTION
 from budgetlora.inference.mix import calibrated_probabilities
 
 

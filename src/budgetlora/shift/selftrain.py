@@ -19,7 +19,7 @@ import numpy as np
 from budgetlora import runs
 from budgetlora.adapters.budget import check, plan
 from budgetlora.config import Config, ConfigError
-from budgetlora.config.sections import SelfTrainConfig
+from budgetlora.config.use import SelfTrainConfig
 from budgetlora.inference.load import load_run
 from budgetlora.inference.predict import read_unlabelled
 from budgetlora.shift.analysis import analyse

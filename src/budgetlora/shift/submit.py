@@ -19,7 +19,7 @@ from pathlib import Path
 
 from budgetlora import runs
 from budgetlora.config import Config
-from budgetlora.config.sections import SubmitConfig
+from budgetlora.config.use import SubmitConfig
 from budgetlora.hardware import process_peak_rss_mb, trim_memory
 from budgetlora.inference.load import LoadedRun, load_run
 from budgetlora.inference.mix import KnownMix, fit_to_mix, known_mix, parse_prior, priors_path
