@@ -24,7 +24,7 @@ from budgetlora.data.readers import default_data_dir
 from budgetlora.data.tokens import windows
 from budgetlora.experiments.stats import paired, row_interval
 from budgetlora.inference.load import STRIDE_SHARE, load_run
-from budgetlora.tasks import softmax
+from budgetlora.tasks import TASKS, softmax
 from budgetlora.training.evaluate import logits_for_ids
 
 PARTS = 6
@@ -48,10 +48,9 @@ def build_sets(texts: list[str], labels: np.ndarray, n: int, seed: int) -> dict[
 
 
 def pooled(window_logits: np.ndarray, owner: np.ndarray, n: int, rule: str) -> np.ndarray:
+    if rule == "mean logits":  # the rule `--long-texts chunk` uses
+        return TASKS["single"].pool(window_logits, owner, n)
     out = np.zeros((n, window_logits.shape[1]))
-    if rule == "mean logits":
-        np.add.at(out, owner, window_logits)
-        return out / np.bincount(owner, minlength=n)[:, None]
     if rule == "mean probabilities":
         np.add.at(out, owner, softmax(window_logits.astype(np.float64)))
         return out

@@ -8,9 +8,8 @@ import sys
 
 from budgetlora import config as config_mod
 from budgetlora.config.flags import add_section_flags
-from budgetlora.config.use import PRIOR_CORRECTION, SelfTrainConfig, ServeConfig, SubmitConfig
+from budgetlora.config.use import LONG_TEXTS, PRIOR_CORRECTION, SelfTrainConfig, ServeConfig, SubmitConfig
 from budgetlora.errors import BudgetloraError
-from budgetlora.tasks import LONG_TEXTS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenise in one call per split; no fork warnings
 
@@ -153,7 +152,7 @@ def add_flag(p: argparse.ArgumentParser, flag: str, *old: str, required: bool = 
     for name in old:
         p.add_argument(name, dest=dest, action=_Renamed, new=flag, help=argparse.SUPPRESS)
     if required:
-        p.set_defaults(_required=p.get_default("_required") + (flag,) if p.get_default("_required") else (flag,))
+        p.set_defaults(_required=(p.get_default("_required") or ()) + (flag,))
 
 
 def add_long_texts_flag(p: argparse.ArgumentParser) -> None:

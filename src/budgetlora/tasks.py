@@ -235,9 +235,6 @@ def _pooled(window_logits: np.ndarray, owner: np.ndarray, n: int, combine, start
     return out.astype(np.float32)
 
 
-LONG_TEXTS = ("truncate", "chunk")  # how a text longer than the model reads is read: its start, or every window
-
-
 TASKS: dict[str, Task] = {
     "single": SingleLabel(
         "single", sets=False, answer_column="Label",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from budgetlora.config.flags import check, field_ as _f
 
+LONG_TEXTS = ("truncate", "chunk")  # how a text longer than the model reads is read: its start, or every window
 PRIOR_CORRECTION = ("off", "auto", "on")  # off: argmax; auto: where the shift analysis' gate applies it; on: always
 
 

@@ -11,10 +11,11 @@ from budgetlora import runs
 from budgetlora.adapters.architectures import ModelNotFound, is_missing_folder
 from budgetlora.adapters.model import load_tokenizer, load_trained
 from budgetlora.config import Config
+from budgetlora.config.use import LONG_TEXTS
 from budgetlora.data.tokens import windows
 from budgetlora.errors import BudgetloraError, ConfigError, RunFolderError
 from budgetlora.hardware import inference_dtype
-from budgetlora.tasks import LONG_TEXTS, Task, class_names, task_of
+from budgetlora.tasks import Task, class_names, task_of
 from budgetlora.training.evaluate import exact_fp32, logits_for_ids, predict_logits
 
 LOGIT_TOLERANCE = 1e-3
