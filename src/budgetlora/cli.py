@@ -235,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(p, SelfTrainConfig, "self_train")
     p.set_defaults(func=cmd_self_train)
 
-    p = sub.add_parser("serve", help="HTTP service for a run: POST /predict, GET /health, GET /info, /docs")
-    p.add_argument("run")
+    p = sub.add_parser("serve", help="HTTP service for runs: POST /predict, GET /health, GET /info, /docs")
+    p.add_argument("run", nargs="+", help="run folders, or folders of runs (every finished run inside); runs on one "
+                                          "base share it, and a request names its run by {\"model\": RUN_ID} (the "
+                                          "first run answers requests that name none)")
     add_base_flag(p)
     p.add_argument("--no-verify", action="store_true", help="skip re-checking the adapter against verify.json")
     add_long_texts_flag(p)

@@ -158,11 +158,12 @@ def test_concurrent_requests_are_merged(server, classifier):
 def test_batcher_splits_results_and_survives_a_failed_pass():
     calls = []
 
-    def fn(texts):
-        calls.append(list(texts))
+    def fn(requests):  # each request's rows: its texts' lengths
+        texts = [t for _, ts in requests for t in ts]
+        calls.append(texts)
         if "boom" in texts:
             raise RuntimeError("forward pass failed")
-        return np.array([[len(t)] for t in texts])
+        return [np.array([[len(t)] for t in ts]) for _, ts in requests]
 
     async def go():
         b = MicroBatcher(fn, max_batch=4, wait_s=0.05)

@@ -71,7 +71,7 @@ def test_serve_answers_a_multi_label_run_with_its_label_sets(multi):
         page = client.get("/").text
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"labels", "classes", "probabilities", "label_sets", "class_sets"}
+    assert set(body) == {"model", "labels", "classes", "probabilities", "label_sets", "class_sets"}
     assert body["label_sets"] == multi.predict_sets(texts)
     assert body["class_sets"] == [["toxic", "threat"], [], ["toxic", "obscene", "threat"], ["obscene"]]
     np.testing.assert_allclose(body["probabilities"], [PROBS[t] for t in texts], atol=1e-6)
@@ -86,7 +86,7 @@ def test_single_label_answers_keep_their_three_keys(tmp_path):
     texts = ["two labels", "none"]
     with TestClient(create_app(clf, ServeConfig(batch_wait_ms=1))) as client:
         body = client.post("/predict", json={"texts": texts}).json()
-    assert set(body) == {"labels", "classes", "probabilities"}
+    assert set(body) == {"model", "labels", "classes", "probabilities"}
     assert body["labels"] == clf.predict(texts) and body["classes"] == [clf.class_names[i] for i in body["labels"]]
     np.testing.assert_allclose(body["probabilities"], clf.predict_proba(texts), atol=1e-6)
     np.testing.assert_allclose(np.sum(body["probabilities"], axis=1), 1.0, atol=1e-5)

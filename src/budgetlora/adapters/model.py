@@ -118,10 +118,12 @@ def _tail(name_or_path: str) -> str:
     return "/".join(Path(name_or_path).parts[-2:])
 
 
-def load_trained(run: Path, cfg: Config, moved: bool = False) -> torch.nn.Module:
+def load_trained(run: Path, cfg: Config, moved: bool = False, into=None, adapter_name: str = "default") -> torch.nn.Module:
     """The base model with the run's saved adapter, via plain `PeftModel.from_pretrained`, in eval mode.
     moved: the caller named the base's new place, so the name recorded in the adapter is not compared (the
-    verification sample still proves the weights are the same)."""
+    verification sample still proves the weights are the same). into: a PeftModel already holding the same base
+    (`inference.load.share_key`) that takes this adapter, and its own copy of the head, as `adapter_name`; the base
+    is then not loaded again."""
     from peft import PeftModel
 
     run = Path(run)
@@ -137,10 +139,14 @@ def load_trained(run: Path, cfg: Config, moved: bool = False) -> torch.nn.Module
     trained_on = saved.get("base_model_name_or_path") or ""
     if trained_on and not moved and not cfg.model.random_init and _tail(trained_on) != _tail(resolve_name(cfg.model.name)):
         raise AdapterError(f"{run}: adapter was trained on {trained_on!r}, not on {cfg.model.name!r}")
-    base = build_base(cfg)
+    base = build_base(cfg) if into is None else None
     try:
         with quiet():
-            model = PeftModel.from_pretrained(base, str(run))
+            if into is not None:
+                into.load_adapter(str(run), adapter_name=adapter_name)
+                model = into
+            else:
+                model = PeftModel.from_pretrained(base, str(run), adapter_name=adapter_name)
     except Exception as e:  # safetensors header errors, size mismatches (wrong num_labels or base), ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise AdapterError(f"{run}: adapter ({ADAPTER_FILES[1]}) does not load onto {cfg.model.name!r} with "

@@ -1,13 +1,18 @@
-"""A finished run as a Python object: `Classifier.predict(texts)`, the surface `budgetlora.load` and `serve` share."""
+"""A finished run as a Python object: `Classifier.predict(texts)`, the surface `budgetlora.load` and `serve` share;
+and several runs loaded at once onto the bases they share (`load_many`), with one forward pass for texts that go
+to different runs on one base (`mixed_logits`)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
+from budgetlora import runs
 from budgetlora.errors import ConfigError
-from budgetlora.inference.load import LoadedRun, check_long_texts, load_run
+from budgetlora.inference.load import LOGIT_TOLERANCE, LoadedRun, check_long_texts, load_run, share_key
 from budgetlora.tasks import class_names, set_ids, softmax, task_of
+from budgetlora.training.evaluate import exact_fp32, logits_for_ids
 
 
 class Classifier:
@@ -74,3 +79,63 @@ def _check_texts(texts) -> list[str]:
     if bad:
         raise TypeError(f"texts must all be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
     return texts
+
+
+def load_many(run_dirs: list[str | Path], verify: bool = True, base: str | None = None,
+              long_texts: str = "truncate") -> list[Classifier]:
+    """Several runs, each verified as `load` verifies one. Runs with the same `share_key` (base model, tokenizer,
+    head shape, peft method) become adapters of one peft model, named by their run ids: the base is held once,
+    and each run keeps its own adapter and its own copy of the head."""
+    long_texts = check_long_texts(long_texts)
+    first_of: dict[tuple, LoadedRun] = {}
+    out = []
+    for run_dir in run_dirs:
+        cfg = runs.load_config(Path(run_dir))
+        if base:
+            cfg = cfg.replace(**{"model.name": str(base), "model.tokenizer": ""})
+        key = share_key(cfg, str(runs.read_json(Path(run_dir) / "adapter_config.json").get("peft_type", "")))
+        into = first_of.get(key)
+        # a module name in peft: the run id, with anything but letters, digits and _ replaced
+        name = "default" if into is None else re.sub(r"\W", "_", cfg.run_id)
+        loaded = load_run(run_dir, verify=verify, base=base, into=into, adapter=name)
+        loaded.long_texts = long_texts
+        first_of.setdefault(key, loaded)
+        out.append(Classifier(loaded))
+    return out
+
+
+def mixed_logits(requests: list[tuple[Classifier, list[str]]]) -> list[np.ndarray]:
+    """Logits for texts that go to different runs of one peft model, in one pass per batch: each row is read by
+    its own run's adapter and head (peft's `adapter_names`), at its own run's length. The same answers as each
+    run's `logits` on its own texts, to float rounding (a batch's padding differs)."""
+    runs_ = [c.run for c, _ in requests]
+    ids, tags, parts = [], [], []
+    for run, (_, texts) in zip(runs_, requests):
+        rows, owner = run.token_rows(_check_texts(texts))
+        parts.append((len(ids), len(rows), owner, len(texts)))
+        ids += rows
+        tags += [run.adapter] * len(rows)
+    first = runs_[0]
+    if not ids:
+        return [np.zeros((0, c.num_labels), dtype=np.float32) for c, _ in requests]
+    with exact_fp32():  # fp32 like `Classifier.logits`: an answer must not move with what shares its batch
+        pieces = logits_for_ids(first.model, ids, first.cfg.train.eval_batch_size, first.tokenizer.pad_token_id,
+                                adapter_names=tags)
+    return [run.pooled(pieces[start:start + n], owner, count) for run, (start, n, owner, count) in zip(runs_, parts)]
+
+
+def mixing_refused(classifiers: list[Classifier], probe: list[str]) -> str:
+    """Why texts for these runs (adapters of one peft model) cannot share a forward pass, or "" when they can:
+    peft mixes LoRA adapters in a batch, and the probe texts' mixed logits must equal each run's own."""
+    kinds = {str(runs.read_json(c.path / "adapter_config.json").get("peft_type")) for c in classifiers}
+    if kinds != {"LORA"}:
+        return f"peft mixes LoRA adapters in one batch, not {', '.join(sorted(kinds))}"
+    requests = [(c, probe[i % len(probe):] + probe[:i % len(probe)]) for i, c in enumerate(classifiers)]
+    try:
+        mixed = mixed_logits(requests)
+    except (TypeError, ValueError, RuntimeError) as e:  # a module peft cannot mix (its own message says which)
+        return f"peft cannot mix these adapters in one batch: {str(e).splitlines()[0][:200]}"
+    drift = max(float(np.abs(m - c.logits(t)).max()) for m, (c, t) in zip(mixed, requests))
+    if drift > LOGIT_TOLERANCE:
+        return f"mixed batches moved a logit by {drift:.1e} (tolerance {LOGIT_TOLERANCE:.0e})"
+    return ""

@@ -12,11 +12,11 @@ from budgetlora.adapters.architectures import ModelNotFound, is_missing_folder
 from budgetlora.adapters.model import load_tokenizer, load_trained
 from budgetlora.config import Config
 from budgetlora.config.use import LONG_TEXTS
-from budgetlora.data.tokens import windows
+from budgetlora.data.tokens import encode, windows
 from budgetlora.errors import BudgetloraError, ConfigError, RunFolderError
 from budgetlora.hardware import inference_dtype
 from budgetlora.tasks import Task, class_names, task_of
-from budgetlora.training.evaluate import exact_fp32, logits_for_ids, predict_logits
+from budgetlora.training.evaluate import exact_fp32, logits_for_ids
 
 LOGIT_TOLERANCE = 1e-3
 STRIDE_SHARE = 4  # long_texts chunk: consecutive windows share a quarter of their tokens
@@ -59,6 +59,9 @@ class LoadedRun:
     # a text longer than read_length: "truncate" reads its start; "chunk" reads it all, as windows whose logits
     # are pooled by the task (tasks.Task.pool). Set it after load_run, as max_length
     long_texts: str = "truncate"
+    # the peft adapter that is this run inside `model`: "default", or the run's id where one model holds several
+    # runs on their shared base (`serve RUN RUN ...`)
+    adapter: str = "default"
 
     @property
     def read_length(self) -> int:
@@ -80,13 +83,27 @@ class LoadedRun:
         """Logits under the run's precision on this machine (bf16 where it trained so and the hardware has it), or
         with `exact` in plain fp32, for the checks that compare against stored or merged logits."""
         dtype = None if exact else inference_dtype(self.cfg.train.precision, next(self.model.parameters()).device)
+        self.activate()
+        ids, owner = self.token_rows(texts)
+        pieces = logits_for_ids(self.model, ids, self.cfg.train.eval_batch_size, self.tokenizer.pad_token_id,
+                                progress=progress, dtype=dtype)
+        return self.pooled(pieces, owner, len(texts))
+
+    def token_rows(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray | None]:
+        """The token ids the model reads for `texts`: one row per text (its first read_length tokens), or with
+        long_texts chunk its windows, with the text each window belongs to."""
         if self.long_texts == "chunk":
-            ids, owner = windows(self.tokenizer, texts, self.read_length, self.read_length // STRIDE_SHARE)
-            pieces = logits_for_ids(self.model, ids, self.cfg.train.eval_batch_size, self.tokenizer.pad_token_id,
-                                    progress=progress, dtype=dtype)
-            return self.task.pool(pieces, owner, len(texts))
-        return predict_logits(self.model, self.tokenizer, texts, self.read_length,
-                              self.cfg.train.eval_batch_size, progress=progress, dtype=dtype)
+            return windows(self.tokenizer, texts, self.read_length, self.read_length // STRIDE_SHARE)
+        return encode(self.tokenizer, texts, self.read_length), None
+
+    def pooled(self, pieces: np.ndarray, owner: np.ndarray | None, n: int) -> np.ndarray:
+        """One row of logits per text from the rows of `token_rows`."""
+        return pieces if owner is None else self.task.pool(pieces, owner, n)
+
+    def activate(self) -> None:
+        """Make this run's adapter the one `model` computes with (a no-op for a model holding one run)."""
+        if getattr(self.model, "active_adapter", self.adapter) != self.adapter:
+            self.model.set_adapter(self.adapter, inference_mode=True)
 
 
 def check_long_texts(value: str) -> str:
@@ -96,9 +113,20 @@ def check_long_texts(value: str) -> str:
     return value
 
 
-def load_run(run: str | Path, verify: bool = True, base: str | None = None) -> LoadedRun:
+def share_key(cfg: Config, method: str) -> tuple:
+    """Runs with equal keys can be one peft model: the same base weights and tokenizer, the same head shape, and
+    one peft method (a PeftModel holds adapters of one kind)."""
+    seed = cfg.train.seed if cfg.model.random_init else None  # a random-weight base is drawn from the run's seed
+    return (cfg.model.name, cfg.model.tokenizer, cfg.model.num_labels, cfg.model.head, cfg.model.random_init, seed,
+            method)
+
+
+def load_run(run: str | Path, verify: bool = True, base: str | None = None, into: LoadedRun | None = None,
+             adapter: str = "default") -> LoadedRun:
     """A run folder's model and tokenizer. `base`: where the run's base model lives now (a folder or hub id), for a
-    run trained on a local folder that is elsewhere on this machine; its tokenizer is taken from there too."""
+    run trained on a local folder that is elsewhere on this machine; its tokenizer is taken from there too.
+    into: a loaded run with the same `share_key`, whose model takes this run's adapter as `adapter` (and whose
+    tokenizer it shares), so that the base is held once."""
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder not found: {run}")
@@ -110,7 +138,12 @@ def load_run(run: str | Path, verify: bool = True, base: str | None = None) -> L
         raise ModelNotFound(f"{run} was trained on the model folder {missing}, which is not on this machine; "
                             "point the run at its base with --base PATH")
     metrics = read_metrics(run)
-    loaded = LoadedRun(run, cfg, load_trained(run, cfg, moved=bool(base)), load_tokenizer(cfg), metrics=metrics)
+    if into is not None:
+        model = load_trained(run, cfg, moved=bool(base), into=into.model, adapter_name=adapter)
+        loaded = LoadedRun(run, cfg, model, into.tokenizer, metrics=metrics, adapter=adapter)
+    else:
+        loaded = LoadedRun(run, cfg, load_trained(run, cfg, moved=bool(base), adapter_name=adapter),
+                           load_tokenizer(cfg), metrics=metrics, adapter=adapter)
     if verify:
         verify_reload(loaded)
     return loaded

@@ -1,6 +1,7 @@
 """The page `serve` answers at GET /: a text box whose text is classified through POST /predict, shown as the
 predicted class (for a multi-label run, the predicted label set) and one probability bar per class, under the run's
-name and its trainable-parameter budget.
+name and its trainable-parameter budget. A server holding several runs offers them in a list (`/?model=RUN_ID`
+picks one as the page opens).
 
 Self-contained (inline style and script, nothing fetched but /predict), so it works on a machine without internet
 access; `/?text=...` classifies that text as the page opens, which makes a result linkable."""
@@ -35,12 +36,14 @@ PAGE = """<!doctype html>
   .bar { background: #8aa4c8; height: 100%; border-radius: 3px; width: 0; transition: width .2s; }
   .row.top .bar { background: #2b6cb0; }
   .row.top .name { font-weight: 600; }
+  select { font: inherit; margin: 0 0 .8rem; max-width: 100%; }
   .p { text-align: right; font-variant-numeric: tabular-nums; }
 </style>
 </head>
-<body data-classes="{{classes}}">
+<body data-models="{{models}}">
 <h1 id="run">{{title}}</h1>
 <p class="meta" id="meta">{{meta}}</p>
+<select id="model" aria-label="model" hidden></select>
 <textarea id="text" placeholder="Paste a text to classify" autofocus></textarea>
 <br><button id="classify" type="button">Classify</button>
 <div id="result" data-state="idle">
@@ -50,16 +53,31 @@ PAGE = """<!doctype html>
 </div>
 <script>
 "use strict";
-const classes = JSON.parse(document.body.dataset.classes);
+const models = JSON.parse(document.body.dataset.models);
 const $ = (id) => document.getElementById(id);
-const bars = classes.map((name) => {
-  const row = document.createElement("div"), label = document.createElement("span");
-  const track = document.createElement("div"), bar = document.createElement("div"), p = document.createElement("span");
-  row.className = "row"; label.className = "name"; track.className = "track"; bar.className = "bar"; p.className = "p";
-  label.textContent = name; label.title = name; p.textContent = "";
-  track.appendChild(bar); row.append(label, track, p); $("bars").appendChild(row);
-  return { row, bar, p };
+let model = models[0], bars = [];
+
+function pick(m) {  // show a model's name and one empty bar per class
+  model = m; $("run").textContent = m.title; $("meta").textContent = m.meta;
+  $("bars").replaceChildren(); $("predicted").textContent = ""; $("error").textContent = "";
+  $("result").dataset.state = "idle";
+  bars = m.classes.map((name) => {
+    const row = document.createElement("div"), label = document.createElement("span");
+    const track = document.createElement("div"), bar = document.createElement("div"), p = document.createElement("span");
+    row.className = "row"; label.className = "name"; track.className = "track"; bar.className = "bar"; p.className = "p";
+    label.textContent = name; label.title = name; p.textContent = "";
+    track.appendChild(bar); row.append(label, track, p); $("bars").appendChild(row);
+    return { row, bar, p };
+  });
+}
+
+models.forEach((m, i) => {
+  const option = document.createElement("option");
+  option.value = String(i); option.textContent = m.title === m.model ? m.title : m.title + " (" + m.model + ")";
+  $("model").appendChild(option);
 });
+$("model").hidden = models.length < 2;
+$("model").addEventListener("change", () => pick(models[Number($("model").value)]));
 
 function show(probs, chosen) {
   probs.forEach((x, i) => {
@@ -77,7 +95,7 @@ async function classify() {
   try {
     // relative, so the page also works behind a proxy that serves it under a path prefix
     const r = await fetch("predict", { method: "POST", headers: { "content-type": "application/json" },
-                                       body: JSON.stringify({ texts: [text] }) });
+                                       body: JSON.stringify({ texts: [text], model: model.model || undefined }) });
     const body = await r.json().catch(() => ({}));
     if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
     // a multi-label run answers a set, which may be empty: every label below its threshold
@@ -96,7 +114,11 @@ async function classify() {
 
 $("classify").addEventListener("click", classify);
 $("text").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) classify(); });
-const given = new URLSearchParams(location.search).get("text");
+const query = new URLSearchParams(location.search);
+const asked = models.findIndex((m) => m.model === query.get("model") || m.aliases.includes(query.get("model")));
+$("model").value = String(Math.max(asked, 0));
+pick(models[Math.max(asked, 0)]);
+const given = query.get("text");
 // as the box's content, not only its value, so that the page as saved shows what was classified
 if (given) { $("text").textContent = given; classify(); }
 </script>
@@ -116,13 +138,24 @@ def _count(x) -> str:
     return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else str(x)
 
 
-def render(info: dict) -> str:
-    """The page for a run, from its /info (`serve.run_info`): every value from the run is HTML-escaped."""
+def heading(info: dict) -> tuple[str, str]:
+    """A run's title (its name, else its id) and the line under it, from its /info entry."""
     run_id = info.get("run_id") or info.get("run") or ""
     title = info.get("name") or run_id or "budgetlora"
     meta = [f"run {run_id}" if run_id and run_id != title else "", (info.get("base_model") or {}).get("name") or "",
             budget_line(info)]
-    values = {"title": title, "meta": " \u00b7 ".join(str(x) for x in meta if x),
-              "classes": json.dumps([str(x) for x in info.get("class_names", [])])}
+    return str(title), " \u00b7 ".join(str(x) for x in meta if x)
+
+
+def render(info: dict) -> str:
+    """The page for the served runs, from /info (`serve.create_app`): the first run shown, the others offered in
+    a list. Every value from a run is HTML-escaped."""
+    models = []
+    for m in info.get("models") or [info]:
+        title, meta = heading(m)
+        models.append({"model": str(m.get("model") or m.get("run_id") or ""), "aliases": [str(a) for a in
+                       m.get("aliases", [])], "title": title, "meta": meta,
+                       "classes": [str(x) for x in m.get("class_names", [])]})
+    values = {"title": models[0]["title"], "meta": models[0]["meta"], "models": json.dumps(models)}
     # one pass, so a marker inside a run's own name is left as it is
     return re.sub(r"\{\{(\w+)\}\}", lambda m: escape(values[m.group(1)], quote=True), PAGE)

@@ -1,10 +1,11 @@
-"""`budgetlora serve RUN`: an HTTP service around a trained run, with micro-batching of concurrent requests.
+"""`budgetlora serve RUN [RUN ...]`: an HTTP service around trained runs, with micro-batching of concurrent requests.
 
-One worker task owns the model. Requests put their texts on an asyncio queue; the worker takes whatever is
-waiting (up to `serve.max_batch` texts, after at most `serve.batch_wait_ms`), runs one forward pass on a single
-inference thread, and hands each request its slice of the result. Under load, requests that arrive while a pass runs are
-merged into the next one, so throughput grows with concurrency instead of queueing one pass per request.
-GET / answers a page (`page`) that classifies a text through POST /predict.
+One worker task owns the models. Requests put their texts, and the run they name, on an asyncio queue; the worker
+takes whatever is waiting (up to `serve.max_batch` texts, after at most `serve.batch_wait_ms`), runs the forward
+pass on a single inference thread (one pass for runs whose adapters peft can mix, `served.ServedRuns.logits`), and
+hands each request its slice of the result. Under load, requests that arrive while a pass runs are merged into the
+next one, so throughput grows with concurrency instead of queueing one pass per request.
+GET / answers a page (`page`) that classifies a text with a run picked from those served, through POST /predict.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from budgetlora import runs
 from budgetlora.config.use import ServeConfig
 from budgetlora.errors import ConfigError
 from budgetlora.inference.page import POLICY, render
-from budgetlora.tasks import set_ids, sigmoid
+from budgetlora.inference.served import ServedRuns, run_folders
+from budgetlora.tasks import set_ids, sigmoid, softmax
 
 if TYPE_CHECKING:  # only for annotations: the ONNX backend serves without importing torch (which api pulls in)
     from budgetlora.inference.classifier import Classifier
@@ -45,6 +47,7 @@ class BatchStats:
     texts: int = 0
     merged_passes: int = 0  # passes that served more than one request
     max_requests_per_pass: int = 0
+    mixed_model_passes: int = 0  # passes that served more than one model
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -52,9 +55,10 @@ class BatchStats:
 
 @dataclass
 class MicroBatcher:
-    """Queue + one worker task; `fn(texts) -> rows` runs on one thread so torch is never entered concurrently."""
+    """Queue + one worker task. `fn([(key, texts), ...]) -> [rows, ...]` answers a pass's requests (the key: the
+    model a request names) and runs on one thread, so torch is never entered concurrently."""
 
-    fn: Callable[[list[str]], np.ndarray]
+    fn: Callable[[list[tuple[object, list[str]]]], list[np.ndarray]]
     max_batch: int
     wait_s: float
     stats: BatchStats = field(default_factory=BatchStats)
@@ -81,9 +85,9 @@ class MicroBatcher:
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def submit(self, texts: list[str]) -> np.ndarray:
+    async def submit(self, texts: list[str], key: object = None) -> np.ndarray:
         fut = asyncio.get_running_loop().create_future()
-        await self._queue.put((texts, fut))
+        await self._queue.put((texts, fut, key))
         return await fut
 
     async def _gather(self, first) -> list:
@@ -115,28 +119,26 @@ class MicroBatcher:
             if first is None:
                 first = await self._queue.get()
             items = await self._gather(first)
-            items = [(t, f) for t, f in items if not f.done()]  # callers that went away need no pass
+            items = [it for it in items if not it[1].done()]  # callers that went away need no pass
             if not items:
                 continue
-            texts = [t for ts, _ in items for t in ts]
             try:
-                rows = await loop.run_in_executor(self._executor, self.fn, texts)
+                rows = await loop.run_in_executor(self._executor, self.fn, [(k, ts) for ts, _, k in items])
             except Exception as e:  # a failed pass fails its requests, never the worker
-                for _, f in items:
+                for _, f, _ in items:
                     if not f.done():
                         f.set_exception(e)
                 continue
             s = self.stats
             s.forward_passes += 1
             s.requests += len(items)
-            s.texts += len(texts)
+            s.texts += sum(len(ts) for ts, _, _ in items)
             s.merged_passes += len(items) > 1
+            s.mixed_model_passes += len({id(k) for _, _, k in items}) > 1
             s.max_requests_per_pass = max(s.max_requests_per_pass, len(items))
-            start = 0
-            for ts, f in items:
+            for (_, f, _), got in zip(items, rows):
                 if not f.done():
-                    f.set_result(rows[start:start + len(ts)])
-                start += len(ts)
+                    f.set_result(got)
 
 
 class BodySizeLimit:
@@ -181,6 +183,7 @@ class BodySizeLimit:
 
 
 class PredictResponse(BaseModel):
+    model: str = Field(description="the run id of the model that answered")
     labels: list[int] = Field(description="per text, the most probable label")
     classes: list[str] = Field(description="class name of each predicted label")
     probabilities: list[list[float]] = Field(description="per text, one probability per class (in /info order): "
@@ -202,8 +205,9 @@ def answer(rows: np.ndarray, names: list[str], thresholds: list[float] | None = 
     return {"labels": labels, "classes": [names[i] for i in labels], "probabilities": rows.tolist()}
 
 
-def request_model(limits: ServeConfig) -> type[BaseModel]:
-    """The request schema, with this server's limits baked in (so they also show in the OpenAPI schema)."""
+def request_model(limits: ServeConfig, names: list[str] = ()) -> type[BaseModel]:
+    """The request schema, with this server's limits baked in (so they also show in the OpenAPI schema); `names`:
+    the served models, for the description of `model`."""
     text = Annotated[StrictStr, Field(min_length=1, max_length=limits.max_chars)]
 
     def not_blank(cls, texts: list[str]) -> list[str]:
@@ -219,6 +223,10 @@ def request_model(limits: ServeConfig) -> type[BaseModel]:
         texts=(list[text], Field(min_length=1, max_length=limits.max_texts,
                                  description=f"1 to {limits.max_texts} non-blank texts of at most "
                                              f"{limits.max_chars:,} characters")),
+        model=(StrictStr | None, Field(None, max_length=200,
+                                       description="the served model to answer with: a run id (or its name or "
+                                                   "folder name); the first served when left out"
+                                                   + (f" ({', '.join(names[:20])})" if names else ""))),
     )
 
 
@@ -266,26 +274,30 @@ def _error_text(errors: list[dict]) -> str:
     return "; ".join(parts[:5]) + (f" (+{len(parts) - 5} more)" if len(parts) > 5 else "")
 
 
-def create_app(classifier: Classifier, settings: ServeConfig | None = None) -> FastAPI:
-    """The service for a loaded classifier under `settings` (the serve: section of the config: limits, batching,
-    what /info shows; host, port and backend are for `serve`); the defaults when None."""
+def create_app(served: ServedRuns | Classifier, settings: ServeConfig | None = None) -> FastAPI:
+    """The service for loaded runs (`ServedRuns`, or one classifier) under `settings` (the serve: section of the
+    config: limits, batching, what /info shows; host, port and backend are for `serve`); the defaults when None."""
     settings = settings or ServeConfig()
-    PredictRequest = request_model(settings)
-    info = run_info(classifier, show_paths=settings.show_paths)
-    # a multi-label run's thresholds; its passes then return logits, from which both probabilities and sets come
-    thresholds = getattr(classifier, "thresholds", None)
-    forward = classifier.predict_proba if thresholds is None else classifier.logits
+    served = served if isinstance(served, ServedRuns) else ServedRuns([served])
+    PredictRequest = request_model(settings, [r.name for r in served.runs])
+    models = [{"model": r.name, "aliases": list(r.aliases), **run_info(r.classifier, show_paths=settings.show_paths)}
+              for r in served.runs]
+    info = {**{k: v for k, v in models[0].items() if k not in ("model", "aliases")}, "default_model": models[0]["model"],
+            "models": models}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.batcher = MicroBatcher(forward, settings.max_batch, settings.batch_wait_ms / 1000)
+        app.state.batcher = MicroBatcher(served.logits, settings.max_batch, settings.batch_wait_ms / 1000)
         app.state.batcher.start()
         yield
         await app.state.batcher.stop()
 
+    names = ", ".join(m["model"] for m in models)
     app = FastAPI(title="budgetlora", version="0.1.0", lifespan=lifespan,
-                  description=f"Text classification with run {info['run_id']} ({info['base_model']['name']})")
+                  description=f"Text classification with {'run' if len(models) == 1 else 'runs'} {names} "
+                              f"({', '.join(dict.fromkeys(m['base_model']['name'] or '' for m in models))})")
     app.state.settings = settings
+    app.state.served = served
     app.add_middleware(BodySizeLimit, limit=settings.body_limit)
 
     @app.exception_handler(RequestValidationError)
@@ -307,45 +319,63 @@ def create_app(classifier: Classifier, settings: ServeConfig | None = None) -> F
 
     @app.get("/info")
     async def get_info():
-        return {**info, "limits": settings.limits, "batching": app.state.batcher.stats.as_dict()}
+        return {**info, "limits": settings.limits,
+                "batching": {**app.state.batcher.stats.as_dict(), "groups": served.batching()}}
 
     async def predict(body):
-        return answer(await app.state.batcher.submit(body.texts), classifier.class_names, thresholds)
+        run = served.find(body.model)
+        if run is None:
+            return JSONResponse({"error": f"no model {body.model!r} is served here; served: {names}"},
+                                status_code=404)
+        rows = await app.state.batcher.submit(body.texts, run)
+        thresholds = run.thresholds
+        return {"model": run.name, **answer(rows if thresholds is not None else softmax(rows),
+                                            run.classifier.class_names, thresholds)}
 
     # the request model is built per app, so it is attached here rather than named in a (string) annotation
     predict.__annotations__["body"] = PredictRequest
     # exclude_unset: a single-label answer carries no label_sets or class_sets keys, not nulls
-    app.post("/predict", response_model=PredictResponse, response_model_exclude_unset=True)(predict)
+    app.post("/predict", response_model=PredictResponse, response_model_exclude_unset=True,
+             responses={404: {"description": "the request names a model this server does not hold"}})(predict)
     return app
 
 
-def serve(run: str, settings: ServeConfig | None = None, verify: bool = True, log_level: str = "info",
+def serve(run: str | list[str], settings: ServeConfig | None = None, verify: bool = True, log_level: str = "info",
           base: str | None = None, long_texts: str = "truncate") -> None:
-    """Load `run` (verified unless told not to) and serve it under `settings` until stopped."""
+    """Load the runs (each verified unless told not to; a folder of runs is every finished run in it) and serve
+    them under `settings` until stopped: runs on one base share it (`classifier.load_many`)."""
     import uvicorn
 
     settings = settings or ServeConfig()
     t0 = time.perf_counter()
     host, port = settings.host, settings.port
-    if settings.backend == "onnx":  # an `export --onnx` folder on onnxruntime: torch is never imported
+    if settings.backend == "onnx":  # `export --onnx` folders on onnxruntime: torch is never imported
         from budgetlora.inference.onnx_serve import load_onnx
 
         if long_texts != "truncate":
             raise ConfigError("--long-texts chunk is served by the torch backend only")
-        classifier = load_onnx(run)
+        classifiers = [load_onnx(p) for p in ([run] if isinstance(run, str) else run)]
     else:
-        from budgetlora.inference.classifier import load
+        from budgetlora.inference.classifier import load_many
 
-        classifier = load(run, verify=verify, base=base, long_texts=long_texts)
-    print(f"loaded {classifier.path} in {time.perf_counter() - t0:.1f}s; serving on http://{host}:{port} "
+        folders = run_folders([run] if isinstance(run, str) else run)
+        classifiers = load_many(folders, verify=verify, base=base, long_texts=long_texts)
+    served = ServedRuns(classifiers)
+    loaded = (str(served.default.classifier.path) if len(served.runs) == 1
+              else f"{len(served.runs)} runs ({', '.join(r.name for r in served.runs)}) on "
+                   f"{len({id(g) for g in served.groups})} models")
+    print(f"loaded {loaded} in {time.perf_counter() - t0:.1f}s; serving on http://{host}:{port} "
           f"(a page at /, docs at /docs)", flush=True)
+    for g in served.batching():
+        print(f"  {', '.join(g['models'])}: one base; " + ("requests mixed in one forward pass" if g["mixed"]
+              else f"one pass per run ({g['why_not']})"), flush=True)
     # SIGTERM: uvicorn stops accepting, lets the requests in flight finish, stops the batcher, and then raises the
     # signal again under the handler in place before it started. This one turns that into a normal exit (status
     # 0): the stop was clean, and a supervisor should not read it as a crash.
     main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
     previous = signal.signal(signal.SIGTERM, _exit_cleanly) if main else None
     try:
-        uvicorn.run(create_app(classifier, settings), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(served, settings), host=host, port=port, log_level=log_level)
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)

@@ -17,11 +17,13 @@ def eval_batch_size(requested: int, device) -> int:
 
 @torch.inference_mode()
 def logits_for_ids(model, ids, batch_size: int, pad_id: int, device=None, rows=None, progress: bool = False,
-                   dtype: torch.dtype | None = None, padding: str = "buckets", features: bool = False):
+                   dtype: torch.dtype | None = None, padding: str = "buckets", features: bool = False,
+                   adapter_names: list[str] | None = None):
     """Logits in input order, as fp32 numbers; `dtype` (hardware.inference_dtype) runs the forward under that
     autocast for speed, None in plain fp32. `ids` is a list of token id
     lists or a `Tokens`; batch_size 0 picks one for the device; `rows` restricts to those batch indices (used to
-    shard across processes). With `features`, returns (logits, mean-pooled last hidden states) from the same pass."""
+    shard across processes). With `features`, returns (logits, mean-pooled last hidden states) from the same pass.
+    adapter_names: per row, the peft adapter that reads it, for a model holding several (peft's mixed batches)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     batch_size = eval_batch_size(batch_size, device)
     tokens = ids if isinstance(ids, Tokens) else Tokens(ids, pad_id)
@@ -34,8 +36,11 @@ def logits_for_ids(model, ids, batch_size: int, pad_id: int, device=None, rows=N
     pooled = np.zeros((len(tokens), 0), dtype=np.float32)  # sized by the first batch: the encoder's width
     for b in progress_bar(batches, desc="eval", leave=False, disable=not progress):
         batch = {k: v.to(device) for k, v in tokens.batch(b, padding).items()}
+        extra = {"output_hidden_states": True} if features else {}
+        if adapter_names is not None:
+            extra["adapter_names"] = [adapter_names[i] for i in b]
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            result = model(**batch, **({"output_hidden_states": True} if features else {}))
+            result = model(**batch, **extra)
         out[b] = result.logits.float().cpu().numpy()
         if features:
             mean = _mean_pooled(result.hidden_states[-1], batch["attention_mask"])
