@@ -71,13 +71,16 @@ class Server:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         cmd = [str(Path(sys.executable).parent / "budgetlora"), "serve", *map(str, runs), "--port", str(self.port),
                "--batch-wait-ms", "5", "--max-batch", "64"]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # its output to a file: a pipe nobody reads fills with access-log lines and then blocks the server
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.t0 = time.perf_counter()
         deadline = time.monotonic() + 600
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"server exited: {self.proc.stdout.read()[-2000:]}")
+                self.log.seek(0)
+                raise SystemExit(f"server exited: {self.log.read()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     break
@@ -91,6 +94,7 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
+        self.log.close()
 
 
 def touch_every_model(url: str, models: list[str], texts: list[str]) -> None:

@@ -177,6 +177,17 @@ def test_an_int8_export_is_smaller_checked_by_its_answers_and_served_unchanged(o
     with TestClient(create_app(model)) as client:
         r = client.post("/predict", json={"texts": texts[:3]})
         assert r.status_code == 200 and len(r.json()["labels"]) == 3
+    # both exports of the run in one server: the int8 one under its own name, each answering as it does alone
+    from budgetlora.inference.served import ServedRuns
+
+    fp32 = OnnxClassifier(onnx_export[0])
+    served = ServedRuns([fp32, model])
+    assert [r.name for r in served.runs] == [fp32.export["run_id"], f"{fp32.export['run_id']}-int8"]
+    with TestClient(create_app(served)) as client:
+        for run in served.runs:
+            body = client.post("/predict", json={"texts": texts[:3], "model": run.name}).json()
+            assert body["model"] == run.name
+            np.testing.assert_allclose(body["probabilities"], run.classifier.predict_proba(texts[:3]), atol=1e-6)
 
 
 def test_quantize_needs_an_onnx_export(tmp_path, capsys):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from budgetlora.training.loop import load_checkpoint, save_checkpoint
+from budgetlora.training.loop import TrainState, load_checkpoint, save_checkpoint
 
 
 def _parts():
@@ -29,8 +29,8 @@ def test_checkpoint_round_trip_under_weights_only(tmp_path):
     scheduler.step()
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.gauss(0, 1)  # leaves a cached gaussian in the python state
-    state = {"step": 7, "history": [{"val_loss": np.float64(0.5), "step": np.int64(7)}], "best_loss": math.inf,
-             "best": {"weight": model.weight.detach().clone()}, "bad_evals": 0, "elapsed": 1.5}
+    state = TrainState(step=7, history=[{"val_loss": np.float64(0.5), "step": np.int64(7)}],
+                       best={"weight": model.weight.detach().clone()}, elapsed=1.5, probe={"probe_steps": 3})
     path = tmp_path / "state.pt"
     save_checkpoint(path, model, optimizer, scheduler, state)
     torch.load(path, weights_only=True)  # the contract itself: no exception
@@ -45,8 +45,9 @@ def test_checkpoint_round_trip_under_weights_only(tmp_path):
     assert torch.equal(model2.weight, model.weight)
     assert scheduler2.last_epoch == scheduler.last_epoch == 1
     assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
-    assert restored["step"] == 7 and restored["history"] == [{"val_loss": 0.5, "step": 7}]
-    assert restored["best_loss"] == math.inf and torch.equal(restored["best"]["weight"], model.weight)
+    assert restored.step == 7 and restored.history == [{"val_loss": 0.5, "step": 7}]
+    assert restored.best_loss == math.inf and torch.equal(restored.best["weight"], model.weight)
+    assert restored == TrainState(**{**state.to_dict(), "history": restored.history, "best": restored.best})
 
 
 class Payload:

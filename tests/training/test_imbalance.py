@@ -90,7 +90,7 @@ def test_class_weights_reach_the_training_loss():
     for spec in ("none", "auto"):
         cfg = Config().replace(**{"train.class_weights": spec, "train.precision": "fp32"})
         acc = loop.make_accelerator(cfg.train)
-        *_, loss_fn, _ = loop.setup_training(acc, torch.nn.Linear(8, 4), cfg, 10, labels)
+        loss_fn = loop.setup_training(acc, torch.nn.Linear(8, 4), cfg, 10, labels).loss_fn
         losses[spec] = loss_fn(logits, targets).item()
         if spec == "auto":
             np.testing.assert_allclose(loss_fn.weight.cpu().numpy(), auto_class_weights(labels, 4), rtol=1e-6)
@@ -109,9 +109,9 @@ POINTS = [  # (step, loss, accuracy, macro_f1) of four validation points
 
 def _select(select: str, patience: int = 0, points=POINTS) -> tuple[dict, list[int]]:
     tc = Config().replace(**{"train.select": select, "train.patience": patience}).train
-    state, stopped = loop.new_state(), []
+    state, stopped = loop.TrainState(), []
     for step, loss, acc, f1 in points:
-        state["step"] = step
+        state.step = step
         m = {"loss": loss, "accuracy": acc, "macro_f1": f1}
         if loop.keep_best(tc, m, state, lambda step=step: {"from_step": step}, log=lambda *a: None):
             stopped.append(step)
@@ -122,33 +122,35 @@ def _select(select: str, patience: int = 0, points=POINTS) -> tuple[dict, list[i
 @pytest.mark.parametrize("select,step,score", [("loss", 20, 0.40), ("macro_f1", 30, 0.70), ("accuracy", 40, 0.83)])
 def test_select_keeps_the_best_state_by_its_metric(select, step, score):
     state, stopped = _select(select)
-    assert state["best"] == {"from_step": step} and state["best_step"] == step and not stopped
-    assert state["best_score"] == score
-    assert state["best_loss"] == next(p[1] for p in POINTS if p[0] == step)  # the kept state's own loss
+    assert state.best == {"from_step": step} and state.best_step == step and not stopped
+    assert state.best_score == score
+    assert state.best_loss == next(p[1] for p in POINTS if p[0] == step)  # the kept state's own loss
 
 
 def test_patience_counts_evaluations_without_improvement_of_the_selected_metric():
     # by macro-F1: 20 falls short of 10, then 30 improves and resets the count; 40 alone falls short of 30
     state, stopped = _select("macro_f1", patience=2)
-    assert not stopped and state["bad_evals"] == 1
+    assert not stopped and state.bad_evals == 1
     # by loss: 30 and 40 do not beat 20, so patience 2 stops at 40
     state, stopped = _select("loss", patience=2)
-    assert stopped == [40] and state["best_step"] == 20
+    assert stopped == [40] and state.best_step == 20
     # equal scores are no improvement: the earlier state stays
     flat = [(10, 0.5, 0.8, 0.6), (20, 0.4, 0.8, 0.6)]
     state, stopped = _select("macro_f1", patience=1, points=flat)
-    assert stopped == [20] and state["best_step"] == 10
+    assert stopped == [20] and state.best_step == 10
 
 
 def test_a_checkpoint_from_before_select_resumes_by_loss():
-    old = {k: v for k, v in loop.new_state().items() if k != "best_score"}
-    old.update(best_loss=0.3, best={"from_step": 5}, best_step=5)
+    saved = {k: v for k, v in loop.TrainState().to_dict().items() if k not in ("best_score", "eval_time", "probe")}
+    saved.update(best_loss=0.3, best={"from_step": 5}, best_step=5)
+    old = loop.TrainState.from_dict(saved)
+    assert old.best_score is None and old.eval_time == 0.0
     tc = Config().train
     assert not loop.keep_best(tc, {"loss": 0.35, "accuracy": 0.9, "macro_f1": 0.9}, old, dict, log=lambda *a: None)
-    assert old["best_step"] == 5 and old["bad_evals"] == 1
-    old["step"] = 7
+    assert old.best_step == 5 and old.bad_evals == 1
+    old.step = 7
     loop.keep_best(tc, {"loss": 0.2, "accuracy": 0.9, "macro_f1": 0.9}, old, lambda: {"from_step": 7})
-    assert old["best_step"] == 7 and old["best_score"] == 0.2
+    assert old.best_step == 7 and old.best_score == 0.2
 
 
 # -- config ---------------------------------------------------------------------------------------------------------
@@ -239,8 +241,8 @@ def test_noisy_pass_and_run_train_under_the_same_loss(small_csvs, tmp_path, monk
     data["train"] = data["train"].subset(keep)
     seen = []
 
-    def spy(acc, model, optimizer, scheduler, loss_fn, *args, **kwargs):
-        seen.append(loss_fn)
+    def spy(fit, *args, **kwargs):
+        seen.append(fit.loss_fn)
         raise _Stop
 
     monkeypatch.setattr(loop, "run", spy)

@@ -43,8 +43,9 @@ class LoopSpy:
         self.real = loop.run
         monkeypatch.setattr(loop, "run", self)
 
-    def __call__(self, acc, model, optimizer, *args, hooks=None, **kwargs):
-        seen = {"groups": sorted((g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups),
+    def __call__(self, fit, *args, **kwargs):
+        hooks = fit.hooks
+        seen = {"groups": sorted((g["lr"], g["weight_decay"], len(g["params"])) for g in fit.optimizer.param_groups),
                 "hooks": type(hooks).__name__, "after_step": [], "penalty": 0}
         after, penalty = hooks.after_step, hooks.penalty
 
@@ -57,8 +58,8 @@ class LoopSpy:
             return penalty(m)
 
         hooks.after_step, hooks.penalty = spied_after, spied_penalty
-        state = self.real(acc, model, optimizer, *args, hooks=hooks, **kwargs)
-        seen["weights"] = loop.trainable_state(acc.unwrap_model(model))
+        state = self.real(fit, *args, **kwargs)
+        seen["weights"] = loop.trainable_state(fit.module)
         self.passes.append(seen)
         return state
 

@@ -35,8 +35,9 @@ def test_only_the_head_moves_and_the_adapters_train_again_after(probe_setup):
     before = _trainable(model)
     head = {n for n, _ in head_parameters(model)}
     assert head and len(head) < len(before)
-    info = probe(loop.make_accelerator(cfg.train), model, cfg.train, 32, inputs, torch.nn.CrossEntropyLoss(),
-                 steps=6, **QUIET)
+    acc = loop.make_accelerator(cfg.train)
+    fit = loop.Fit(acc, model, None, None, torch.nn.CrossEntropyLoss())
+    info = probe(fit, cfg.train, 32, inputs, steps=6, **QUIET)
     after = _trainable(model)
     assert after.keys() == before.keys()  # every adapter parameter is trainable again
     for n in before:

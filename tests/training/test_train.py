@@ -16,8 +16,8 @@ class Killed(Exception):
 
 def kill_after(step: int):
     def on_step(state, rows):
-        if state["step"] >= step:
-            raise Killed(f"killed after step {state['step']}")
+        if state.step >= step:
+            raise Killed(f"killed after step {state.step}")
 
     return on_step
 

@@ -3,6 +3,7 @@ and loading a saved run back."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -143,7 +144,9 @@ def load_trained(run: Path, cfg: Config, moved: bool = False, into=None, adapter
     try:
         with quiet():
             if into is not None:
-                into.load_adapter(str(run), adapter_name=adapter_name)
+                with warnings.catch_warnings():  # transformers' own deprecation, raised inside peft's load_adapter
+                    warnings.filterwarnings("ignore", category=FutureWarning)
+                    into.load_adapter(str(run), adapter_name=adapter_name)
                 model = into
             else:
                 model = PeftModel.from_pretrained(base, str(run), adapter_name=adapter_name)

@@ -169,12 +169,6 @@ class PostProcessor(Protocol):
     def __call__(self, loaded: LoadedRun, texts: list[str], source: str) -> Adjusted: ...
 
 
-def probabilities(logits: np.ndarray) -> np.ndarray:
-    """Plain softmax, as `Classifier.predict_proba` answers; in float64, where two different logits never share
-    a probability, so argmax of the probabilities is argmax of the logits."""
-    return softmax(np.asarray(logits, dtype=np.float64))
-
-
 def predict(run: str | Path, source: str, output: str | Path, base: str | None = None, max_length: int = 0,
             proba: bool = False, top_k: int | None = None, post: PostProcessor | None = None,
             long_texts: str = "truncate") -> Prediction:

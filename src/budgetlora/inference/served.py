@@ -32,7 +32,7 @@ class Group:
 
 @dataclass(eq=False)
 class ServedRun:
-    name: str  # the run id: what /info lists and a request names
+    name: str  # the run id (an int8 export's ends in -int8): what /info lists and a request names
     aliases: tuple[str, ...]  # other names a request may use: the run's name, its folder's name
     classifier: object  # a `Classifier`, or an `OnnxClassifier` under the ONNX backend
     group: Group
@@ -143,7 +143,9 @@ def _run_id(classifier) -> str:
     run = getattr(classifier, "run", None)
     if run is not None:
         return str(run.metrics.get("run_id") or run.cfg.run_id)
-    return str(classifier.export.get("run_id") or Path(classifier.path).name)
+    name = str(classifier.export.get("run_id") or Path(classifier.path).name)
+    kind = (classifier.export.get("quantization") or {}).get("type")
+    return f"{name}-{kind}" if kind else name  # an int8 export beside its run's fp32 one is another model
 
 
 def _config_name(classifier) -> str:

@@ -27,12 +27,11 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
-def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan, filter_report,
-                        train_time: float, total_time: float, log=print,
-                        train_class_counts: list[int] | None = None, cost: dict | None = None,
-                        memory=None) -> dict:
-    """Evaluate the best state on val and test, then write every artifact; metrics.json last marks completion. A
-    write that fails (a full disk) is a RunFolderError naming the folder, raised before anything is marked finished."""
+def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan, record: dict, log=print) -> dict:
+    """Evaluate the best state (`state`: loop.TrainState) on val and test, then write every artifact; metrics.json
+    last marks completion. `record`: what the run reports beside its metrics (wall time, filters, training class
+    counts, what it cost). A write that fails (a full disk) is a RunFolderError naming the folder, raised before
+    anything is marked finished."""
     n, ml, bs = cfg.model.num_labels, cfg.model.max_length, cfg.train.eval_batch_size
     names, task = class_names(cfg), task_of(cfg)
     dtype = inference_dtype(cfg.train.precision, next(model.parameters()).device)  # as `evaluate` will score it
@@ -45,13 +44,14 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         "val_accuracy": val_m["accuracy"], "val_loss": val_m["loss"], "val_macro_f1": val_m["macro_f1"],
         "test_accuracy": test_m["accuracy"], "test_loss": test_m["loss"], "test_macro_f1": test_m["macro_f1"],
         **per_task,
-        "trainable_params": plan.total, "budget": plan.max_params, "best_step": state.get("best_step"),
-        "steps": state["step"], "train_time_s": round(train_time, 2),
-        "wall_time_s": round(total_time, 2), "filters": filter_report, "class_names": names,
-        # the label shares the model was trained under: the reference priors for prior correction
-        "train_class_counts": train_class_counts,
-        # what the run cost: precision, threads, validation time inside train_time_s, peak memory (MiB)
-        **(cost or {}), **(memory.as_dict() if memory is not None else {}),
+        "trainable_params": plan.total, "budget": plan.max_params, "best_step": state.best_step,
+        "steps": state.step, "train_time_s": round(state.train_time, 2),
+        # placed here so metrics.json keeps its order (the rest of `record` follows)
+        "wall_time_s": record.get("wall_time_s"), "filters": record.get("filters"), "class_names": names,
+        # wall_time_s, filters, train_class_counts (the label shares the model was trained under: the reference
+        # priors for prior correction), and what the run cost: precision, threads, validation time inside
+        # train_time_s, throughput, peak memory (MiB)
+        **record,
     }
     # the card is built from the JSON form of the same dict (below), so its numbers are exactly metrics.json's
     with runs.staged_files(out) as stage:  # a retrain over a finished run replaces it whole or not at all
@@ -60,15 +60,15 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         runs.write_json(stage / runs.VERIFY, verification_sample(model, tokenizer, val.texts[:VERIFY_ROWS], ml))
         if not task.sets:  # paired comparisons read one gold and one predicted class per row
             runs.write_text(stage / runs.PREDICTIONS, predictions_csv(test, test_logits))
-        runs.write_text(stage / runs.HISTORY, history_csv(state["history"]))
+        runs.write_text(stage / runs.HISTORY, history_csv(state.history))
         runs.write_json(stage / runs.VERSIONS, runs.versions())
-        plot_run(stage, state["history"], test_m.get("confusion_matrix"), names,
+        plot_run(stage, state.history, test_m.get("confusion_matrix"), names,
                  title=cfg.name or cfg.run_id)
         runs.write_text(stage / CARD, model_card(cfg, json.loads(json.dumps(result, default=runs._jsonable)),
                                                  plan.as_dict()))
         runs.write_json(stage / runs.METRICS, result)
     log(f"run {cfg.run_id}: val acc {val_m['accuracy']:.4f}, test acc {test_m['accuracy']:.4f} "
-        f"({test_m['n']:,} rows), {plan.total:,} trainable params, {total_time:.0f}s -> {out}")
+        f"({test_m['n']:,} rows), {plan.total:,} trainable params, {result['wall_time_s']:.0f}s -> {out}")
     return result
 
 

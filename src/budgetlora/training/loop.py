@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -91,15 +91,33 @@ def count_steps(tc, n_rows: int) -> Steps:
     return Steps(total, per_epoch, tc.eval_every or per_epoch)
 
 
-def setup_training(acc, model, cfg, total_steps: int, labels):
+@dataclass
+class Fit:
+    """What one training pass works with, set up together by `setup_training`: the accelerator, the model it
+    placed, the optimizer and schedule, the loss, and the adapter method's step hooks."""
+
+    acc: object  # accelerate.Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: torch.nn.Module
+    hooks: methods.StepHooks = field(default_factory=methods.StepHooks)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model without accelerate's wrappers: what is evaluated, checkpointed and saved."""
+        return self.acc.unwrap_model(self.model)
+
+
+def setup_training(acc, model, cfg, total_steps: int, labels) -> Fit:
     """`setup_optimizer` with what the config's adapter method adds: LoRA+'s learning rate for B, and the
     method's step hooks (AdaLoRA's schedule is set from `total_steps`), and the loss's class weights
     (train.class_weights; auto counts the training rows' `labels`). Every pass that trains a model of `cfg`
-    comes through here, so they all optimise alike. Returns (model, optimizer, scheduler, loss_fn, hooks)."""
+    comes through here, so they all optimise alike."""
     hooks = methods.step_hooks(model, cfg, total_steps)
     model, optimizer, scheduler, loss_fn = setup_optimizer(acc, model, cfg.train, total_steps, cfg.lora.b_lr_ratio,
                                                            losses.training_loss(cfg, labels))
-    return model, optimizer, scheduler, loss_fn, hooks
+    return Fit(acc, model, optimizer, scheduler, loss_fn, hooks)
 
 
 def setup_optimizer(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0,
@@ -117,22 +135,22 @@ def setup_optimizer(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0,
     return model, optimizer, scheduler, (loss_fn or losses.make_loss(tc)).to(acc.device)
 
 
-def train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, grad_clip: float,
-               hooks: methods.StepHooks | None = None, step: int = 0) -> torch.Tensor:
-    """One optimizer step on one (process-local) batch; returns its loss, still on the device (no sync).
-    hooks: the adapter method's penalty and post-step work (AdaLoRA); `step` is the 0-based index of this step."""
+def train_step(fit: Fit, batch, targets, grad_clip: float, step: int = 0) -> torch.Tensor:
+    """One optimizer step on one (process-local) batch; returns its loss, still on the device (no sync). The
+    adapter method's hooks add their penalty and post-step work (AdaLoRA); `step` is the 0-based index of this
+    step."""
+    acc, model, hooks = fit.acc, fit.model, fit.hooks
     with acc.autocast():
         logits = model(**batch).logits
-    loss = loss_fn(logits.float(), targets)
-    penalty = hooks.penalty(model) if hooks is not None else None
+    loss = fit.loss_fn(logits.float(), targets)
+    penalty = hooks.penalty(model)
     acc.backward(loss if penalty is None else loss + penalty)  # the reported loss stays the task loss
     if grad_clip:
         acc.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    if hooks is not None:
-        hooks.after_step(model, step)  # before zero_grad: AdaLoRA scores ranks by weight x gradient
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    fit.optimizer.step()
+    hooks.after_step(model, step)  # before zero_grad: AdaLoRA scores ranks by weight x gradient
+    fit.scheduler.step()
+    fit.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
@@ -186,130 +204,148 @@ class LoopInputs:
     eval_every: int
 
 
+@dataclass
+class TrainState:
+    """Where a run is: what a checkpoint saves and a resume restores, and what the run folder reports."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)  # train loss and lr at logging points, validation metrics
+    best: dict[str, torch.Tensor] | None = None  # the trainable weights at the best validation point so far
+    best_loss: float = math.inf  # the validation loss of `best`
+    # `best`'s train.select metric; None in checkpoints from before train.select, all of which selected by loss
+    best_score: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0  # validations since the last improvement (train.patience)
+    elapsed: float = 0.0  # seconds of the run before this process took it over (a resume)
+    eval_time: float = 0.0  # seconds of that spent validating
+    train_time: float = 0.0  # the whole loop's seconds, set when it ends
+    probe: dict = field(default_factory=dict)  # the linear probe's record (probe.probe), empty without one
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> TrainState:
+        """A checkpoint's state; fields it predates keep their defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+
 # on_step(state, rows): after every step, in every process, with the rows that process just trained on
-StepCallback = Callable[[dict, np.ndarray], None]
+StepCallback = Callable[[TrainState, np.ndarray], None]
 
 
-def new_state() -> dict:
-    # best_loss: the validation loss of the kept state; best_score: its train.select metric (absent from
-    # checkpoints written before train.select existed, all of which selected by loss)
-    return {"step": 0, "history": [], "best": None, "best_loss": math.inf, "best_score": None, "bad_evals": 0,
-            "elapsed": 0.0, "eval_time": 0.0}
-
-
-def run(acc, model, optimizer, scheduler, loss_fn, tc, max_length: int, inputs: LoopInputs, state: dict,
-        ckpt: Path | None = None, on_record: Callable[[dict], None] | None = None,
-        on_step: StepCallback | None = None, log=print, desc: str = "train",
-        hooks: methods.StepHooks | None = None) -> dict:
+def run(fit: Fit, tc, max_length: int, inputs: LoopInputs, state: TrainState, ckpt: Path | None = None,
+        on_record: Callable[[dict], None] | None = None, on_step: StepCallback | None = None, log=print,
+        desc: str = "train") -> TrainState:
     """Train until inputs.total_steps or early stop; returns the state (history, best trainable weights, ...).
-    hooks: what the adapter method adds to each step (methods.step_hooks). on_record: each history record, in the
-    main process. on_step: called after each step's validation and checkpoint, if any; an exception it raises ends
-    the run there, with the checkpoints written so far kept."""
+    on_record: each history record, in the main process. on_step: called after each step's validation and
+    checkpoint, if any; an exception it raises ends the run there, with the checkpoints written so far kept."""
+    acc, model = fit.acc, fit.model
     main = acc.is_main_process
     padding = resolve_padding(tc.padding, acc.device)
     total, per_epoch, eval_every = inputs.total_steps, inputs.steps_per_epoch, inputs.eval_every
     log_every = max(1, eval_every // 10)
-    if state["step"] == 0:  # dropout draws from here on; a resumed run restores the saved generator instead
+    if state.step == 0:  # dropout draws from here on; a resumed run restores the saved generator instead
         torch.manual_seed(tc.seed)
-    t0 = time.time() - state["elapsed"]
-    state.setdefault("eval_time", 0.0)  # a checkpoint from before validation time was kept
+    t0 = time.time() - state.elapsed
     loss_sum, loss_n = torch.zeros((), device=acc.device), 0
 
     def record(entry: dict) -> None:
         elapsed = time.time() - t0  # train_s: the same clock without validation, the time training itself took
-        entry = {"step": state["step"], "epoch": round(state["step"] / per_epoch, 4), **entry,
-                 "elapsed_s": round(elapsed, 2), "train_s": round(elapsed - state["eval_time"], 2)}
-        state["history"].append(entry)
+        entry = {"step": state.step, "epoch": round(state.step / per_epoch, 4), **entry,
+                 "elapsed_s": round(elapsed, 2), "train_s": round(elapsed - state.eval_time, 2)}
+        state.history.append(entry)
         if on_record is not None and main:
             on_record(entry)
 
     model.train()
-    bar = progress(total=total, initial=state["step"], desc=desc, disable=not main)
+    bar = progress(total=total, initial=state.step, desc=desc, disable=not main)
     stop = False
-    while state["step"] < total and not stop:
-        epoch, in_epoch = divmod(state["step"], per_epoch)
+    while state.step < total and not stop:
+        epoch, in_epoch = divmod(state.step, per_epoch)
         tokens = inputs.epoch_tokens(epoch)
         batches = length_grouped_batches(tokens.lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length)
         local = [rows[acc.process_index::acc.num_processes] for rows in batches[in_epoch:]]  # disjoint shards
         for rows, batch, targets in device_batches(tokens, inputs.labels, local, acc.device, padding, max_length):
-            loss_sum += train_step(acc, model, batch, targets, loss_fn, optimizer, scheduler, tc.grad_clip,
-                                   hooks=hooks, step=state["step"])
+            loss_sum += train_step(fit, batch, targets, tc.grad_clip, step=state.step)
             loss_n += 1
-            state["step"] += 1
-            if state["step"] % log_every == 0 or state["step"] % eval_every == 0 or state["step"] == total:
+            state.step += 1
+            if state.step % log_every == 0 or state.step % eval_every == 0 or state.step == total:
                 mean = float(acc.reduce(loss_sum, "mean")) / loss_n  # the one sync, at logging points only
-                record({"train_loss": mean, "lr": scheduler.get_last_lr()[0]})
+                record({"train_loss": mean, "lr": fit.scheduler.get_last_lr()[0]})
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
                 loss_sum.zero_()
                 loss_n = 0
             bar.update(1)  # after the postfix, so a line written to a log shows this step's loss
-            at_eval = state["step"] % eval_every == 0 or state["step"] == total
+            at_eval = state.step % eval_every == 0 or state.step == total
             if at_eval and inputs.evaluate is not None:
-                stop = _validate(acc, model, tc, inputs.evaluate, total, state, record, log)
-                state["elapsed"] = time.time() - t0
+                stop = _validate(fit, tc, inputs.evaluate, total, state, record, log)
+                state.elapsed = time.time() - t0
                 # the partial loss of the steps since the last logging point is not kept: checkpoints fall on
                 # evaluation points, which are logging points too
-                if main and ckpt is not None and state["step"] < total and not stop:
-                    save_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler, state)
+                if main and ckpt is not None and state.step < total and not stop:
+                    save_checkpoint(ckpt, fit.module, fit.optimizer, fit.scheduler, state)
             if on_step is not None:
                 on_step(state, rows)
-            if stop or state["step"] >= total:
+            if stop or state.step >= total:
                 break
     bar.close()
-    state["train_time"] = time.time() - t0
+    state.train_time = time.time() - t0
     return state
 
 
-def improves(select: str, value: float, state: dict) -> bool:
+def improves(select: str, value: float, state: TrainState) -> bool:
     """Whether validation metric `select` at `value` beats the kept state's: lower loss, higher accuracy or macro-F1
     (strictly, so the earlier of two equal states is kept)."""
-    best = state.get("best_score")
+    best = state.best_score
     if best is None and select == "loss":
-        best = state["best_loss"]  # a checkpoint from before train.select
+        best = state.best_loss  # a checkpoint from before train.select
     if best is None:
         return True
     return value < best if select == "loss" else value > best
 
 
-def _validate(acc, model, tc, evaluate: Callable[[], dict], total: int, state: dict, record, log) -> bool:
+def _validate(fit: Fit, tc, evaluate: Callable[[], dict], total: int, state: TrainState, record, log) -> bool:
     """One validation point: record it, keep the best state by train.select, count evaluations without improvement.
     Returns whether early stopping (train.patience) ends the run here."""
     t_eval = time.time()
     m = evaluate()
-    state["eval_time"] += time.time() - t_eval
+    state.eval_time += time.time() - t_eval
     record({"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"]})
-    log(f"step {state['step']}/{total}: val loss {m['loss']:.4f}, acc {m['accuracy']:.4f}, "
+    log(f"step {state.step}/{total}: val loss {m['loss']:.4f}, acc {m['accuracy']:.4f}, "
         f"macro-F1 {m['macro_f1']:.4f}")
-    return keep_best(tc, m, state, lambda: trainable_state(acc.unwrap_model(model)), log)
+    return keep_best(tc, m, state, lambda: trainable_state(fit.module), log)
 
 
-def keep_best(tc, m: dict, state: dict, snapshot: Callable[[], dict], log=print) -> bool:
+def keep_best(tc, m: dict, state: TrainState, snapshot: Callable[[], dict], log=print) -> bool:
     """Keep `snapshot()` as the best state when validation metrics `m` improve on train.select, else count one
     more evaluation without improvement. Returns whether early stopping (train.patience) ends the run here."""
     if improves(tc.select, m[tc.select], state):
-        state.update(best=snapshot(), best_loss=m["loss"], best_score=m[tc.select], best_step=state["step"],
-                     bad_evals=0)
+        state.best, state.best_loss, state.best_score = snapshot(), m["loss"], m[tc.select]
+        state.best_step, state.bad_evals = state.step, 0
         return False
-    state["bad_evals"] += 1
-    if tc.patience and state["bad_evals"] >= tc.patience:
+    state.bad_evals += 1
+    if tc.patience and state.bad_evals >= tc.patience:
         log(f"early stop: val {tc.select} did not improve for {tc.patience} evaluations")
         return True
     return False
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
-def save_checkpoint(path: Path, model, optimizer, scheduler, state) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState) -> None:
     """Everything a resume needs, in forms `torch.load(weights_only=True)` accepts (tensors, numbers, strings,
     lists, dicts): a checkpoint is loaded without letting its pickle call anything."""
     blob = {"trainable": trainable_state(model), "optimizer": _plain(optimizer.state_dict()),
-            "scheduler": _plain(scheduler.state_dict()), "state": _plain(state), "torch_rng": torch.get_rng_state(),
+            "scheduler": _plain(scheduler.state_dict()), "state": _plain(state.to_dict()),
+            "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state()}
     with runs.atomic_path(path) as tmp:
         torch.save(blob, tmp)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     import pickle
 
     try:
@@ -327,7 +363,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     random.setstate((version, tuple(internal.tolist()), gauss))
     name, keys, pos, has_gauss, cached = blob["numpy_rng"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    return blob["state"]
+    return TrainState.from_dict(blob["state"])
 
 
 def _python_rng_state() -> list:

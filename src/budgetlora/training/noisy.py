@@ -55,19 +55,18 @@ def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print,
     # a run's pass borrows the run's Accelerator: making another would reset accelerate's process-wide state under
     # the live run (loop.make_accelerator)
     acc = acc or loop.make_accelerator(tc)
-    model, optimizer, scheduler, loss_fn, hooks = loop.setup_training(acc, model, cfg, steps.total, train.labels)
+    fit = loop.setup_training(acc, model, cfg, steps.total, train.labels)
     records = []
 
-    def score(state: dict, _rows) -> None:
-        if state["step"] in points:  # logits_for_ids switches to eval mode (no dropout) and back
-            logits = logits_for_ids(acc.unwrap_model(model), ids, tc.eval_batch_size, pad, acc.device)
+    def score(state: loop.TrainState, _rows) -> None:
+        if state.step in points:  # logits_for_ids switches to eval mode (no dropout) and back
+            logits = logits_for_ids(fit.module, ids, tc.eval_batch_size, pad, acc.device)
             records.append(softmax(logits))
 
     log(f"noisy filter: first pass of {steps.total} steps over {len(train):,} rows, scored at steps {points}")
     inputs = loop.LoopInputs(lambda epoch: ids, torch.as_tensor(train.labels), None, steps.total, steps.per_epoch,
                              steps.eval_every)  # the base rows every epoch: no augmentation in this pass
-    loop.run(acc, model, optimizer, scheduler, loss_fn, tc, cfg.model.max_length, inputs, loop.new_state(),
-             on_step=score, log=log, desc="noisy filter", hooks=hooks)
+    loop.run(fit, tc, cfg.model.max_length, inputs, loop.TrainState(), on_step=score, log=log, desc="noisy filter")
     acc.free_memory()  # drop the pass's model and optimizer before the run prepares its own
     return np.stack(records)
 

@@ -18,7 +18,7 @@ import torch
 
 from budgetlora.data.tokens import length_grouped_batches
 from budgetlora.progress import progress
-from budgetlora.training.loop import LoopInputs, device_batches, resolve_padding
+from budgetlora.training.loop import Fit, LoopInputs, device_batches, resolve_padding
 
 
 def _is_head(name: str) -> bool:
@@ -43,11 +43,11 @@ def only_head_trains(model):
             p.requires_grad_(True)
 
 
-def probe(acc, model, tc, max_length: int, inputs: LoopInputs, loss_fn, steps: int, log=print) -> dict:
-    """Train the head of `model` alone for `steps` steps at train.lr (constant: the probe is short and its optimizer
-    is thrown away). Every process runs the same batches, unsharded, so their heads stay equal without a gradient
-    sync. Returns what the run records: steps, first and last loss, seconds."""
-    module = acc.unwrap_model(model)
+def probe(fit: Fit, tc, max_length: int, inputs: LoopInputs, steps: int, log=print) -> dict:
+    """Train the head of the run's model alone for `steps` steps at train.lr (constant: the probe is short and its
+    optimizer is thrown away), with the run's loss. Every process runs the same batches, unsharded, so their heads
+    stay equal without a gradient sync. Returns what the run records: steps, first and last loss, seconds."""
+    acc, module, loss_fn = fit.acc, fit.module, fit.loss_fn
     head = [p for _, p in head_parameters(module)]
     if not head:
         raise RuntimeError("train.probe_steps: the model has no head parameters to probe")

@@ -50,12 +50,12 @@ def init_from_run(model, cfg: Config) -> None:
                           f"{count_trainable(model):,}")
 
 
-def throughput(state: dict, steps, tokens: Tokens, batch_size: int) -> dict:
+def throughput(state: loop.TrainState, steps, tokens: Tokens, batch_size: int) -> dict:
     """Training rows and real (unpadded) tokens per second of training time. Rows seen are counted from the steps
     taken: whole epochs, then full batches (exact but for a partial last batch inside an unfinished epoch)."""
-    n, done = len(tokens), state["step"]
+    n, done = len(tokens), state.step
     rows = done // steps.per_epoch * n + min(done % steps.per_epoch * batch_size, n)
-    seconds = max(state["train_time"], 1e-9)
+    seconds = max(state.train_time, 1e-9)
     return {"train_samples_per_s": round(rows / seconds, 2),
             "train_tokens_per_s": round(rows * float(tokens.lengths.mean()) / seconds, 1)}
 
@@ -112,53 +112,51 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
         return Tokens(encode(tokenizer, augment_texts(train_split.texts, cfg.augment, tc.seed, epoch), ml), pad)
 
     steps = loop.count_steps(tc, len(train_split))
-    model, optimizer, scheduler, loss_fn, hooks = loop.setup_training(acc, model, cfg, steps.total,
-                                                                         train_split.labels)
+    fit = loop.setup_training(acc, model, cfg, steps.total, train_split.labels)
     eval_batch = eval_batch_size(tc.eval_batch_size, acc.device)
     infer_dtype = inference_dtype(tc.precision, acc.device)  # validation under the training precision
     task = task_of(cfg)
 
     def evaluate_val() -> dict:
         shard = list(range(acc.process_index, math.ceil(len(val_tokens) / eval_batch), acc.num_processes))
-        logits = logits_for_ids(acc.unwrap_model(model), val_tokens, eval_batch, pad, acc.device, rows=shard,
+        logits = logits_for_ids(fit.module, val_tokens, eval_batch, pad, acc.device, rows=shard,
                                 dtype=infer_dtype, padding=loop.resolve_padding(tc.padding, acc.device))
         if acc.num_processes > 1:  # every process computed its share of rows; sum the zero-padded arrays
             logits = acc.reduce(torch.as_tensor(logits, device=acc.device), "sum").cpu().numpy()
         return task.metrics(logits, val.labels, cfg.model.num_labels)
 
-    state = loop.new_state()
+    state = loop.TrainState()
     ckpt = out / runs.CHECKPOINT / "state.pt"
     if ckpt.is_file() and not force:
-        state = loop.load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler)
-        log(f"resuming run {cfg.run_id} from step {state['step']}")
+        state = loop.load_checkpoint(ckpt, fit.module, fit.optimizer, fit.scheduler)
+        log(f"resuming run {cfg.run_id} from step {state.step}")
     inputs = loop.LoopInputs(epoch_tokens, torch.as_tensor(train_split.labels), evaluate_val, steps.total,
                              steps.per_epoch, steps.eval_every)
-    if tc.probe_steps and state["step"] == 0:  # a resumed run's checkpoint already holds the probed head
+    if tc.probe_steps and state.step == 0:  # a resumed run's checkpoint already holds the probed head
         from budgetlora.training.probe import probe
-        state["probe"] = probe(acc, model, tc, ml, inputs, loss_fn, tc.probe_steps, log)
-    state = loop.run(acc, model, optimizer, scheduler, loss_fn, tc, ml, inputs, state, ckpt=ckpt,
-                     on_record=on_record, on_step=on_step, log=log, desc=f"train {cfg.run_id}", hooks=hooks)
+        state.probe = probe(fit, tc, ml, inputs, tc.probe_steps, log)
+    state = loop.run(fit, tc, ml, inputs, state, ckpt=ckpt, on_record=on_record, on_step=on_step, log=log,
+                     desc=f"train {cfg.run_id}")
 
     trim_memory()  # the loop's freed activations back to the OS before evaluation and saving
     # the plain module: accelerate's autocast wrapper removed, so what is evaluated and saved is the fp32 model
     # that a reload anywhere rebuilds
-    model = acc.unwrap_model(model, keep_fp32_wrapper=False)
-    if state["best"] is not None:
-        loop.load_trainable(model, state["best"])
-    hooks.finish(model)
+    model = acc.unwrap_model(fit.model, keep_fp32_wrapper=False)
+    if state.best is not None:
+        loop.load_trainable(model, state.best)
+    fit.hooks.finish(model)
     acc.wait_for_everyone()
     if not main:
         acc.wait_for_everyone()  # return only once the main process has completed the run folder (callers read it)
         return out
     from budgetlora.training.artifacts import write_run_artifacts
 
-    write_run_artifacts(out, cfg, model, tokenizer, val, test, state, plan, filter_report,
-                        train_time=state["train_time"], total_time=time.time() - t_start, log=log,
-                        memory=memory, cost={"precision": loop.precision(tc).replace("no", "fp32"),
-                                             "threads": threads, "val_time_s": round(state["eval_time"], 2),
-                                             **state.get("probe", {}),
-                                             **throughput(state, steps, base_tokens, tc.batch_size)},
-                        train_class_counts=task.label_counts(train_split.labels, cfg.model.num_labels))
+    record = {"wall_time_s": round(time.time() - t_start, 2), "filters": filter_report,
+              "train_class_counts": task.label_counts(train_split.labels, cfg.model.num_labels),
+              "precision": loop.precision(tc).replace("no", "fp32"), "threads": threads,
+              "val_time_s": round(state.eval_time, 2), **state.probe,
+              **throughput(state, steps, base_tokens, tc.batch_size), **memory.as_dict()}
+    write_run_artifacts(out, cfg, model, tokenizer, val, test, state, plan, record, log=log)
     shutil.rmtree(out / runs.CHECKPOINT, ignore_errors=True)
     acc.wait_for_everyone()
     return out
