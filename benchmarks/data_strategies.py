@@ -52,14 +52,13 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=COMMON["data.train_limit"])
     ap.add_argument("--test-limit", type=int, default=COMMON["data.test_limit"])
     args = ap.parse_args()
-    quiet = lambda *a, **k: None  # noqa: E731
     COMMON.update({"data.train_limit": args.train_limit, "data.test_limit": args.test_limit})
     base = Config().replace(**COMMON, **{"model.name": args.model})
 
     rows = []
     for name, change in VARIANTS.items():
         t0 = time.time()
-        out = train(base.replace(**change, name=name), root=args.runs, log=quiet)
+        out = train(base.replace(**change, name=name), root=args.runs)
         m = runs.read_json(out / runs.METRICS)
         removed = sum(v["removed"] for v in m["filters"].values() if isinstance(v, dict))
         rows.append((name, sum(m["train_class_counts"]), removed, m["val_accuracy"], m["test_accuracy"],
@@ -93,7 +92,7 @@ def main() -> None:
     print(f"| baseline | EM prior estimate | {' / '.join(f'{p:.3f}' for p in est.priors)} | |", flush=True)
 
     (child,) = self_train(baseline, args.unlabelled, args.runs, threshold=threshold, balance=True,
-                          max_per_class=args.max_per_class, log=quiet)
+                          max_per_class=args.max_per_class)
     child_loaded = load_run(child)
     child_probs, child_est = corrected_probabilities(child_loaded, texts)
     cm = runs.read_json(child / runs.METRICS)

@@ -9,6 +9,7 @@ import json
 import time
 
 from budgetlora import config as config_mod
+from budgetlora.log import setup
 from budgetlora.runs import versions
 from budgetlora.training.train import train
 
@@ -18,6 +19,7 @@ def main():
     parser.add_argument("--runs", default="runs-benchmark")
     config_mod.add_flags(parser)
     args = parser.parse_args()
+    setup()  # the run's own lines (validation, the final metrics), as `budgetlora train` shows them
     cfg = config_mod.from_flags(args).replace(**{"data.train_limit": 0, "data.test_limit": 0})
     t0 = time.time()
     out = train(cfg, root=args.runs)

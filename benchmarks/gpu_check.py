@@ -48,7 +48,6 @@ os.environ.setdefault("TQDM_MININTERVAL", "5")
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-QUIET = {"log": lambda *a, **k: None}
 
 
 class Out:
@@ -183,7 +182,7 @@ def measure(out: Out, cfg, smoke: bool, peak: float, label: str) -> dict | None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
-        run = train(cfg, root=tempfile.mkdtemp(prefix="tp-"), force=True, on_record=records.append, **QUIET)
+        run = train(cfg, root=tempfile.mkdtemp(prefix="tp-"), force=True, on_record=records.append)
     except Exception as e:  # one failed setting must not hide the others
         out.log(f"[{label}] failed: {e.__class__.__name__}: {str(e)[:300]}")
         return None
@@ -264,7 +263,7 @@ def minilm(out: Out, carry: Path, model_dir: str, smoke: bool) -> None:
     for name, base in presets.items():
         cfg = base.replace(**data, **({"train.eval_every": 3} if smoke else {}))
         t = time.time()
-        run = train(cfg, root=root, force=True, **QUIET)
+        run = train(cfg, root=root, force=True)
         m = read_json(run / "metrics.json")
         results[name] = {"batch": cfg.train.batch_size, "lr": cfg.train.lr, "steps": m["steps"],
                          "train_time_s": m["train_time_s"], "wall_s": round(time.time() - t, 1),
@@ -290,7 +289,7 @@ def minilm(out: Out, carry: Path, model_dir: str, smoke: bool) -> None:
     out.put("minilm", results)
     t = time.time()
     (child,) = self_train(run, comp, root / "self-train", rounds=1, threshold=0.3 if smoke else 0.9,
-                          overrides={"train.max_steps": 6} if smoke else None, **QUIET)
+                          overrides={"train.max_steps": 6} if smoke else None)
     m = read_json(child / "metrics.json")
     labels = predict(child, comp, out.folder / "submission_selftrain.csv").labels
     results["self_train"] = {"seconds": round(time.time() - t, 1), "test_accuracy": m["test_accuracy"],

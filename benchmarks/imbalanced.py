@@ -50,10 +50,6 @@ def skewed_sample(source: Path, rows: int, shares: list[float], out: Path, seed:
     return out
 
 
-def _quiet(*args, **kwargs) -> None:
-    pass
-
-
 def spread(values: list[float]) -> str:
     v = np.asarray(values, dtype=float)
     return f"{v.mean():.3f} ± {(v.max() - v.min()) / 2:.3f}"
@@ -84,7 +80,7 @@ def main(argv=None) -> None:
     for name, change in VARIANTS.items():
         for seed in range(1, args.seeds + 1):
             t0 = time.time()
-            out = train(base.replace(**change, **{"train.seed": seed}, name=name), root=runs_dir, log=_quiet)
+            out = train(base.replace(**change, **{"train.seed": seed}, name=name), root=runs_dir)
             m = runs.read_json(out / runs.METRICS)
             results.setdefault(name, []).append(m)
             print(f"done {name}, seed {seed}: test macro-F1 {m['test_macro_f1']:.4f} ({time.time() - t0:.0f}s)",

@@ -91,8 +91,7 @@ def main(argv=None) -> None:
     rows = {"tuned thresholds (stored in the run)": [], "fixed threshold 0.5": [], "one label per text (argmax)": []}
     for seed in range(1, args.seeds + 1):
         t0 = time.time()
-        run = train(Config().replace(**common, **{"train.seed": seed}, name=f"multilabel seed {seed}"), root=root,
-                    log=lambda *a, **k: None)
+        run = train(Config().replace(**common, **{"train.seed": seed}, name=f"multilabel seed {seed}"), root=root)
         m = runs.read_json(run / runs.METRICS)
         logits = load_run(run).logits(test.text.tolist())
         top1 = np.zeros_like(gold)

@@ -70,10 +70,10 @@ def main() -> None:
     onnx_dir, int8_dir = args.onnx, args.int8
     if not onnx_dir:
         onnx_dir = str(Path(tmp.name) / "onnx")
-        export_onnx(args.run, onnx_dir, log=lambda *a: None)
+        export_onnx(args.run, onnx_dir)
     if not int8_dir:
         int8_dir = str(Path(tmp.name) / "int8")
-        export_onnx(args.run, int8_dir, log=lambda *a: None, quantize="int8")
+        export_onnx(args.run, int8_dir, quantize="int8")
     accuracy(onnx_dir, int8_dir)
     texts = sample_texts(2000)
     torch_model = budgetlora.load(args.run, verify=False)

@@ -2,7 +2,7 @@
 all of them against traffic to one run alone, side by side on the same server.
 
     python benchmarks/serve_many.py                      # trains 10 short runs of the minilm-default shape first
-    python benchmarks/serve_many.py --runs FOLDER        # or serves the finished runs in FOLDER
+    python benchmarks/serve_many.py --runs FOLDER        # serves the runs in FOLDER (trained there first if missing)
 
 Each server is a real `budgetlora serve` process on loopback; its memory is read from /proc after the runs are
 loaded and verified, and again after every served run has answered requests (VmRSS now, VmHWM the peak). The
@@ -43,7 +43,7 @@ def short_runs(n: int, root: Path) -> list[Path]:
         cfg = preset.replace(**{"train.seed": seed, "train.max_steps": 4, "train.probe_steps": 0,
                                 "data.train_limit": 400, "data.test_limit": 200, "train.eval_every": 4})
         t = time.perf_counter()
-        out.append(train(cfg, root=root, log=lambda *a, **k: None))
+        out.append(train(cfg, root=root))
         print(f"trained {out[-1].name} (seed {seed}) in {time.perf_counter() - t:.0f}s", flush=True)
     return out
 
@@ -126,7 +126,8 @@ async def traffic(url: str, models: list[str], pool: list[str], per_request: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", default="", help="a folder of finished runs on one base (default: train 10 short ones)")
+    ap.add_argument("--runs", default="", help="a folder of finished runs on one base; short ones are trained into it "
+                                               "when it holds too few (default: a temporary folder)")
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 5, 10], help="runs per server, for memory")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -140,9 +141,10 @@ def main() -> None:
     from budgetlora.runs import list_runs
 
     tmp = tempfile.TemporaryDirectory(prefix="serve-many-")
-    runs = list_runs(Path(args.runs)) if args.runs else short_runs(max(args.counts), Path(tmp.name))
-    if len(runs) < max(args.counts):
-        raise SystemExit(f"{len(runs)} runs found; --counts asks for {max(args.counts)}")
+    folder = Path(args.runs or tmp.name)
+    runs = list_runs(folder) if folder.is_dir() else []
+    if len(runs) < max(args.counts):  # trained into the folder, so that a second measurement reuses them
+        runs = short_runs(max(args.counts), folder)
     pool = sample_texts(2000)
     results = {"memory": [], "traffic": []}
     for n in args.counts:

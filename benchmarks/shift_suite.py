@@ -144,13 +144,12 @@ def measure(args, name: str, df: pd.DataFrame, base: Path, lpft: Path | None, kn
     from budgetlora.shift.priors import calibrated_probabilities
     from budgetlora.shift.selftrain import self_train
 
-    quiet = lambda *a, **k: None  # noqa: E731
     path = out / "sets" / f"{name}.csv"
     runs.write_text(path, df[["text"]].to_csv(index=False))  # texts only: nothing downstream sees a label
     texts, gold = df.text.tolist(), df.label.to_numpy()
     mix, true = parse_prior(known, 4), shares(gold)
     loaded = load_run(base)
-    res = analyse(loaded, texts, mode="auto", log=quiet)
+    res = analyse(loaded, texts, mode="auto")
     del loaded
     rep, pred = res.report, res.probs.argmax(1)
     row = {"rows": len(texts), "known_prior": known, "base": accuracy(pred, gold),
@@ -168,7 +167,7 @@ def measure(args, name: str, df: pd.DataFrame, base: Path, lpft: Path | None, kn
             records: list = []
             made = self_train(base, str(path), out / "selftrain" / (name + ("-fit" if prior else "")),
                               share=args.share, threshold=0.0, mix=args.mix, max_val_drop=args.max_val_drop,
-                              target_prior=prior, records=records, first_probs=res.probs, log=quiet,
+                              target_prior=prior, records=records, first_probs=res.probs,
                               overrides={"train.max_steps": args.st_steps, "train.lr": args.st_lr,
                                          "train.warmup": 0.0, "data.test_limit": 200})
             child = load_run(records[-1]["run"])

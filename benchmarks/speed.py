@@ -182,7 +182,7 @@ def run_budgetlora(data, args, cfg: Config) -> dict:
 
     bt.logits_for_ids = timed
     try:
-        run = bt.train(cfg, root=tempfile.mkdtemp(prefix="bl-"), data=data, force=True, log=lambda *a, **k: None)
+        run = bt.train(cfg, root=tempfile.mkdtemp(prefix="bl-"), data=data, force=True)
     finally:
         bt.logits_for_ids = inner
     m = read_json(run / "metrics.json")

@@ -1,7 +1,9 @@
 """Shared fixtures: small slices of the shipped AG News copy, and one tiny trained run reused across tests."""
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +13,36 @@ from budgetlora.config import Config
 from budgetlora.data.readers import default_data_dir
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-QUIET = {"log": lambda *a, **k: None}
+
+
+@pytest.fixture(autouse=True)
+def _budgetlora_logging(monkeypatch):
+    """What a CLI call in a test sets up for budgetlora's logging (`budgetlora.log.setup`) ends with the test."""
+    logger = logging.getLogger("budgetlora")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    monkeypatch.delenv("BUDGETLORA_LOG_LEVEL", raising=False)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+
+
+@contextmanager
+def log_lines(lines: list[str] | None = None):
+    """The messages budgetlora logs (at info and above) while the block runs, as a list of lines (`lines`, when
+    given, is the list they are added to)."""
+    lines = [] if lines is None else lines
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("budgetlora")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 # the main job's preset as it was when its run id a18e192f1c was published: fields added since must keep that id
 PUBLISHED = {"data.train_limit": 22000, "train.probe_steps": 0}
 
@@ -48,7 +79,7 @@ def tiny_run(tmp_path_factory, small_csvs) -> Path:
     """One small trained run of the embedded model (seconds on a CPU), shared by the tests that only read it."""
     from budgetlora.training.train import train
 
-    return train(tiny_config(small_csvs), root=tmp_path_factory.mktemp("runs"), log=lambda *a, **k: None)
+    return train(tiny_config(small_csvs), root=tmp_path_factory.mktemp("runs"))
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +89,7 @@ def noisy_run(tmp_path_factory, small_csvs):
 
     cfg = tiny_config(small_csvs, **{"data.train_limit": 222, "data.test_limit": 40, "train.max_steps": 6,
                                      "filter.noisy_fraction": 0.05})
-    return train(cfg, root=tmp_path_factory.mktemp("runs"), **QUIET)
+    return train(cfg, root=tmp_path_factory.mktemp("runs"))
 
 
 @pytest.fixture(scope="session")

@@ -26,10 +26,12 @@ def no_model(monkeypatch):
     def loaded(*a, **k):
         raise AssertionError("a model was loaded (or trained) before the output was checked")
 
+    # every module imported before any is patched: one imported while `load_run` is patched would keep the stub
+    modules = {name: importlib.import_module(name) for name in MODULES_THAT_LOAD + MODULES_THAT_TRAIN}
     for name in MODULES_THAT_LOAD:
-        monkeypatch.setattr(importlib.import_module(name), "load_run", loaded)
+        monkeypatch.setattr(modules[name], "load_run", loaded)
     for name in MODULES_THAT_TRAIN:
-        monkeypatch.setattr(importlib.import_module(name), "train", loaded)
+        monkeypatch.setattr(modules[name], "train", loaded)
 
 
 @pytest.fixture

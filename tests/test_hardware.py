@@ -160,8 +160,7 @@ def test_train_threads_hold_for_the_run_only(small_csvs, tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # the caller's own setting, which the run's single thread must not outlive
     try:
-        run = train(tiny_config(small_csvs, **{"train.max_steps": 2, "train.threads": 1}), root=tmp_path,
-                    log=lambda *a, **k: None)
+        run = train(tiny_config(small_csvs, **{"train.max_steps": 2, "train.threads": 1}), root=tmp_path)
         assert runs.read_json(run / runs.METRICS)["threads"] == 1
         assert torch.get_num_threads() == 2
     finally:

@@ -9,7 +9,7 @@ import budgetlora
 
 PKG = Path(budgetlora.__file__).resolve().parent
 # lower number = lower stage; a module may import its own level and anything below it
-LEVELS = {"errors": 0, "config": 0, "runs": 0, "hardware": 0, "progress": 0, "tasks": 0,
+LEVELS = {"errors": 0, "config": 0, "runs": 0, "hardware": 0, "progress": 0, "log": 0, "tasks": 0,
           "data": 1, "adapters": 2, "training": 3, "inference": 4, "shift": 5, "experiments": 5,
           "api": 6, "cli": 6, "__init__": 6}
 MAX_LINES = 400

@@ -113,10 +113,11 @@ def test_a_forced_retrain_that_cannot_be_written_leaves_the_finished_run_whole(t
 # -- one run id, two processes ----------------------------------------------------------------------------------------
 def _train_in_child(cfg, root: str, report: str, barrier) -> None:
     from budgetlora.training.train import train
+    from tests.conftest import log_lines
 
-    lines = []
     barrier.wait()  # both start together: without the lock both would find the run unfinished and train it
-    out = train(cfg, root=root, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    with log_lines() as lines:
+        out = train(cfg, root=root)
     Path(report).write_text(json.dumps({"out": str(out), "log": lines}))
 
 

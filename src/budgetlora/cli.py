@@ -82,9 +82,11 @@ def cmd_export(args) -> int:
         runs.check_output(out, "folder")
     if args.merged:
         export_merged(args.run, args.merged, force=args.force, tolerance=args.tolerance, base=args.base)
+        print(f"wrote merged model to {args.merged}")
     if args.onnx:
         export_onnx(args.run, args.onnx, force=args.force, tolerance=args.tolerance, base=args.base,
                     quantize=args.quantize)
+        print(f"wrote ONNX model to {args.onnx}")
     return 0
 
 
@@ -174,10 +176,7 @@ def add_settings_flags(p: argparse.ArgumentParser, cls, section: str) -> None:
     add_section_flags(p, cls, section)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="budgetlora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _plan_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="count what a config trains, from the model config alone")
     config_mod.add_flags(p)
     p.add_argument("--fill", "--max-rank", dest="fill", action="store_true",
@@ -185,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "loha.r, lokr.r); --max-rank is the same flag")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+    return p
 
+
+def _train_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one config into runs/<run id>/")
     config_mod.add_flags(p)
     p.add_argument("--runs", default="runs", help="folder holding run folders")
@@ -194,14 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log train loss, learning rate, validation and final test metrics as the run goes, to "
                         "RUNS/tensorboard/<run id>/ or the MLflow store RUNS/mlflow.db (does not change the run id)")
     p.set_defaults(func=cmd_train)
+    return p
 
+
+def _evaluate_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a saved run on its test split or another labelled file")
     p.add_argument("run")
     add_base_flag(p)
     add_flag(p, "--input", "--data", default="", help="labelled file (default: the run's test split)")
     add_long_texts_flag(p)
     p.set_defaults(func=cmd_evaluate)
+    return p
 
+
+def _predict_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="write ID,Label predictions for a file, after re-checking the saved adapter")
     p.add_argument("run")
     add_base_flag(p)
@@ -225,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the K most probable label ids and their probabilities (top1, top1_p, ..., topK, "
                         "topK_p); 1 to the run's number of classes")
     p.set_defaults(func=cmd_predict)
+    return p
 
+
+def _self_train_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("self-train", help="pseudo-label confident unlabelled texts and continue training the "
                                           "run's adapter on train + pseudo-labelled rows (a new run per round)")
     p.add_argument("run")
@@ -234,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--runs", "--out", default="runs", help="folder holding run folders: the new ones go there")
     add_settings_flags(p, SelfTrainConfig, "self_train")
     p.set_defaults(func=cmd_self_train)
+    return p
 
+
+def _serve_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP service for runs: POST /predict, GET /health, GET /info, /docs")
     p.add_argument("run", nargs="+", help="run folders, or folders of runs (every finished run inside); runs on one "
                                           "base share it, and a request names its run by {\"model\": RUN_ID} (the "
@@ -244,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_long_texts_flag(p)
     add_settings_flags(p, ServeConfig, "serve")
     p.set_defaults(func=cmd_serve)
+    return p
 
+
+def _export_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge the adapter into the base and save a plain transformers model folder "
                                       "and/or an ONNX model for onnxruntime")
     p.add_argument("run")
@@ -259,7 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |merged - unmerged| logit difference")
     p.set_defaults(func=cmd_export)
+    return p
 
+
+def _sweep_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run or resume an Optuna sweep from a spec YAML (see budgetlora.experiments.spec)")
     p.add_argument("spec", help="sweep spec YAML (grid: or search:)")
     p.add_argument("--storage", default=None, help="study storage URL (default: sqlite under sweeps/<name>/)")
@@ -274,11 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no trial the time left cannot hold (90s, 30m, 1.5h; default: the spec's "
                         "time_budget, else none); a rerun continues where it stopped")
     p.set_defaults(func=cmd_sweep)
+    return p
 
+
+def _report_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="leaderboard, ablation plots and report.html for a folder of runs")
     p.add_argument("dir", help="a sweep folder or any folder containing run folders")
     p.set_defaults(func=cmd_report)
+    return p
 
+
+def _shift_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("shift", help="compare a target file with a run's training data: lengths, vocabulary, "
                                      "confidence, class shares, separability; PNG + JSON + advice")
     p.add_argument("run")
@@ -288,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
              help="folder for shift.json, shift.png, advice.txt (default RUN/shift)")
     p.add_argument("--max-length", type=int, default=0, help="tokens read per text (0 = the run's max_length)")
     p.set_defaults(func=cmd_shift)
+    return p
 
+
+def _submit_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="train, adapt to a target file (gated self-training and prior correction), "
                                       "predict and write ID,Label with a summary of what was done")
     config_mod.add_flags(p)
@@ -297,12 +326,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="folder holding run folders")
     add_section_flags(p, SubmitConfig, "submit")
     p.set_defaults(func=cmd_submit)
+    return p
+
+
+COMMANDS = (_plan_command, _train_command, _evaluate_command, _predict_command, _self_train_command, _serve_command,
+            _export_command, _sweep_command, _report_command, _shift_command, _submit_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="budgetlora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        p = command(sub)
+        # on every command: how much of budgetlora's logging reaches stdout (`budgetlora.log`)
+        verbosity = p.add_mutually_exclusive_group()
+        verbosity.add_argument("-q", "--quiet", action="store_true",
+                               help="no progress messages: the command's result, warnings and errors only")
+        verbosity.add_argument("-v", "--verbose", action="store_true", help="print debug messages as well")
     return parser
 
 
 def main(argv=None) -> int:
+    from budgetlora.log import setup
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup("WARNING" if args.quiet else "DEBUG" if args.verbose else "INFO")
     missing = [flag for flag in getattr(args, "_required", ())
                if getattr(args, flag.lstrip("-").replace("-", "_")) is None]
     if missing:

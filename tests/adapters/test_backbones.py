@@ -215,7 +215,7 @@ def _run_and_check(cfg, tmp_path, heads, family=""):
     from budgetlora.training.evaluate import predict_logits
     from budgetlora.training.train import train
 
-    out = train(cfg, root=tmp_path / "runs", log=lambda *a, **k: None)
+    out = train(cfg, root=tmp_path / "runs")
     assert runs.read_json(out / runs.METRICS)["trainable_params"] == plan(cfg).total
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert {h for h in heads if any(k.startswith(f"base_model.model.{h}.") for k in weights)} == set(heads)
@@ -226,14 +226,14 @@ def _run_and_check(cfg, tmp_path, heads, family=""):
         # transformers loads a qwen2 folder's tokenizer as Qwen2's own class whatever tokenizer_config.json names,
         # so MiniLM's WordPiece would come back as something else: the export's check refuses the folder
         with pytest.raises(ExportError, match="merged model disagrees with the adapter"):
-            export_merged(out, tmp_path / "merged", log=lambda *a, **k: None)
+            export_merged(out, tmp_path / "merged")
         assert not (tmp_path / "merged").exists()
         unmerged = load_run(out, verify=False)
         merged = merge(load_run(out, verify=False))
         got = predict_logits(merged, unmerged.tokenizer, texts, cfg.model.max_length)
         assert np.abs(got - unmerged.logits(texts, exact=True)).max() <= 1e-4
         return loaded
-    info = export_merged(out, tmp_path / "merged", log=lambda *a, **k: None)
+    info = export_merged(out, tmp_path / "merged")
     assert info["max_abs_logit_diff"] <= 1e-4
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")

@@ -204,7 +204,7 @@ def test_tiny_run_reloads_and_merges(name, small_csvs, tmp_path):
     from budgetlora.training.train import train
 
     cfg = tiny_config(small_csvs, **RUNS[name])
-    out = train(cfg, root=tmp_path / "runs", log=lambda *a, **k: None)
+    out = train(cfg, root=tmp_path / "runs")
     m = runs.read_json(out / runs.METRICS)
     assert m["trainable_params"] == plan(cfg).total
     saved = json.loads((out / "adapter_config.json").read_text())
@@ -219,7 +219,7 @@ def test_tiny_run_reloads_and_merges(name, small_csvs, tmp_path):
         assert pattern and sum(sum(v) for v in pattern.values()) == cfg.adalora.target_r * 12
     loaded = load_run(out, verify=True)  # raises unless the reload reproduces the trained model's logits
     assert loaded.logits(["Stocks fell.", "The team won."]).shape == (2, 4)
-    info = export_merged(out, tmp_path / "merged", log=lambda *a, **k: None)
+    info = export_merged(out, tmp_path / "merged")
     assert info["max_abs_logit_diff"] <= 1e-4
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -232,8 +232,7 @@ def test_tiny_run_reloads_and_merges(name, small_csvs, tmp_path):
     got = predict_logits(merged, AutoTokenizer.from_pretrained(tmp_path / "merged"), texts, cfg.model.max_length)
     assert np.abs(got - loaded.logits(texts, exact=True)).max() <= 1e-4  # the plain folder computes the adapter's
     if name == "vera":  # continuing from a VeRA run: its file also holds the frozen projections, which never train
-        child = train(cfg.replace(**{"train.init_from": str(out), "train.max_steps": 2}), root=tmp_path / "runs",
-                      log=lambda *a, **k: None)
+        child = train(cfg.replace(**{"train.init_from": str(out), "train.max_steps": 2}), root=tmp_path / "runs")
         assert runs.is_finished(child)
 
 
@@ -248,7 +247,7 @@ def test_export_refuses_a_method_that_cannot_merge(tmp_path, monkeypatch):
     run = tmp_path / "run"
     runs.write_text(run / runs.CONFIG, Config().replace(method="ia3").to_yaml())
     with pytest.raises(ExportError, match="method ia3 cannot be merged into the base weights"):
-        export_merged(run, tmp_path / "out", log=lambda *a, **k: None)
+        export_merged(run, tmp_path / "out")
 
 
 @pytest.mark.slow
@@ -269,7 +268,7 @@ def test_methods_sweep_one_trial_per_variant_at_its_filled_setting(tmp_path):
                                      "loha", "lokr", "ia3"]}
     full = load_spec(spec_path.with_name("methods-minilm-full.yaml"), root=tmp_path / "sweeps")
     assert full.variants == spec.variants and full.base.data.train_limit == 0
-    s = run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    s = run_sweep(spec, runner=fake_runner)
     assert s["states"] == {"COMPLETE": 11}
     rows = collect(spec.folder)
     by_method = {r["method"]: r for r in rows}

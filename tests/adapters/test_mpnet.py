@@ -94,7 +94,7 @@ def test_real_mpnet_trains_reloads_predicts_and_exports(head, small_csvs, tmp_pa
     cfg = tiny_config(small_csvs, **{"model.name": "mpnet", "model.head": head, "lora.r": 10, "lora.alpha": 32,
                                      "lora.targets": "q,v", "train.max_steps": 2, "train.eval_every": 0,
                                      "train.base_dropout": 0.0, "data.test_limit": 40})
-    run = train(cfg, root=tmp_path / "runs", log=lambda *a, **k: None)
+    run = train(cfg, root=tmp_path / "runs")
     metrics = runs.read_json(run / runs.METRICS)
     assert metrics["trainable_params"] == plan(cfg).total == (962_308 if head == "auto" else 2 * 10 * ATTENTION
                                                               + LINEAR_HEAD)
@@ -108,12 +108,12 @@ def test_real_mpnet_trains_reloads_predicts_and_exports(head, small_csvs, tmp_pa
     labels = (tmp_path / "out.csv").read_text().splitlines()[1:]
     assert [int(line.split(",")[1]) for line in labels] == want.argmax(1).tolist()
     if head == "auto":
-        info = export_merged(run, tmp_path / "merged", log=lambda *a, **k: None)
+        info = export_merged(run, tmp_path / "merged")
         assert info["max_abs_logit_diff"] <= 1e-4
         assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "mpnet"
     else:
         with pytest.raises(ExportError, match="model.head linear: a plain transformers folder has only"):
-            export_merged(run, tmp_path / "merged", log=lambda *a, **k: None)
+            export_merged(run, tmp_path / "merged")
         assert not (tmp_path / "merged").exists()
-        info = export_onnx(run, tmp_path / "onnx", log=lambda *a, **k: None)
+        info = export_onnx(run, tmp_path / "onnx")
         assert info["max_abs_logit_diff"] <= 1e-4

@@ -79,7 +79,7 @@ GRID = {"lora.r": [1, 2, 4, 8], "lora.alpha": [8, 16]}
 def test_two_workers_share_one_study(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_RUN_S", "1.0")  # inherited by the spawned workers
     spec = load_spec(write_spec(tmp_path, grid=GRID), root=tmp_path / "sweeps")
-    s = run_sweep(spec, workers=2, runner=fake_runner, log=lambda *a: None)
+    s = run_sweep(spec, workers=2, runner=fake_runner)
     done = trials(spec, optuna.trial.TrialState.COMPLETE)
     assert len(done) == 8 == s["states"]["COMPLETE"]
     assert len({tuple(sorted(t.params.items())) for t in done}) == 8  # every grid point once
@@ -95,17 +95,17 @@ def test_killed_sweep_resumes_without_retraining(tmp_path):
     path = write_spec(tmp_path, grid=GRID)
     spec = load_spec(path, root=tmp_path / "sweeps")
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(spec, runner=InterruptAt(3), log=lambda *a: None)
+        run_sweep(spec, runner=InterruptAt(3))
     first = calls(spec)
     assert len(first) == 3 and len(trials(spec, optuna.trial.TrialState.COMPLETE)) == 2
-    s = run_sweep(load_spec(path, root=tmp_path / "sweeps"), runner=fake_runner, log=lambda *a: None)
+    s = run_sweep(load_spec(path, root=tmp_path / "sweeps"), runner=fake_runner)
     done = trials(spec, optuna.trial.TrialState.COMPLETE)
     assert len({tuple(sorted(t.params.items())) for t in done}) == len(done) == 8
     second = calls(spec)
     assert len(second) == 8 and len(set(second)) == 8  # 5 new trainings: nothing finished was trained again
     assert sum(bool(t.user_attrs.get("reused")) for t in done) == 1  # the killed-after-writing run was reused
     # a third run has nothing left to do
-    again = run_sweep(load_spec(path, root=tmp_path / "sweeps"), runner=fake_runner, log=lambda *a: None)
+    again = run_sweep(load_spec(path, root=tmp_path / "sweeps"), runner=fake_runner)
     assert again["trials"] == s["trials"] and calls(spec) == second
 
 
@@ -126,7 +126,7 @@ def test_over_budget_is_pruned_before_loading_and_failures_are_recorded(tmp_path
         return fake_runner(cfg, root)
 
     spec = load_spec(write_spec(tmp_path, grid={"lora.r": [4, 8, 2048]}), root=tmp_path / "sweeps")
-    s = run_sweep(spec, runner=runner, log=lambda *a: None)
+    s = run_sweep(spec, runner=runner)
     assert s["states"] == {"COMPLETE": 1, "PRUNED": 1, "FAIL": 1}
     (pruned,) = trials(spec, optuna.trial.TrialState.PRUNED)
     assert pruned.params["lora.r"] == 2048 and pruned.user_attrs["trainable_params"] > 1_000_000
@@ -140,7 +140,7 @@ def test_fill_solves_the_size_for_the_budget(tmp_path):
     spec = load_spec(write_spec(tmp_path, grid={"lora.targets": ["q,v", "q,k,v,o"]}, fill=True,
                                 base={"model": {"name": "minilm"}, "budget": {"max_params": 100_000}}),
                      root=tmp_path / "sweeps")
-    run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    run_sweep(spec, runner=fake_runner)
     for t in trials(spec, optuna.trial.TrialState.COMPLETE):
         cfg = spec.base.replace(**t.params)
         r = t.user_attrs["lora.r"]
@@ -160,7 +160,7 @@ def test_bad_specs_and_tracking_give_clear_errors(tmp_path):
 
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(ConfigError, match="--track tensorboard needs"):
-            run_sweep(spec, runner=fake_runner, track="tensorboard", log=lambda *a: None)
+            run_sweep(spec, runner=fake_runner, track="tensorboard")
 
 
 @pytest.mark.slow
@@ -168,7 +168,7 @@ def test_search_runs_n_trials(tmp_path):
     spec = load_spec(write_spec(tmp_path, n_trials=5, search={"lora.r": {"low": 1, "high": 8},
                                                              "lora.alpha": {"choices": [8, 16]}}),
                      root=tmp_path / "sweeps")
-    s = run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    s = run_sweep(spec, runner=fake_runner)
     assert s["states"]["COMPLETE"] == 5 and len(calls(spec)) == len(set(calls(spec))) <= 5
 
 
@@ -181,7 +181,7 @@ def test_real_training_sweep(tmp_path, small_csvs):
                      "val_fraction": 0.1},
             "train": {"max_steps": 5, "batch_size": 16, "lr": 5e-3, "eval_every": 5}}
     spec = load_spec(write_spec(tmp_path, base=base, grid={"lora.r": [2, 4]}), root=tmp_path / "sweeps")
-    s = run_sweep(spec, log=lambda *a: None)
+    s = run_sweep(spec)
     assert s["states"] == {"COMPLETE": 2}, s
     rows = collect(spec.folder)
     assert sorted(r["r"] for r in rows) == [2, 4]
@@ -202,7 +202,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
         pytest.skip("chromium not installed (run .ci/setup-chromium.sh)")
     spec = load_spec(write_spec(tmp_path, grid={"lora.r": [1, 2, 4], "lora.targets": ["q,v", "q,k,v,o"]}),
                      root=tmp_path / "sweeps")
-    run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    run_sweep(spec, runner=fake_runner)
     from budgetlora.cli import main
 
     assert main(["report", str(spec.folder)]) == 0
@@ -228,10 +228,10 @@ def test_report_renders_in_headless_chromium(tmp_path):
 def test_a_grid_point_drawn_twice_is_not_trained_twice(tmp_path):
     """The duplicate a racing worker could draw is recorded as a pruned duplicate, without a second training."""
     spec = load_spec(write_spec(tmp_path, grid={"lora.r": [2, 4]}), root=tmp_path / "sweeps")
-    run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    run_sweep(spec, runner=fake_runner)
     study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{spec.folder / 'study.db'}")
     study.enqueue_trial({"lora.r": 4})  # what GridSampler hands a second worker in the race
-    s = run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    s = run_sweep(spec, runner=fake_runner)
     assert s["states"] == {"COMPLETE": 2, "PRUNED": 1} and len(calls(spec)) == 2
     (dup,) = trials(spec, optuna.trial.TrialState.PRUNED)
     assert dup.user_attrs["pruned"].startswith("duplicate of trial")
@@ -254,7 +254,7 @@ def test_a_pruned_trial_is_recorded_with_its_step_and_not_rerun(tmp_path):
     body = {"search": {"lora.r": {"low": 1, "high": 32}}, "n_trials": 10, "prune": "median",
             "seed": 3}
     spec = load_spec(write_spec(tmp_path, **body), root=tmp_path / "sweeps")
-    run_sweep(spec, runner=recording_runner, log=lambda *a: None)
+    run_sweep(spec, runner=recording_runner)
     pruned = [t for t in trials(spec, optuna.trial.TrialState.PRUNED) if "pruned_at_step" in t.user_attrs]
     assert pruned, "low-rank trials below the median should be stopped"
     for t in pruned:
@@ -262,7 +262,7 @@ def test_a_pruned_trial_is_recorded_with_its_step_and_not_rerun(tmp_path):
         assert not runs.is_finished(spec.runs / t.user_attrs["run_id"])  # stopped: never marked finished
     done = len(trials(spec, optuna.trial.TrialState.COMPLETE))
     before = len(calls(spec))
-    run_sweep(spec, runner=recording_runner, log=lambda *a: None)  # resumed: the study already holds n_trials
+    run_sweep(spec, runner=recording_runner)  # resumed: the study already holds n_trials
     assert len(calls(spec)) == before and len(trials(spec, optuna.trial.TrialState.COMPLETE)) == done
     assert len([t for t in trials(spec, optuna.trial.TrialState.PRUNED) if "pruned_at_step" in t.user_attrs]) \
         == len(pruned)
@@ -271,7 +271,7 @@ def test_a_pruned_trial_is_recorded_with_its_step_and_not_rerun(tmp_path):
 def test_seeds_run_every_config_once_per_seed(tmp_path):
     spec = load_spec(write_spec(tmp_path, grid={"lora.r": [2, 4]}, seeds=3), root=tmp_path / "sweeps")
     assert spec.prune == "none"  # a grid wants every point: no pruning unless asked
-    run_sweep(spec, runner=fake_runner, log=lambda *a: None)
+    run_sweep(spec, runner=fake_runner)
     assert len(calls(spec)) == 6 and len(set(calls(spec))) == 6  # 2 configs x 3 seeds, each once
     seeds = sorted(runs.load_config(p).train.seed for p in runs.list_runs(spec.runs))
     assert seeds == [42, 42, 43, 43, 44, 44]

@@ -115,9 +115,9 @@ def test_the_specs_time_budget_and_its_override(tmp_path, clock):
 
     spec = load_spec(write_spec(tmp_path, grid={"lora.r": [1, 2, 4, 8]}, time_budget="35s"), root=tmp_path / "sw")
     assert spec.time_budget == 35
-    s = run_sweep(spec, runner=runner, log=lambda *a: None)
+    s = run_sweep(spec, runner=runner)
     assert (s["ran"], s["left"], s["time_s"], s["time_budget_s"]) == (3, 1, 30.0, 35)
-    s = run_sweep(spec, runner=runner, log=lambda *a: None, time_budget=5)  # a first trial always starts
+    s = run_sweep(spec, runner=runner, time_budget=5)  # a first trial always starts
     assert (s["ran"], s["left"]) == (1, 0)
     with pytest.raises(ConfigError, match="time_budget"):
         load_spec(write_spec(tmp_path, name="bad", grid={"lora.r": [1]}, time_budget="soon"))

@@ -24,6 +24,7 @@ from budgetlora.cli import main
 from budgetlora.experiments.spec import load_spec
 from budgetlora.experiments.sweep import default_storage, run_sweep, summary
 from tests.experiments.test_sweep import GRID, calls, fake_runner, write_spec
+from tests.conftest import log_lines
 
 SLOW_POINT = {"lora.r": 4, "lora.alpha": 8}
 
@@ -78,7 +79,7 @@ def _trials(spec, url):
 def test_two_workers_share_one_postgres_study(tmp_path, monkeypatch, pg_url):
     monkeypatch.setenv("FAKE_RUN_S", "0.5")  # inherited by the spawned workers: trials overlap
     spec = _spec(tmp_path)
-    s = run_sweep(spec, storage=pg_url, workers=2, runner=fake_runner, log=lambda *a: None)
+    s = run_sweep(spec, storage=pg_url, workers=2, runner=fake_runner)
     assert s["storage"] == pg_url and s["states"] == {"COMPLETE": 8}, s
     done = [t for t in _trials(spec, pg_url) if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(tuple(sorted(t.params.items())) for t in done) == \
@@ -88,7 +89,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, monkeypatch, pg_url):
     pids = {p.name.split(".")[1] for p in (spec.runs.parent / "calls").iterdir()}
     assert len(pids) == 2, "both workers should have taken trials"
     assert s["best"]["params"] == {"lora.r": 8, "lora.alpha": 16}
-    again = run_sweep(spec, storage=pg_url, workers=1, runner=fake_runner, log=lambda *a: None)
+    again = run_sweep(spec, storage=pg_url, workers=1, runner=fake_runner)
     assert again["trials"] == 8 and calls(spec) == c  # resumed: nothing left, nothing rerun
     optuna.delete_study(study_name=spec.name, storage=pg_url)
 
@@ -112,7 +113,8 @@ def _kill_one_worker(tmp_path, monkeypatch, url):
     result: dict = {}
 
     def sweep():
-        result["summary"] = run_sweep(spec, storage=url, workers=2, runner=slow_once_runner, log=logs.append)
+        with log_lines(logs):
+            result["summary"] = run_sweep(spec, storage=url, workers=2, runner=slow_once_runner)
 
     thread = threading.Thread(target=sweep)
     thread.start()
@@ -223,7 +225,7 @@ def test_two_independent_sweeps_share_one_postgres_study(tmp_path, pg_url, faile
     spec_path = write_spec(tmp_path, name=f"pg-{uuid.uuid4().hex[:10]}", grid=GRID)
     spec = load_spec(spec_path, root=tmp_path / "sweeps")
     if failed_before:
-        before = run_sweep(spec, storage=pg_url, runner=_fail_on_r2, log=lambda *a: None)
+        before = run_sweep(spec, storage=pg_url, runner=_fail_on_r2)
         assert before["states"] == {"COMPLETE": 6, "FAIL": 2}, before
     go = tmp_path / "go"
     env = {**os.environ, "FAKE_RUN_S": "0.5", "SWEEP_GO": str(go), "PYTHONPATH": str(root)}
@@ -297,7 +299,8 @@ def test_a_postgres_restart_mid_sweep_is_survived(tmp_path, monkeypatch, pg_url)
     result: dict = {}
 
     def sweep():
-        result["summary"] = run_sweep(spec, storage=pg_url, workers=2, runner=fake_runner, log=logs.append)
+        with log_lines(logs):
+            result["summary"] = run_sweep(spec, storage=pg_url, workers=2, runner=fake_runner)
 
     started = time.monotonic()
     thread = threading.Thread(target=sweep)
@@ -348,7 +351,7 @@ def test_a_worker_killed_before_its_first_heartbeat_is_found(tmp_path, request, 
     assert "grid_id" in _trials(spec, url)[0].system_attrs and _trials(spec, url)[0].params == {}
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(
-        s=run_sweep(spec, storage=url, workers=1, runner=fake_runner, log=lambda *a: None)))
+        s=run_sweep(spec, storage=url, workers=1, runner=fake_runner)))
     started = time.monotonic()
     thread.start()
     thread.join(timeout=90)

@@ -42,7 +42,7 @@ print(json.dumps({"logits": logits, "peft_loaded": any(m.startswith("peft") and 
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("export") / "merged"
-    return out, export_merged(tiny_run, out, log=lambda *a: None)
+    return out, export_merged(tiny_run, out)
 
 
 @pytest.mark.slow

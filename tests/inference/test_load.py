@@ -18,13 +18,13 @@ from budgetlora.hardware import inference_dtype
 from budgetlora.inference.load import LOGIT_TOLERANCE, VerificationError, load_run, verify_reload
 from budgetlora.inference.predict import predict
 from budgetlora.training.train import train
-from tests.conftest import QUIET, tiny_config
+from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
 def bf16_run(tmp_path_factory, small_csvs) -> Path:
     cfg = tiny_config(small_csvs, **{"train.precision": "bf16"})
-    return train(cfg, root=tmp_path_factory.mktemp("bf16"), **QUIET)
+    return train(cfg, root=tmp_path_factory.mktemp("bf16"))
 
 
 @pytest.mark.slow
@@ -58,7 +58,7 @@ def test_bf16_run_predicts_loads_serves_and_exports(bf16_run, small_csvs, tmp_pa
     with TestClient(create_app(clf)) as client:
         r = client.post("/predict", json={"texts": ["The team won the final."]})
         assert r.status_code == 200, r.text
-    info = export_merged(bf16_run, tmp_path / "merged", **QUIET)
+    info = export_merged(bf16_run, tmp_path / "merged")
     assert info["max_abs_logit_diff"] <= 1e-4
 
 
@@ -90,7 +90,7 @@ def test_moved_run_with_moved_base(tmp_path, small_csvs, capsys):
     first.parent.mkdir()
     first.symlink_to(resolve_name("minilm"), target_is_directory=True)
     cfg = tiny_config(small_csvs, **{"model.name": str(first), "train.max_steps": 4})
-    run = train(cfg, root=tmp_path / "runs", **QUIET)
+    run = train(cfg, root=tmp_path / "runs")
     moved_run = tmp_path / "elsewhere" / run.name
     shutil.move(str(run), moved_run)
     second = first.rename(tmp_path / "models" / "base-b")

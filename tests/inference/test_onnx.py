@@ -46,7 +46,7 @@ CLI_WITHOUT_TORCH = NO_TORCH + "from budgetlora.cli import main\nsys.exit(main(s
 @pytest.fixture(scope="module")
 def onnx_export(tiny_run, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("onnx") / "model"
-    return out, export_onnx(tiny_run, out, log=lambda *a: None)
+    return out, export_onnx(tiny_run, out)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_export_writes_a_checked_onnx_folder(onnx_export, tiny_run):
     assert info["metrics"]["test_accuracy"] == runs.read_json(tiny_run / runs.METRICS)["test_accuracy"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
     with pytest.raises(ExportError, match="--force"):
-        export_onnx(tiny_run, out, log=lambda *a: None)
+        export_onnx(tiny_run, out)
 
 
 @pytest.mark.slow
@@ -164,7 +164,7 @@ def test_an_int8_export_is_smaller_checked_by_its_answers_and_served_unchanged(o
     from budgetlora.inference.serve import create_app
 
     out = tmp_path / "int8"
-    info = export_onnx(tiny_run, out, log=lambda *a: None, quantize="int8")
+    info = export_onnx(tiny_run, out, quantize="int8")
     q = runs.read_json(out / INFO_FILE)["quantization"]
     assert q == info["quantization"] and q["type"] == "int8" and q["label_agreement"] >= INT8_AGREEMENT
     assert q["verify_texts"] == info["verify_texts"] > 0 and "max_abs_logit_diff" not in info

@@ -16,6 +16,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 import budgetlora
+from budgetlora import runs
 from budgetlora.cli import main
 from budgetlora.config.use import ServeConfig
 from budgetlora.errors import ConfigError
@@ -24,14 +25,10 @@ from budgetlora.inference.classifier import load_many
 from budgetlora.inference.page import render
 from budgetlora.inference.serve import create_app
 from budgetlora.inference.served import ServedRuns, run_folders
-from tests.conftest import QUIET, tiny_config
+from tests.conftest import tiny_config
 from tests.inference.servers import uvicorn_thread
+from tests.inference.test_serve import TEXTS
 
-TEXTS = ["Stocks fell sharply as oil prices climbed to a record high.",
-         "The home team won the championship in extra time.",
-         "A new chip doubles battery life in laptops, the company said.",
-         "Leaders met in Geneva to discuss the ceasefire.",
-         "Quarterly profit beat analyst forecasts."]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +38,7 @@ def two_runs(tmp_path_factory, small_csvs, tiny_run):
 
     root = tmp_path_factory.mktemp("many")
     second = train(tiny_config(small_csvs, **{"train.seed": 7, "lora.r": 4, "model.max_length": 24,
-                                              "train.lr": 1e-2}), root=root, **QUIET)
+                                              "train.lr": 1e-2}), root=root)
     first = root / tiny_run.name
     shutil.copytree(tiny_run, first)
     return first, second
@@ -55,7 +52,7 @@ def served(two_runs):
 def test_runs_on_one_base_share_it_and_keep_their_own_heads(served, two_runs):
     a, b = (r.classifier for r in served.runs)
     assert a.run.model is b.run.model  # one base in memory
-    assert (a.run.adapter, b.run.adapter) == ("default", b.run.cfg.run_id)
+    assert a.run.adapter == "default" and b.run.adapter.endswith(b.run.cfg.run_id)
     heads = [dict(a.run.model.named_parameters())[f"base_model.model.classifier.modules_to_save.{n}.weight"]
              for n in (a.run.adapter, b.run.adapter)]
     assert heads[0].data_ptr() != heads[1].data_ptr() and not np.allclose(heads[0].detach(), heads[1].detach())
@@ -132,6 +129,8 @@ def test_a_folder_of_runs_and_the_same_run_twice(two_runs, tmp_path):
     assert run_folders([two_runs[0], two_runs[0], root])[0] == two_runs[0]  # given twice: served once
     copy = tmp_path / "copy"
     shutil.copytree(two_runs[0], copy)
+    with pytest.raises(ConfigError, match="are the same run"):  # refused before anything loads
+        run_folders([two_runs[0], copy])
     with pytest.raises(ConfigError, match="are the same run"):
         ServedRuns(load_many([two_runs[0], copy], verify=False))
     (tmp_path / "empty").mkdir()
@@ -177,3 +176,39 @@ def test_the_page_classifies_with_the_run_picked_in_headless_chromium(served, tm
     assert re.search(rf'<h1 id="run">{b.name}</h1>', dom) or b.classifier.run.cfg.name in dom
     assert re.search(r'<div id="predicted">([^<]*)</div>', dom).group(1) == expected
     assert len(re.findall(r'class="bar"', dom)) == len(b.classifier.class_names)
+
+
+def test_only_runs_that_keep_what_they_train_to_themselves_share_a_model(two_runs):
+    from budgetlora.inference.load import share_key
+
+    a, b = two_runs
+    cfg = runs.load_config(a)
+    lora = {"peft_type": "LORA", "bias": "none"}
+    assert share_key(cfg, lora, a) == share_key(cfg, lora, b)
+    assert share_key(cfg, {"peft_type": "IA3"}, a) == share_key(cfg, {"peft_type": "IA3"}, b)
+    assert share_key(cfg, lora, a) != share_key(cfg, {"peft_type": "IA3"}, a)  # one kind per peft model
+    # trained base biases are the base's own weights; VeRA shares its projections across adapters
+    for own in ({"peft_type": "LORA", "bias": "all"}, {"peft_type": "VERA"}, {"peft_type": "ADALORA"}):
+        assert share_key(cfg, own, a) != share_key(cfg, own, b), own
+    other = cfg.replace(**{"model.num_labels": 3})
+    assert share_key(other, lora, a) != share_key(cfg, lora, a)
+
+
+def test_two_threads_on_runs_of_one_model_each_get_their_own_answers(served):
+    import threading
+
+    a, b = (r.classifier for r in served.runs)
+    expected = {id(c): c.logits(TEXTS) for c in (a, b)}
+    wrong = []
+
+    def ask(c):
+        for _ in range(15):
+            if not np.allclose(c.logits(TEXTS), expected[id(c)], atol=1e-5):
+                wrong.append(c.run.adapter)
+
+    threads = [threading.Thread(target=ask, args=(c,)) for c in (a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong

@@ -10,7 +10,6 @@ from budgetlora import runs
 from budgetlora.adapters.budget import plan
 from budgetlora.config import ConfigError
 from budgetlora.shift.selftrain import mix_repeats, select_pseudo_labels, self_train
-from tests.conftest import QUIET
 
 
 def test_select_pseudo_labels():
@@ -76,7 +75,7 @@ def test_self_train_round(noisy_run, unlabelled, tmp_path):
     # and is not returned
     made = self_train(noisy_run, str(unlabelled), tmp_path / "st", threshold=0.3, max_per_class=10,
                       overrides={"train.max_steps": 4, "filter.noisy_fraction": 0.0}, max_val_drop=-1.0,
-                      records=records, **QUIET)
+                      records=records)
     assert made == [] and len(records) == 1 and not records[0]["accepted"]
     assert records[0]["val_accuracy_parent"] == parent_m["val_accuracy"]
     child = Path(records[0]["run"])

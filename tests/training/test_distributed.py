@@ -83,7 +83,7 @@ def test_two_cpu_processes_match_one(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each launched process runs; spinning OpenMP threads crawl on a busy machine
     try:
-        single = train(cfg, root=tmp_path / "single", on_step=trace_rows(single_trace), log=lambda *a, **k: None)
+        single = train(cfg, root=tmp_path / "single", on_step=trace_rows(single_trace))
     finally:
         torch.set_num_threads(threads)
 

@@ -14,7 +14,7 @@ from budgetlora.config import Config, ConfigError
 from budgetlora.errors import DataError
 from budgetlora.training import loop
 from budgetlora.training.losses import FocalLoss, auto_class_weights, class_weights, make_loss
-from tests.conftest import PUBLISHED, QUIET, tiny_config
+from tests.conftest import PUBLISHED, tiny_config
 
 
 def _labels(*counts: int) -> np.ndarray:
@@ -113,7 +113,7 @@ def _select(select: str, patience: int = 0, points=POINTS) -> tuple[dict, list[i
     for step, loss, acc, f1 in points:
         state.step = step
         m = {"loss": loss, "accuracy": acc, "macro_f1": f1}
-        if loop.keep_best(tc, m, state, lambda step=step: {"from_step": step}, log=lambda *a: None):
+        if loop.keep_best(tc, m, state, lambda step=step: {"from_step": step}):
             stopped.append(step)
             break
     return state, stopped
@@ -146,7 +146,7 @@ def test_a_checkpoint_from_before_select_resumes_by_loss():
     old = loop.TrainState.from_dict(saved)
     assert old.best_score is None and old.eval_time == 0.0
     tc = Config().train
-    assert not loop.keep_best(tc, {"loss": 0.35, "accuracy": 0.9, "macro_f1": 0.9}, old, dict, log=lambda *a: None)
+    assert not loop.keep_best(tc, {"loss": 0.35, "accuracy": 0.9, "macro_f1": 0.9}, old, dict)
     assert old.best_step == 5 and old.bad_evals == 1
     old.step = 7
     loop.keep_best(tc, {"loss": 0.2, "accuracy": 0.9, "macro_f1": 0.9}, old, lambda: {"from_step": 7})
@@ -209,7 +209,7 @@ def test_weighted_focal_run_selected_by_macro_f1(small_csvs, tmp_path):
                                      "train.select": "macro_f1", "train.max_steps": 4, "train.eval_every": 2,
                                      "data.train_limit": 200, "data.test_limit": 40})
     records = []
-    out = train(cfg, root=tmp_path, on_record=records.append, **QUIET)
+    out = train(cfg, root=tmp_path, on_record=records.append)
     m = runs.read_json(out / runs.METRICS)
     assert m["steps"] == 4
     for key in ("val_macro_f1", "test_macro_f1"):
@@ -247,9 +247,9 @@ def test_noisy_pass_and_run_train_under_the_same_loss(small_csvs, tmp_path, monk
 
     monkeypatch.setattr(loop, "run", spy)
     with pytest.raises(_Stop):
-        training_probabilities(cfg, data["train"], **QUIET)
+        training_probabilities(cfg, data["train"])
     with pytest.raises(_Stop):
-        train(cfg, root=tmp_path, data=data, **QUIET)
+        train(cfg, root=tmp_path, data=data)
     first, run = seen
     assert isinstance(first, FocalLoss) and isinstance(run, FocalLoss) and first.gamma == run.gamma == 1.0
     expected = auto_class_weights(_labels(60, 25, 10, 5), 4)

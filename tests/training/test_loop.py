@@ -62,7 +62,7 @@ def test_loop_reads_the_loss_only_at_logging_points(small_csvs, tmp_path, monkey
     records, steps = [], []
     cfg = tiny_config(small_csvs, **{"train.max_steps": 20, "train.eval_every": 20, "train.padding": "buckets"})
     train(cfg, root=tmp_path, on_record=records.append, on_step=lambda state, rows: steps.append(
-        (state.step, list(rows))), log=lambda *a, **k: None)
+        (state.step, list(rows))))
     logged = [r for r in records if "train_loss" in r]
     assert [r["step"] for r in logged] == list(range(2, 21, 2))
     assert reads["n"] == len(logged)

@@ -318,7 +318,7 @@ def test_a_run_on_label_columns_is_named_by_them_and_served_with_sets(tmp_path, 
     from budgetlora.inference.export import export_onnx
     from budgetlora.inference.onnx_serve import load_onnx
 
-    info = export_onnx(run, tmp_path / "onnx", log=lambda *a: None)
+    info = export_onnx(run, tmp_path / "onnx")
     assert info["thresholds"] == m["thresholds"] and info["class_names"] == names
     onnx = load_onnx(tmp_path / "onnx")
     assert onnx.predict_sets(texts) == body["label_sets"]

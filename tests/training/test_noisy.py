@@ -11,7 +11,7 @@ from budgetlora.data.readers import load_data
 from budgetlora.training import loop
 from budgetlora.training.noisy import record_points, training_probabilities
 from budgetlora.training.train import train
-from tests.conftest import QUIET, tiny_config
+from tests.conftest import tiny_config
 
 
 def test_record_points():
@@ -28,7 +28,7 @@ def test_record_points():
 def test_training_probabilities_shape(small_csvs):
     cfg = tiny_config(small_csvs, **{"data.train_limit": 60, "train.max_steps": 3})
     train_split = load_data(cfg)["train"]
-    probs = training_probabilities(cfg, train_split, **QUIET)
+    probs = training_probabilities(cfg, train_split)
     assert probs.shape == (3, len(train_split), 4)
     assert np.allclose(probs.sum(-1), 1.0, atol=1e-5)
     assert not np.allclose(probs[0], probs[-1])  # the model moved between records
@@ -79,10 +79,10 @@ def test_first_pass_trains_as_the_run_does(small_csvs, tmp_path, monkeypatch, ov
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the run sets train.threads: the same summation order in both passes
     try:
-        training_probabilities(cfg, data["train"], **QUIET)
+        training_probabilities(cfg, data["train"])
     finally:
         torch.set_num_threads(threads)
-    train(cfg, root=tmp_path, data=data, **QUIET)
+    train(cfg, root=tmp_path, data=data)
     first, run = spy.passes
     assert first["groups"] == run["groups"]
     if cfg.method == "lora":  # LoRA+: the B matrices have their own, larger learning rate in both
@@ -112,6 +112,6 @@ def test_the_noisy_pass_borrows_the_runs_accelerator(small_csvs, tmp_path, monke
     monkeypatch.setattr(loop, "make_accelerator", lambda tc: made.append(make(tc)) or made[-1])
     cfg = tiny_config(small_csvs, **{"data.train_limit": 120, "data.test_limit": 20, "train.max_steps": 2,
                                      "filter.noisy_fraction": 0.05})
-    out = train(cfg, root=tmp_path, **QUIET)
+    out = train(cfg, root=tmp_path)
     assert runs.is_finished(out) and len(made) == 1
     assert runs.read_json(out / runs.METRICS)["filters"]["noisy_fraction"]["removed"] > 0

@@ -12,7 +12,7 @@ from budgetlora.config import Config, ConfigError
 from budgetlora.data.tokens import Tokens, encode
 from budgetlora.training import loop
 from budgetlora.training.probe import head_parameters, only_head_trains, probe
-from tests.conftest import QUIET, tiny_config
+from tests.conftest import tiny_config
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_only_the_head_moves_and_the_adapters_train_again_after(probe_setup):
     assert head and len(head) < len(before)
     acc = loop.make_accelerator(cfg.train)
     fit = loop.Fit(acc, model, None, None, torch.nn.CrossEntropyLoss())
-    info = probe(fit, cfg.train, 32, inputs, steps=6, **QUIET)
+    info = probe(fit, cfg.train, 32, inputs, steps=6)
     after = _trainable(model)
     assert after.keys() == before.keys()  # every adapter parameter is trainable again
     for n in before:
@@ -68,6 +68,6 @@ def test_probe_steps_is_part_of_the_run_id_only_when_used():
 def test_a_run_records_its_probe(small_csvs, tmp_path):
     from budgetlora.training.train import train
 
-    out = train(tiny_config(small_csvs, **{"train.probe_steps": 3, "train.max_steps": 2}), root=tmp_path, **QUIET)
+    out = train(tiny_config(small_csvs, **{"train.probe_steps": 3, "train.max_steps": 2}), root=tmp_path)
     m = runs.read_json(out / runs.METRICS)
     assert m["probe_steps"] == 3 and m["steps"] == 2

@@ -100,7 +100,7 @@ def _sweep(tmp_path, kind):
 
     tmp_path.mkdir()
     spec = load_spec(write_spec(tmp_path, grid={"lora.r": [1, 2]}), root=tmp_path / "sweeps")
-    run_sweep(spec, runner=fake_runner, track=kind, log=lambda *a: None)
+    run_sweep(spec, runner=fake_runner, track=kind)
     metrics = {}
     for run in runs.list_runs(spec.runs):
         cfg, m = runs.load_config(run), runs.read_json(run / runs.METRICS)

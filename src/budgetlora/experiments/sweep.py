@@ -21,6 +21,8 @@ from budgetlora.experiments.spec import Runner, Spec, param_key, trial_config
 from budgetlora.experiments.storage import masked, open_storage
 from budgetlora.experiments.summary import format_summary, summary  # noqa: F401  (part of this module's API)
 
+logger = logging.getLogger(__name__)
+
 
 def default_storage(spec: Spec) -> str:
     return f"sqlite:///{(spec.folder / 'study.db').resolve()}"
@@ -253,7 +255,10 @@ def _durations(study, since: int) -> list[float]:
 
 
 def _worker_main(*args) -> None:
-    logging.basicConfig(level=logging.WARNING)
+    from budgetlora.log import setup
+
+    logging.basicConfig(level=logging.WARNING)  # optuna's and the libraries' warnings
+    setup()  # budgetlora's own messages at the level the sweep command was given
     _work(*args)
 
 
@@ -284,7 +289,7 @@ def _threads_per_worker(workers: int):
 
 
 def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials: int | None = None,
-              runner: Runner = train_runner, track: str | None = None, log=print,
+              runner: Runner = train_runner, track: str | None = None,
               time_budget: float | None = None) -> dict:
     """Run (or resume) a sweep; returns {"study": name, "storage": url, "states": {state: count}, ...}.
     track: tensorboard or mlflow, to log every finished trial there (training.track). time_budget: seconds in
@@ -306,7 +311,7 @@ def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials
     since = len(study.get_trials(deepcopy=False))
     queued = _retry_failed_points(spec, study, since)
     total = len(spec.points()) if spec.grid else spec.n_trials
-    log(f"sweep {spec.name}: {'grid of ' + str(total) + ' points' if spec.grid else str(total) + ' TPE trials'}"
+    logger.info(f"sweep {spec.name}: {'grid of ' + str(total) + ' points' if spec.grid else str(total) + ' TPE trials'}"
         f", {since} trials already in {masked(storage)}" + (f", {queued} failed points queued again" if queued else "")
         + (f", time budget {timebudget.format_duration(budget)}" if budget else ""))
     args = (spec, storage, 0, since, n_trials, runner, track, deadline)
@@ -333,7 +338,7 @@ def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials
         # (heartbeat); the summary shows what that left. A worker that exited with an error is a bug: raise.
         for p in procs:
             if p.exitcode is not None and p.exitcode < 0:
-                log(f"{p.name} was killed (signal {-p.exitcode}); its trial was failed and queued again")
+                logger.warning(f"{p.name} was killed (signal {-p.exitcode}); its trial was failed and queued again")
         bad = [p.name for p in procs if p.exitcode is not None and p.exitcode > 0]
         if bad:
             raise RuntimeError(f"sweep worker(s) exited with an error: {', '.join(bad)}")

@@ -10,7 +10,15 @@ import numpy as np
 
 from budgetlora import runs
 from budgetlora.errors import ConfigError
-from budgetlora.inference.load import LOGIT_TOLERANCE, LoadedRun, check_long_texts, load_run, share_key
+from budgetlora.inference.load import (
+    LOGIT_TOLERANCE,
+    LoadedRun,
+    check_long_texts,
+    load_run,
+    model_lock,
+    share_key,
+    verify_reload,
+)
 from budgetlora.tasks import class_names, set_ids, softmax, task_of
 from budgetlora.training.evaluate import exact_fp32, logits_for_ids
 
@@ -89,18 +97,22 @@ def load_many(run_dirs: list[str | Path], verify: bool = True, base: str | None 
     long_texts = check_long_texts(long_texts)
     first_of: dict[tuple, LoadedRun] = {}
     out = []
-    for run_dir in run_dirs:
-        cfg = runs.load_config(Path(run_dir))
+    for i, run_dir in enumerate(map(Path, run_dirs)):
+        cfg = runs.load_config(run_dir)
         if base:
             cfg = cfg.replace(**{"model.name": str(base), "model.tokenizer": ""})
-        key = share_key(cfg, str(runs.read_json(Path(run_dir) / "adapter_config.json").get("peft_type", "")))
+        key = share_key(cfg, runs.read_json(run_dir / "adapter_config.json"), run_dir)
         into = first_of.get(key)
-        # a module name in peft: the run id, with anything but letters, digits and _ replaced
-        name = "default" if into is None else re.sub(r"\W", "_", cfg.run_id)
+        # a module name in peft, unique in the model (peft loads a taken name over the adapter holding it)
+        name = "default" if into is None else f"run{i}_" + re.sub(r"\W", "_", cfg.run_id)
         loaded = load_run(run_dir, verify=verify, base=base, into=into, adapter=name)
         loaded.long_texts = long_texts
         first_of.setdefault(key, loaded)
         out.append(Classifier(loaded))
+    if verify:  # once more with every adapter in place: a later load must not have changed an earlier run
+        for c in out:
+            if sum(o.run.model is c.run.model for o in out) > 1:
+                verify_reload(c.run)
     return out
 
 
@@ -118,7 +130,8 @@ def mixed_logits(requests: list[tuple[Classifier, list[str]]]) -> list[np.ndarra
     first = runs_[0]
     if not ids:
         return [np.zeros((0, c.num_labels), dtype=np.float32) for c, _ in requests]
-    with exact_fp32():  # fp32 like `Classifier.logits`: an answer must not move with what shares its batch
+    # fp32 like `Classifier.logits`: an answer must not move with what shares its batch
+    with exact_fp32(), model_lock(first.model):
         pieces = logits_for_ids(first.model, ids, first.cfg.train.eval_batch_size, first.tokenizer.pad_token_id,
                                 adapter_names=tags)
     return [run.pooled(pieces[start:start + n], owner, count) for run, (start, n, owner, count) in zip(runs_, parts)]

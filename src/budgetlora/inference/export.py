@@ -9,6 +9,7 @@ for `budgetlora serve --backend onnx OUT`, which runs it on onnxruntime without 
 """
 from __future__ import annotations
 
+import logging
 import json
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from budgetlora.errors import BudgetloraError
 from budgetlora.inference.load import LoadedRun, load_run
 from budgetlora.tasks import class_names, task_of
 from budgetlora.training.evaluate import predict_logits
+
+logger = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4  # max |logit difference|, fp32: merging only reorders the same additions
 # onnxruntime runs other fp32 kernels (fused attention, other summation orders): observed differences are ~1e-6
@@ -97,10 +100,10 @@ def _merged_run(run, out: Path, force: bool, base: str | None = None, plain: boo
     return loaded, texts, unmerged, merged, names
 
 
-def _compare(got: np.ndarray, want: np.ndarray, tolerance: float, what: str, out: Path, log) -> float:
+def _compare(got: np.ndarray, want: np.ndarray, tolerance: float, what: str, out: Path) -> float:
     diff = float(np.abs(got - want).max()) if len(want) else 0.0
     changed = int((got.argmax(1) != want.argmax(1)).sum())
-    log(f"{what} vs unmerged logits on {len(want)} verification texts: max abs diff {diff:.2e} "
+    logger.info(f"{what} vs unmerged logits on {len(want)} verification texts: max abs diff {diff:.2e} "
         f"(tolerance {tolerance:.0e}), {changed} labels changed")
     if not diff <= tolerance or changed:
         raise ExportError(f"{what} model disagrees with the adapter: max logit difference {diff:.2e} > "
@@ -127,14 +130,14 @@ def _quantize_int8(model: Path) -> None:
     fp32.unlink()
 
 
-def _check_int8(got: np.ndarray, want: np.ndarray, task, settings: dict, out: Path, log) -> dict:
+def _check_int8(got: np.ndarray, want: np.ndarray, task, settings: dict, out: Path) -> dict:
     """The int8 model's answers against the adapter's on the verification texts: the share that agree, at least
     INT8_AGREEMENT; returns what export.json records."""
     same = task.decide(got, settings) == task.decide(want, settings)
     agree = float(same.reshape(len(want), -1).all(axis=1).mean()) if len(want) else 1.0
     diff = float(np.abs(got - want).max()) if len(want) else 0.0
-    log(f"int8 onnxruntime vs unmerged adapter on {len(want)} verification texts: {agree:.2%} of the answers agree "
-        f"(at least {INT8_AGREEMENT:.0%}), max abs logit diff {diff:.3f}")
+    logger.info(f"int8 onnxruntime vs unmerged adapter on {len(want)} verification texts: {agree:.2%} of the "
+                f"answers agree (at least {INT8_AGREEMENT:.0%}), max abs logit diff {diff:.3f}")
     if agree < INT8_AGREEMENT:
         raise ExportError(f"the int8 model answers {agree:.2%} of the verification texts as the adapter does (at "
                           f"least {INT8_AGREEMENT:.0%} needed); nothing written to {out}")
@@ -143,7 +146,7 @@ def _check_int8(got: np.ndarray, want: np.ndarray, task, settings: dict, out: Pa
 
 
 def export_merged(run: str | Path, out: str | Path, force: bool = False, tolerance: float = TOLERANCE,
-                  log=print, base: str | None = None) -> dict:
+                  base: str | None = None) -> dict:
     """Write the merged model + tokenizer to `out` and return what export.json records (incl. the max diff)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -161,14 +164,14 @@ def export_merged(run: str | Path, out: str | Path, force: bool = False, toleran
         reloaded = AutoModelForSequenceClassification.from_pretrained(tmp).eval()
         got = predict_logits(reloaded, AutoTokenizer.from_pretrained(tmp), texts, cfg.model.max_length,
                              cfg.train.eval_batch_size)
-        diff = _compare(got, unmerged, tolerance, "merged", out, log)
+        diff = _compare(got, unmerged, tolerance, "merged", out)
         info = {
             "run": str(loaded.path), "run_id": cfg.run_id, "base_model": cfg.model.name,
             "max_length": cfg.model.max_length, "class_names": names, "dtype": str(next(reloaded.parameters()).dtype),
             "verify_texts": len(texts), "max_abs_logit_diff": diff, "tolerance": tolerance,
         }
         runs.write_json(tmp / EXPORT_INFO, info)
-    log(f"wrote merged model to {out}")
+    logger.debug(f"wrote merged model to {out}")
     return info
 
 
@@ -184,7 +187,7 @@ class _LogitsOnly(torch.nn.Module):
 
 
 def export_onnx(run: str | Path, out: str | Path, force: bool = False, tolerance: float = ONNX_TOLERANCE,
-                log=print, base: str | None = None, quantize: str | None = None) -> dict:
+                base: str | None = None, quantize: str | None = None) -> dict:
     """Write the merged model as ONNX (dynamic batch and sequence axes) with its tokenizer to `out`; `quantize`
     "int8": with 8-bit weights (onnxruntime's dynamic quantization), about 4x smaller and faster on a CPU.
 
@@ -241,13 +244,13 @@ def export_onnx(run: str | Path, out: str | Path, force: bool = False, tolerance
         if quantize:
             info["quantization"] = _check_int8(onnx_model.logits(texts), unmerged, task_of(cfg),
                                                task_of(cfg).settings(metrics, cfg.model.num_labels, loaded.path),
-                                               out, log)
+                                               out)
         else:
-            diff = _compare(onnx_model.logits(texts), unmerged, tolerance, "onnxruntime", out, log)
+            diff = _compare(onnx_model.logits(texts), unmerged, tolerance, "onnxruntime", out)
             if texts:
                 diff = max(diff, _compare(onnx_model.logits(texts[:1]), unmerged[:1], tolerance,
-                                          "onnxruntime (one text)", out, log))
+                                          "onnxruntime (one text)", out))
             info["max_abs_logit_diff"] = diff
         runs.write_json(tmp / INFO_FILE, info)
-    log(f"wrote ONNX model to {out}")
+    logger.debug(f"wrote ONNX model to {out}")
     return info

@@ -2,6 +2,8 @@
 model before anything uses it."""
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,10 +85,11 @@ class LoadedRun:
         """Logits under the run's precision on this machine (bf16 where it trained so and the hardware has it), or
         with `exact` in plain fp32, for the checks that compare against stored or merged logits."""
         dtype = None if exact else inference_dtype(self.cfg.train.precision, next(self.model.parameters()).device)
-        self.activate()
         ids, owner = self.token_rows(texts)
-        pieces = logits_for_ids(self.model, ids, self.cfg.train.eval_batch_size, self.tokenizer.pad_token_id,
-                                progress=progress, dtype=dtype)
+        with model_lock(self.model):
+            self.activate()
+            pieces = logits_for_ids(self.model, ids, self.cfg.train.eval_batch_size, self.tokenizer.pad_token_id,
+                                    progress=progress, dtype=dtype)
         return self.pooled(pieces, owner, len(texts))
 
     def token_rows(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray | None]:
@@ -101,9 +104,21 @@ class LoadedRun:
         return pieces if owner is None else self.task.pool(pieces, owner, n)
 
     def activate(self) -> None:
-        """Make this run's adapter the one `model` computes with (a no-op for a model holding one run)."""
+        """Make this run's adapter the one `model` computes with (a no-op for a model holding one run). Hold
+        `model_lock(self.model)` from here to the end of the forward pass: another run of the model may switch it."""
         if getattr(self.model, "active_adapter", self.adapter) != self.adapter:
             self.model.set_adapter(self.adapter, inference_mode=True)
+
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """One lock per model object: runs that are adapters of one model (`load_many`) take it around choosing their
+    adapter and the forward pass, so that two threads never compute with each other's adapter."""
+    with _LOCKS_LOCK:
+        return _LOCKS.setdefault(model, threading.RLock())
 
 
 def check_long_texts(value: str) -> str:
@@ -113,12 +128,20 @@ def check_long_texts(value: str) -> str:
     return value
 
 
-def share_key(cfg: Config, method: str) -> tuple:
+# the peft methods whose adapters live side by side in one model without sharing anything; VeRA shares its random
+# projections across adapters (one prng_key, the first adapter's rank), AdaLoRA reallocates ranks per model
+SHAREABLE = ("LORA", "IA3", "LOHA", "LOKR")
+
+
+def share_key(cfg: Config, adapter: dict, run: Path) -> tuple:
     """Runs with equal keys can be one peft model: the same base weights and tokenizer, the same head shape, and
-    one peft method (a PeftModel holds adapters of one kind)."""
+    one peft method that keeps everything it trains to itself (`adapter`: the run's adapter_config.json). A run
+    that trains the base's own biases (lora.bias) changes weights every adapter reads, so it gets a model of its own,
+    as does any other method (`run` makes its key unique)."""
+    own = adapter.get("peft_type") not in SHAREABLE or adapter.get("bias", "none") != "none"
     seed = cfg.train.seed if cfg.model.random_init else None  # a random-weight base is drawn from the run's seed
     return (cfg.model.name, cfg.model.tokenizer, cfg.model.num_labels, cfg.model.head, cfg.model.random_init, seed,
-            method)
+            adapter.get("peft_type"), str(run.resolve()) if own else "")
 
 
 def load_run(run: str | Path, verify: bool = True, base: str | None = None, into: LoadedRun | None = None,

@@ -92,6 +92,7 @@ async function classify() {
   if (!text.trim()) return;
   const result = $("result");
   result.dataset.state = "busy"; $("error").textContent = ""; $("classify").disabled = true;
+  $("model").disabled = true;  // the answer is shown against the model it was asked of
   try {
     // relative, so the page also works behind a proxy that serves it under a path prefix
     const r = await fetch("predict", { method: "POST", headers: { "content-type": "application/json" },
@@ -108,7 +109,7 @@ async function classify() {
     $("error").textContent = String(e.message || e);
     result.dataset.state = "error";
   } finally {
-    $("classify").disabled = false;
+    $("classify").disabled = false; $("model").disabled = false;
   }
 }
 

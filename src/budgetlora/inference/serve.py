@@ -10,6 +10,7 @@ GET / answers a page (`page`) that classifies a text with a run picked from thos
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
 import time
@@ -36,6 +37,7 @@ from budgetlora.tasks import set_ids, sigmoid, softmax
 if TYPE_CHECKING:  # only for annotations: the ONNX backend serves without importing torch (which api pulls in)
     from budgetlora.inference.classifier import Classifier
 
+logger = logging.getLogger(__name__)
 INFO_METRICS = ("val_accuracy", "val_loss", "val_macro_f1", "test_accuracy", "test_loss", "test_macro_f1",
                 "trainable_params", "budget", "steps", "best_step", "train_time_s", "wall_time_s")
 
@@ -340,7 +342,7 @@ def create_app(served: ServedRuns | Classifier, settings: ServeConfig | None = N
     return app
 
 
-def serve(run: str | list[str], settings: ServeConfig | None = None, verify: bool = True, log_level: str = "info",
+def serve(run: str | Path | list, settings: ServeConfig | None = None, verify: bool = True, log_level: str = "info",
           base: str | None = None, long_texts: str = "truncate") -> None:
     """Load the runs (each verified unless told not to; a folder of runs is every finished run in it) and serve
     them under `settings` until stopped: runs on one base share it (`classifier.load_many`)."""
@@ -354,21 +356,28 @@ def serve(run: str | list[str], settings: ServeConfig | None = None, verify: boo
 
         if long_texts != "truncate":
             raise ConfigError("--long-texts chunk is served by the torch backend only")
-        classifiers = [load_onnx(p) for p in ([run] if isinstance(run, str) else run)]
+        given = [run] if isinstance(run, (str, Path)) else run
+        classifiers = [load_onnx(p) for p in dict.fromkeys(Path(p).resolve() for p in given)]  # each folder once
     else:
         from budgetlora.inference.classifier import load_many
 
-        folders = run_folders([run] if isinstance(run, str) else run)
+        from budgetlora.hardware import trim_memory
+
+        folders = run_folders([run] if isinstance(run, (str, Path)) else run)
         classifiers = load_many(folders, verify=verify, base=base, long_texts=long_texts)
     served = ServedRuns(classifiers)
+    if settings.backend != "onnx":
+        # what loading and verifying each run freed, handed back to the OS: without it a server of 10 runs holds
+        # about 1.3x the memory of one, with it about 1.07x (benchmarks/serve_many.py)
+        trim_memory()
     loaded = (str(served.default.classifier.path) if len(served.runs) == 1
               else f"{len(served.runs)} runs ({', '.join(r.name for r in served.runs)}) on "
                    f"{len({id(g) for g in served.groups})} models")
-    print(f"loaded {loaded} in {time.perf_counter() - t0:.1f}s; serving on http://{host}:{port} "
-          f"(a page at /, docs at /docs)", flush=True)
+    logger.info(f"loaded {loaded} in {time.perf_counter() - t0:.1f}s; serving on http://{host}:{port} "
+                f"(a page at /, docs at /docs)")
     for g in served.batching():
-        print(f"  {', '.join(g['models'])}: one base; " + ("requests mixed in one forward pass" if g["mixed"]
-              else f"one pass per run ({g['why_not']})"), flush=True)
+        logger.info(f"  {', '.join(g['models'])}: one base; " + ("requests mixed in one forward pass" if g["mixed"]
+                    else f"one pass per run ({g['why_not']})"))
     # SIGTERM: uvicorn stops accepting, lets the requests in flight finish, stops the batcher, and then raises the
     # signal again under the handler in place before it started. This one turns that into a normal exit (status
     # 0): the stop was clean, and a supervisor should not read it as a crash.

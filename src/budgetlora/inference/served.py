@@ -121,7 +121,8 @@ class ServedRuns:
 
 def run_folders(paths: list[str | Path]) -> list[Path]:
     """The run folders `serve` was given: a run folder as it is, a folder of runs as every finished run inside it
-    (in name order); the same folder given twice is served once."""
+    (in name order); the same folder given twice is served once, and two folders of one run id are refused here,
+    before anything loads."""
     out: dict[Path, Path] = {}
     for p in map(Path, paths):
         if not p.is_dir():
@@ -131,6 +132,12 @@ def run_folders(paths: list[str | Path]) -> list[Path]:
             raise FileNotFoundError(f"{p} is neither a run folder (no {runs.CONFIG}) nor a folder of finished runs")
         for f in found:
             out.setdefault(f.resolve(), f)
+    seen: dict[str, Path] = {}
+    for f in out.values():
+        run_id = runs.load_config(f).run_id
+        if run_id in seen:
+            raise ConfigError(f"{seen[run_id]} and {f} are the same run ({run_id}); serve it once")
+        seen[run_id] = f
     return list(out.values())
 
 

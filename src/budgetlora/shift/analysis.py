@@ -13,6 +13,7 @@ only a change of the texts themselves stays high. The prior-correction gate (`pr
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from budgetlora.shift.priors import (
     val_confusion,
 )
 from budgetlora.training.evaluate import predict_logits
+
+logger = logging.getLogger(__name__)
 
 MAX_SIDE = 2000  # rows per side for the separability classifier: enough for a stable AUC, bounded cost
 LONG_LENGTH = 256  # the longest input all-MiniLM-L6-v2 was trained on; what the advice offers for long targets
@@ -151,8 +154,7 @@ def reference_split(cfg) -> tuple[Split, Split]:
     return data["train"], data["val"]
 
 
-def analyse(loaded, texts: list[str], mode: str = "auto", progress: bool = False, seed: int = 0,
-            log=print) -> ShiftResult:
+def analyse(loaded, texts: list[str], mode: str = "auto", progress: bool = False, seed: int = 0) -> ShiftResult:
     """Measure the target `texts` against the run's training data and decide on prior correction (`mode`:
     auto = gated, on / off = forced; see priors.decide)."""
     cfg, n = loaded.cfg, loaded.cfg.model.num_labels
@@ -161,12 +163,12 @@ def analyse(loaded, texts: list[str], mode: str = "auto", progress: bool = False
     train, val = reference_split(cfg)
     cm = val_confusion(loaded.metrics)
     if cm is not None and (cm.shape != (n, n) or int(cm.sum()) != len(val)):
-        log(f"shift: metrics.json's validation confusion matrix ({int(cm.sum())} rows) does not match the rebuilt "
-            f"validation split ({len(val)} rows); BBSE is skipped")
+        logger.warning(f"shift: metrics.json's validation confusion matrix ({int(cm.sum())} rows) does not match "
+                       f"the rebuilt validation split ({len(val)} rows); BBSE is skipped")
         cm = None
     ref_rows = stratified_indices(val.labels, MAX_SIDE, seed)
     ref = val.subset(ref_rows)
-    log(f"shift: {len(texts):,} target texts against {len(ref):,} validation rows ({cfg.model.name}, "
+    logger.info(f"shift: {len(texts):,} target texts against {len(ref):,} validation rows ({cfg.model.name}, "
         f"max_length {loaded.read_length})")
     ref_logits, ref_feats = logits_and_features(loaded, ref.texts, progress)
     tgt_logits, tgt_feats = logits_and_features(loaded, texts, progress)

@@ -8,6 +8,7 @@ self-trained run keeps its parent's layers.
 """
 from __future__ import annotations
 
+import logging
 import dataclasses
 import hashlib
 import io
@@ -26,6 +27,8 @@ from budgetlora.shift.analysis import analyse
 from budgetlora.inference.mix import fit_to_mix, parse_prior
 from budgetlora.shift.priors import PriorEstimate, corrected_probabilities, estimate_priors, train_priors
 from budgetlora.training.train import train
+
+logger = logging.getLogger(__name__)
 
 
 # -- self-training --------------------------------------------------------------------------------------------------
@@ -105,17 +108,17 @@ class SelfTraining:
 
 def self_train(run: str | Path, unlabelled: str, out: str | Path, settings: SelfTrainConfig | None = None, *,
                overrides: dict | None = None, base: str | None = None, records: list | None = None,
-               first_probs=None, log=print, **changes) -> list[Path]:
+               first_probs=None, **changes) -> list[Path]:
     """`self_training`, returning only the kept runs; `records` (a list) receives one dict per round."""
     result = self_training(run, unlabelled, out, settings, overrides=overrides, base=base, first_probs=first_probs,
-                           log=log, **changes)
+                           **changes)
     if records is not None:
         records.extend(result.rounds)
     return result.runs
 
 
 def self_training(run: str | Path, unlabelled: str, out: str | Path, settings: SelfTrainConfig | None = None, *,
-                  overrides: dict | None = None, base: str | None = None, first_probs=None, log=print,
+                  overrides: dict | None = None, base: str | None = None, first_probs=None,
                   **changes) -> SelfTraining:
     """Pseudo-label `unlabelled` with the run's model and continue training its adapter; one new run per round,
     each the parent of the next. `settings` (the self_train: section of the config), with `changes` to its fields
@@ -143,16 +146,16 @@ def self_training(run: str | Path, unlabelled: str, out: str | Path, settings: S
             labelled = sum(loaded.metrics.get("train_class_counts") or [0])
         before = loaded.metrics["val_accuracy"]
         cfg, record = _pseudo_round(r, loaded, texts, s, overrides, labelled, source, out,
-                                    first_probs if r == 1 else None, log)
+                                    first_probs if r == 1 else None)
         del loaded  # one model in memory while the next trains
-        child = train(cfg, root=out, log=log).resolve()
+        child = train(cfg, root=out).resolve()
         m = runs.read_json(child / runs.METRICS)  # the child is trained, not loaded: its metrics are read here
         record.update(run=str(child), parent=str(parent), val_accuracy_parent=before, val_accuracy=m["val_accuracy"],
                       test_accuracy=m["test_accuracy"], trainable_params=m["trainable_params"],
                       accepted=m["val_accuracy"] >= before - s.max_val_drop)
         result.rounds.append(record)
         if not record["accepted"]:
-            log(f"self-train round {r} refused: validation accuracy {m['val_accuracy']:.4f} < parent's "
+            logger.info(f"self-train round {r} refused: validation accuracy {m['val_accuracy']:.4f} < parent's "
                 f"{before:.4f} - {s.max_val_drop}; keeping {parent}")
             break
         parent = child
@@ -161,19 +164,19 @@ def self_training(run: str | Path, unlabelled: str, out: str | Path, settings: S
 
 
 def _pseudo_round(r: int, loaded, texts: list[str], s: SelfTrainConfig, overrides: dict, labelled: int, source: str,
-                  out: Path, first_probs, log) -> tuple[Config, dict]:
+                  out: Path, first_probs) -> tuple[Config, dict]:
     """Round r's pseudo labels, written beside the runs, and the config of the run that trains on them."""
-    probs, est = _posteriors(loaded, texts, s.prior_correction, first_probs, log)
+    probs, est = _posteriors(loaded, texts, s.prior_correction, first_probs)
     probs = fitted_posteriors(probs, s.target_prior)
     rows, labels = select_pseudo_labels(probs, s.min_confidence, s.balance, s.max_per_class, s.share)
     counts = np.bincount(labels, minlength=loaded.cfg.model.num_labels).tolist()
-    log(f"self-train round {r}: {len(rows):,} of {len(texts):,} unlabelled texts pseudo-labelled "
+    logger.info(f"self-train round {r}: {len(rows):,} of {len(texts):,} unlabelled texts pseudo-labelled "
         f"(per class {counts}); estimated priors {est.priors.round(3).tolist()}")
     if not len(rows):
         raise ConfigError(f"self-train: no unlabelled text reaches confidence {s.min_confidence}; lower --threshold")
     repeats = mix_repeats(labelled, len(rows), s.mix)
     if repeats > 1:
-        log(f"self-train round {r}: pseudo rows repeated {repeats}x to make about {s.mix:.0%} of "
+        logger.info(f"self-train round {r}: pseudo rows repeated {repeats}x to make about {s.mix:.0%} of "
             f"{labelled:,} labelled + pseudo rows")
     pseudo = _write_pseudo_csv(out / "pseudo_labels", loaded.cfg, [texts[i] for i in rows] * repeats,
                                np.tile(labels, repeats))
@@ -186,10 +189,10 @@ def _pseudo_round(r: int, loaded, texts: list[str], s: SelfTrainConfig, override
     return cfg, {"round": r, "pseudo_rows": int(len(rows)), "per_class": counts, "repeats": repeats}
 
 
-def _posteriors(loaded, texts: list[str], mode: str, first_probs, log) -> tuple[np.ndarray, PriorEstimate]:
+def _posteriors(loaded, texts: list[str], mode: str, first_probs) -> tuple[np.ndarray, PriorEstimate]:
     """The posteriors to pseudo-label from (prior-corrected or not, as `mode` says) and the EM estimate."""
     if mode == "auto":  # the shift analysis' gate: corrected only where only the class mix moved
-        result = analyse(loaded, texts, mode="auto", log=log)
+        result = analyse(loaded, texts, mode="auto")
         return (result.em.posteriors if result.decision.apply else result.probs), result.em
     if first_probs is not None and len(first_probs) == len(texts):
         probs = np.asarray(first_probs)

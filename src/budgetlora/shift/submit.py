@@ -14,6 +14,7 @@ How it adapts is the config's submit: section (`SubmitConfig`), so a preset can 
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -29,8 +30,10 @@ from budgetlora.shift.predict import adapted, post_processor
 from budgetlora.shift.selftrain import self_training
 from budgetlora.training.train import train
 
+logger = logging.getLogger(__name__)
 
-def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs.DEFAULT_ROOT, log=print,
+
+def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs.DEFAULT_ROOT,
            **settings) -> dict:
     """Train `cfg`, adapt to `target` as `cfg.submit` says (`settings` change its fields, e.g. rounds=1), label the
     target into `output`; returns the summary dict (also written as OUTPUT.summary.json, its "summary" as .summary.txt)."""
@@ -45,26 +48,25 @@ def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs
     for path, kind in ((output, "file"), (priors_path(output), "file"), (Path(f"{output}.shift"), "into"),
                        (Path(f"{output}.summary.json"), "file"), (Path(f"{output}.summary.txt"), "file")):
         runs.check_output(path, kind)  # an hour of training must not end in a folder that is not there
-    base = train(cfg, root=root, log=log).resolve()
+    base = train(cfg, root=root).resolve()
     trim_memory()  # the training's freed heap back to the OS before the target is read
     times["train_s"] = round(time.time() - t0, 1)
 
     t = time.time()
     loaded = _load(base, None, s.max_length)
     metrics = loaded.metrics
-    result, files = _analyse(loaded, target, Path(f"{output}.shift"), s.prior_correction, log)
+    result, files = _analyse(loaded, target, Path(f"{output}.shift"), s.prior_correction)
     del loaded  # one model in memory while self-training trains the next
     times["shift_s"] = round(time.time() - t, 1)
     for line in result.report["advice"]:
-        log(f"shift: {line}")
+        logger.info(f"shift: {line}")
 
     t, final, rounds = time.time(), base, []
     if s.rounds:
         # the analysis already has the base run's posteriors at the trained length: round 1 reuses them
         same_length = not s.max_length or s.max_length == cfg.model.max_length
         done = self_training(base, target, Path(root) / "selftrain", s.self_training(),
-                             overrides={"train.warmup": 0.0}, first_probs=result.probs if same_length else None,
-                             log=log)
+                             overrides={"train.warmup": 0.0}, first_probs=result.probs if same_length else None)
         final, rounds = (done.runs[-1] if done.runs else base), done.rounds
     times["self_train_s"] = round(time.time() - t, 1)
 
@@ -140,14 +142,14 @@ def _summary(report: dict, s: SubmitConfig, base: str, final: str) -> list[str]:
 
 
 def shift_analysis(run: str | Path, target: str, out: str | Path | None = None, mode: str = "auto",
-                 max_length: int = 0, base: str | None = None, log=print) -> tuple[ShiftResult, dict[str, Path]]:
+                 max_length: int = 0, base: str | None = None) -> tuple[ShiftResult, dict[str, Path]]:
     """`budgetlora shift`: load and verify the run, read the target texts, analyse, write the analysis into `out`
     (default RUN/shift); returns the analysis and the files written."""
     out = Path(run) / "shift" if out is None else Path(out)
     if out.parent != Path(run) or Path(run).is_dir():  # a missing run is load_run's to name, in its own words
         runs.check_output(out, "into")
     loaded = _load(run, base, max_length)
-    return _analyse(loaded, target, out, mode, log)
+    return _analyse(loaded, target, out, mode)
 
 
 def _load(run: str | Path, base: str | None, max_length: int) -> LoadedRun:
@@ -156,8 +158,8 @@ def _load(run: str | Path, base: str | None, max_length: int) -> LoadedRun:
     return loaded
 
 
-def _analyse(loaded: LoadedRun, target: str, out: str | Path, mode: str, log) -> tuple[ShiftResult, dict[str, Path]]:
+def _analyse(loaded: LoadedRun, target: str, out: str | Path, mode: str) -> tuple[ShiftResult, dict[str, Path]]:
     texts = read_unlabelled(target, loaded.cfg)
-    result = analyse(loaded, texts, mode=mode, progress=True, log=log)
+    result = analyse(loaded, texts, mode=mode, progress=True)
     result.report["target"] = str(target)
     return result, write_analysis(result, out)

@@ -1,6 +1,7 @@
 """What a finished run leaves behind: adapter, metrics, history, plots, versions, and the verification sample."""
 from __future__ import annotations
 
+import logging
 import csv
 import io
 import json
@@ -15,6 +16,8 @@ from budgetlora.training.card import CARD, model_card
 from budgetlora.tasks import class_names, task_of
 from budgetlora.training.evaluate import exact_fp32, predict_logits
 
+logger = logging.getLogger(__name__)
+
 VERIFY_ROWS = 256  # validation rows whose logits are stored, so a reloaded adapter can be checked against them
 
 
@@ -27,10 +30,12 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
-def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan, record: dict, log=print) -> dict:
+def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan, record: dict,
+                        memory=None) -> dict:
     """Evaluate the best state (`state`: loop.TrainState) on val and test, then write every artifact; metrics.json
     last marks completion. `record`: what the run reports beside its metrics (wall time, filters, training class
-    counts, what it cost). A write that fails (a full disk) is a RunFolderError naming the folder, raised before
+    counts, what it cost); `memory`: the run's PeakMemory, read after the final evaluation so that its peak
+    counts too. A write that fails (a full disk) is a RunFolderError naming the folder, raised before
     anything is marked finished."""
     n, ml, bs = cfg.model.num_labels, cfg.model.max_length, cfg.train.eval_batch_size
     names, task = class_names(cfg), task_of(cfg)
@@ -51,7 +56,7 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         # wall_time_s, filters, train_class_counts (the label shares the model was trained under: the reference
         # priors for prior correction), and what the run cost: precision, threads, validation time inside
         # train_time_s, throughput, peak memory (MiB)
-        **record,
+        **record, **(memory.as_dict() if memory is not None else {}),
     }
     # the card is built from the JSON form of the same dict (below), so its numbers are exactly metrics.json's
     with runs.staged_files(out) as stage:  # a retrain over a finished run replaces it whole or not at all
@@ -67,7 +72,7 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         runs.write_text(stage / CARD, model_card(cfg, json.loads(json.dumps(result, default=runs._jsonable)),
                                                  plan.as_dict()))
         runs.write_json(stage / runs.METRICS, result)
-    log(f"run {cfg.run_id}: val acc {val_m['accuracy']:.4f}, test acc {test_m['accuracy']:.4f} "
+    logger.info(f"run {cfg.run_id}: val acc {val_m['accuracy']:.4f}, test acc {test_m['accuracy']:.4f} "
         f"({test_m['n']:,} rows), {plan.total:,} trainable params, {result['wall_time_s']:.0f}s -> {out}")
     return result
 

@@ -12,6 +12,7 @@ and AdamW is fused.
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -29,6 +30,8 @@ from budgetlora.errors import BudgetloraError
 from budgetlora.hardware import resolve_precision
 from budgetlora.progress import progress
 from budgetlora.training import losses
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(BudgetloraError, RuntimeError):
@@ -236,7 +239,7 @@ StepCallback = Callable[[TrainState, np.ndarray], None]
 
 
 def run(fit: Fit, tc, max_length: int, inputs: LoopInputs, state: TrainState, ckpt: Path | None = None,
-        on_record: Callable[[dict], None] | None = None, on_step: StepCallback | None = None, log=print,
+        on_record: Callable[[dict], None] | None = None, on_step: StepCallback | None = None,
         desc: str = "train") -> TrainState:
     """Train until inputs.total_steps or early stop; returns the state (history, best trainable weights, ...).
     on_record: each history record, in the main process. on_step: called after each step's validation and
@@ -280,7 +283,7 @@ def run(fit: Fit, tc, max_length: int, inputs: LoopInputs, state: TrainState, ck
             bar.update(1)  # after the postfix, so a line written to a log shows this step's loss
             at_eval = state.step % eval_every == 0 or state.step == total
             if at_eval and inputs.evaluate is not None:
-                stop = _validate(fit, tc, inputs.evaluate, total, state, record, log)
+                stop = _validate(fit, tc, inputs.evaluate, total, state, record)
                 state.elapsed = time.time() - t0
                 # the partial loss of the steps since the last logging point is not kept: checkpoints fall on
                 # evaluation points, which are logging points too
@@ -306,19 +309,19 @@ def improves(select: str, value: float, state: TrainState) -> bool:
     return value < best if select == "loss" else value > best
 
 
-def _validate(fit: Fit, tc, evaluate: Callable[[], dict], total: int, state: TrainState, record, log) -> bool:
+def _validate(fit: Fit, tc, evaluate: Callable[[], dict], total: int, state: TrainState, record) -> bool:
     """One validation point: record it, keep the best state by train.select, count evaluations without improvement.
     Returns whether early stopping (train.patience) ends the run here."""
     t_eval = time.time()
     m = evaluate()
     state.eval_time += time.time() - t_eval
     record({"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"]})
-    log(f"step {state.step}/{total}: val loss {m['loss']:.4f}, acc {m['accuracy']:.4f}, "
+    logger.info(f"step {state.step}/{total}: val loss {m['loss']:.4f}, acc {m['accuracy']:.4f}, "
         f"macro-F1 {m['macro_f1']:.4f}")
-    return keep_best(tc, m, state, lambda: trainable_state(fit.module), log)
+    return keep_best(tc, m, state, lambda: trainable_state(fit.module))
 
 
-def keep_best(tc, m: dict, state: TrainState, snapshot: Callable[[], dict], log=print) -> bool:
+def keep_best(tc, m: dict, state: TrainState, snapshot: Callable[[], dict]) -> bool:
     """Keep `snapshot()` as the best state when validation metrics `m` improve on train.select, else count one
     more evaluation without improvement. Returns whether early stopping (train.patience) ends the run here."""
     if improves(tc.select, m[tc.select], state):
@@ -327,7 +330,7 @@ def keep_best(tc, m: dict, state: TrainState, snapshot: Callable[[], dict], log=
         return False
     state.bad_evals += 1
     if tc.patience and state.bad_evals >= tc.patience:
-        log(f"early stop: val {tc.select} did not improve for {tc.patience} evaluations")
+        logger.info(f"early stop: val {tc.select} did not improve for {tc.patience} evaluations")
         return True
     return False
 

@@ -7,6 +7,7 @@ probabilities into the kept rows. The pass is seeded, so a resumed run drops exa
 """
 from __future__ import annotations
 
+import logging
 import numpy as np
 import torch
 
@@ -17,6 +18,8 @@ from budgetlora.data.tokens import Tokens, encode
 from budgetlora.training import loop
 from budgetlora.tasks import softmax
 from budgetlora.training.evaluate import logits_for_ids
+
+logger = logging.getLogger(__name__)
 
 MIN_RECORDS = 3  # a mean and a spread over fewer points say little; a 1-epoch pass is sampled 3 times
 
@@ -35,7 +38,7 @@ def record_points(cfg: Config, n_rows: int) -> tuple[int, list[int]]:
     return total, points
 
 
-def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print, acc=None) -> np.ndarray:
+def training_probabilities(cfg: Config, train: Split, tokenizer=None, acc=None) -> np.ndarray:
     """(E, N, C) class probabilities of every training row, recorded at E points of a first training pass.
 
     The pass is the training loop itself (`loop.run`, set up by `loop.setup_training`), run without
@@ -63,21 +66,21 @@ def training_probabilities(cfg: Config, train: Split, tokenizer=None, log=print,
             logits = logits_for_ids(fit.module, ids, tc.eval_batch_size, pad, acc.device)
             records.append(softmax(logits))
 
-    log(f"noisy filter: first pass of {steps.total} steps over {len(train):,} rows, scored at steps {points}")
+    logger.info(f"noisy filter: first pass of {steps.total} steps over {len(train):,} rows, scored at steps {points}")
     inputs = loop.LoopInputs(lambda epoch: ids, torch.as_tensor(train.labels), None, steps.total, steps.per_epoch,
                              steps.eval_every)  # the base rows every epoch: no augmentation in this pass
-    loop.run(fit, tc, cfg.model.max_length, inputs, loop.TrainState(), on_step=score, log=log, desc="noisy filter")
+    loop.run(fit, tc, cfg.model.max_length, inputs, loop.TrainState(), on_step=score, desc="noisy filter")
     acc.free_memory()  # drop the pass's model and optimizer before the run prepares its own
     return np.stack(records)
 
 
-def noisy_filter(cfg: Config, train: Split, tokenizer=None, mode: str = "hard", log=print,
+def noisy_filter(cfg: Config, train: Split, tokenizer=None, mode: str = "hard",
                  acc=None) -> tuple[Split, dict]:
     """Drop the `filter.noisy_fraction` least learnable training rows; returns the kept rows and a report
     {"removed", "per_class", "kept", "mode", "records", ...} in the shape of the other filters' reports."""
-    probs = training_probabilities(cfg, train, tokenizer, log, acc)
+    probs = training_probabilities(cfg, train, tokenizer, acc)
     kept, report = cartography_select(probs, train.labels, cfg.filter.noisy_fraction, mode)
     report["records"] = int(probs.shape[0])
-    log(f"noisy filter dropped {report['removed']:,} of {len(train):,} training rows "
+    logger.info(f"noisy filter dropped {report['removed']:,} of {len(train):,} training rows "
         f"(per class {report['per_class']})")
     return train.subset(kept), report

@@ -11,6 +11,7 @@ batches of its own, with its own optimizer; the run's batches, optimizer and sch
 """
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 
@@ -19,6 +20,8 @@ import torch
 from budgetlora.data.tokens import length_grouped_batches
 from budgetlora.progress import progress
 from budgetlora.training.loop import Fit, LoopInputs, device_batches, resolve_padding
+
+logger = logging.getLogger(__name__)
 
 
 def _is_head(name: str) -> bool:
@@ -43,7 +46,7 @@ def only_head_trains(model):
             p.requires_grad_(True)
 
 
-def probe(fit: Fit, tc, max_length: int, inputs: LoopInputs, steps: int, log=print) -> dict:
+def probe(fit: Fit, tc, max_length: int, inputs: LoopInputs, steps: int) -> dict:
     """Train the head of the run's model alone for `steps` steps at train.lr (constant: the probe is short and its
     optimizer is thrown away), with the run's loss. Every process runs the same batches, unsharded, so their heads
     stay equal without a gradient sync. Returns what the run records: steps, first and last loss, seconds."""
@@ -77,6 +80,6 @@ def probe(fit: Fit, tc, max_length: int, inputs: LoopInputs, steps: int, log=pri
     result = {"probe_steps": steps, "probe_first_loss": round(losses[0], 4),
               "probe_last_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
               "probe_time_s": round(time.time() - t0, 2)}
-    log(f"linear probe: {steps} steps of the head alone, loss {result['probe_first_loss']:.4f} -> "
+    logger.info(f"linear probe: {steps} steps of the head alone, loss {result['probe_first_loss']:.4f} -> "
         f"{result['probe_last_loss']:.4f} ({result['probe_time_s']:.0f}s)")
     return result

@@ -20,16 +20,16 @@ class TrainedRun:
                 f"trainable params) -> {self.path}")
 
 
-def train_run(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, force: bool = False, track: str | None = None,
-              log=print) -> TrainedRun:
+def train_run(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, force: bool = False,
+              track: str | None = None) -> TrainedRun:
     """Train `cfg` (a finished run id is reused unless `force`), logging to a tracker when `track` names one
     (tensorboard, mlflow); returns the run folder with its metrics."""
     if track:
         from budgetlora.training.track import train_tracked
 
-        out = train_tracked(cfg, track, root=root, force=force, log=log)
+        out = train_tracked(cfg, track, root=root, force=force)
     else:
         from budgetlora.training.train import train
 
-        out = train(cfg, root=root, force=force, log=log)
+        out = train(cfg, root=root, force=force)
     return TrainedRun(Path(out), cfg, runs.read_json(Path(out) / runs.METRICS))

@@ -16,6 +16,7 @@ dependencies already bring). A sweep logs the same way inside its own folder: `<
 """
 from __future__ import annotations
 
+import logging
 import importlib.util
 import os
 import time
@@ -25,6 +26,8 @@ import yaml
 
 from budgetlora import runs
 from budgetlora.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
 
 EXPERIMENT = "budgetlora"  # the MLflow experiment of single runs; a sweep logs to one named after it
 KINDS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # kind -> the module it needs (mlflow-skinny has it)
@@ -131,16 +134,15 @@ def record_values(entry: dict) -> dict[str, float]:
     return {tag: float(entry[k]) for k, tag in RECORD_TAGS.items() if entry.get(k) is not None}
 
 
-def train_tracked(cfg: Config, kind: str, root: str | Path = runs.DEFAULT_ROOT, force: bool = False,
-                  log=print) -> Path:
+def train_tracked(cfg: Config, kind: str, root: str | Path = runs.DEFAULT_ROOT, force: bool = False) -> Path:
     """`train` with each history record and the final metrics sent to a tracker; returns the run folder."""
     from budgetlora.training.train import train
 
     tracker = open_tracker(kind, cfg, root)
     if tracker.folder is not None:
-        log(f"tracking run {cfg.run_id} with {kind} in {tracker.folder}")
+        logger.info(f"tracking run {cfg.run_id} with {kind} in {tracker.folder}")
     try:
-        out = train(cfg, root=root, force=force, log=log,
+        out = train(cfg, root=root, force=force,
                     on_record=lambda entry: tracker.scalars(record_values(entry), entry["step"]))
         m = runs.read_json(out / runs.METRICS)
         tracker.scalars({tag: float(m[k]) for k, tag in FINAL_TAGS.items() if m.get(k) is not None}, m["steps"])

@@ -5,6 +5,7 @@ last checkpoint when the same command runs again.
 """
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
@@ -24,6 +25,8 @@ from budgetlora.tasks import task_of
 from budgetlora.training import loop
 from budgetlora.training.evaluate import eval_batch_size, logits_for_ids
 from budgetlora.training.prepare import prepare
+
+logger = logging.getLogger(__name__)
 
 
 def init_from_run(model, cfg: Config) -> None:
@@ -61,7 +64,7 @@ def throughput(state: loop.TrainState, steps, tokens: Tokens, batch_size: int) -
 
 
 def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Split] | None = None,
-          force: bool = False, on_record=None, on_step: loop.StepCallback | None = None, log=print) -> Path:
+          force: bool = False, on_record=None, on_step: loop.StepCallback | None = None) -> Path:
     """Train one config into `root/<run id>/` and return that folder. A finished run is not trained again.
 
     data: train/val/test splits to use instead of the config's sources (pseudo labels and filters still apply).
@@ -71,31 +74,30 @@ def train(cfg: Config, root: str | Path = runs.DEFAULT_ROOT, data: dict[str, Spl
     # the finished check is made under the lock: a second process on the same run id waits, then reuses the run
     with runs.run_lock(root, cfg.run_id):
         if runs.is_finished(out) and not force:
-            log(f"run {cfg.run_id} already finished: {out}")
+            logger.info(f"run {cfg.run_id} already finished: {out}")
             return out
         threads = torch.get_num_threads()
         try:
             with PeakMemory() as memory:  # the run's own peak, even when several runs share a process
-                return _train(cfg, out, memory, data, force, on_record, on_step, log)
+                return _train(cfg, out, memory, data, force, on_record, on_step)
         finally:
             torch.set_num_threads(threads)  # train.threads holds for the run, not for the caller's process after it
 
 
-def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, on_step, log) -> Path:
+def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, on_step) -> Path:
     tc = cfg.train
     threads = set_threads(tc.threads)
     acc = loop.make_accelerator(tc)
     main = acc.is_main_process
-    log = log if main else (lambda *a, **k: None)
     t_start = time.time()
 
     model, plan = build(cfg)  # refuses an over-budget config before loading weights
     if tc.init_from:
         init_from_run(model, cfg)
     tokenizer = load_tokenizer(cfg)
-    data, filter_report = prepare(cfg, tokenizer, data, log, acc)
+    data, filter_report = prepare(cfg, tokenizer, data, acc)
     train_split, val, test = data["train"], data["val"], data["test"]
-    log(f"run {cfg.run_id}: {plan.total:,} trainable params (budget {plan.max_params:,}); "
+    logger.info(f"run {cfg.run_id}: {plan.total:,} trainable params (budget {plan.max_params:,}); "
         f"train {len(train_split):,} / val {len(val):,} / test {len(test):,} rows; device {acc.device}, "
         f"{loop.precision(tc).replace('no', 'fp32')}, {threads} thread(s)")
     if main:
@@ -129,13 +131,13 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
     ckpt = out / runs.CHECKPOINT / "state.pt"
     if ckpt.is_file() and not force:
         state = loop.load_checkpoint(ckpt, fit.module, fit.optimizer, fit.scheduler)
-        log(f"resuming run {cfg.run_id} from step {state.step}")
+        logger.info(f"resuming run {cfg.run_id} from step {state.step}")
     inputs = loop.LoopInputs(epoch_tokens, torch.as_tensor(train_split.labels), evaluate_val, steps.total,
                              steps.per_epoch, steps.eval_every)
     if tc.probe_steps and state.step == 0:  # a resumed run's checkpoint already holds the probed head
         from budgetlora.training.probe import probe
-        state.probe = probe(fit, tc, ml, inputs, tc.probe_steps, log)
-    state = loop.run(fit, tc, ml, inputs, state, ckpt=ckpt, on_record=on_record, on_step=on_step, log=log,
+        state.probe = probe(fit, tc, ml, inputs, tc.probe_steps)
+    state = loop.run(fit, tc, ml, inputs, state, ckpt=ckpt, on_record=on_record, on_step=on_step,
                      desc=f"train {cfg.run_id}")
 
     trim_memory()  # the loop's freed activations back to the OS before evaluation and saving
@@ -155,8 +157,8 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
               "train_class_counts": task.label_counts(train_split.labels, cfg.model.num_labels),
               "precision": loop.precision(tc).replace("no", "fp32"), "threads": threads,
               "val_time_s": round(state.eval_time, 2), **state.probe,
-              **throughput(state, steps, base_tokens, tc.batch_size), **memory.as_dict()}
-    write_run_artifacts(out, cfg, model, tokenizer, val, test, state, plan, record, log=log)
+              **throughput(state, steps, base_tokens, tc.batch_size)}
+    write_run_artifacts(out, cfg, model, tokenizer, val, test, state, plan, record, memory)
     shutil.rmtree(out / runs.CHECKPOINT, ignore_errors=True)
     acc.wait_for_everyone()
     return out
