@@ -98,6 +98,9 @@ def test_the_server_answers_each_request_with_the_run_it_names(served, two_runs)
         assert first["model"] == served.runs[0].name
         r = client.post("/predict", json={"texts": TEXTS, "model": "no-such-run"})
         assert r.status_code == 404 and all(run.name in r.json()["error"] for run in served.runs)
+        for bad in (7, ["a"], "x" * 201):  # not a name: refused by the schema, one line
+            r = client.post("/predict", json={"texts": TEXTS, "model": bad})
+            assert r.status_code == 422 and r.json()["error"].startswith("model"), r.text
         info = client.get("/info").json()
         assert [m["model"] for m in info["models"]] == [r.name for r in served.runs]
         assert info["default_model"] == served.runs[0].name and info["run_id"] == served.runs[0].name
