@@ -107,6 +107,20 @@ def cmd_sweep(args) -> int:
     return 0 if not s["failed"] else 1
 
 
+def cmd_tune(args) -> int:
+    from budgetlora.experiments.timebudget import parse_count, parse_duration
+    from budgetlora.experiments.tune import tune
+
+    cfg = config_mod.from_flags(args)
+    shortcuts = {"data.train": args.tune_data, "model.name": args.tune_model,
+                 "budget.max_params": parse_count(args.tune_budget, "--budget") if args.tune_budget else None}
+    cfg = cfg.replace(**{k: v for k, v in shortcuts.items() if v is not None})
+    r = tune(cfg, parse_duration(args.time, "--time"), args.out, objective=args.objective)
+    print(f"winner: {r['winner']} -> {r['winner_run']}\nreport: {os.path.join(args.out, 'report.md')}\n"
+          f"took {r['elapsed_s']:.0f}s of {r['key']['time_s']:.0f}s")
+    return 0
+
+
 def cmd_report(args) -> int:
     from budgetlora.experiments.leaderboard import write_report
 
@@ -297,6 +311,23 @@ def _sweep_command(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _tune_command(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("tune", help="search the budget's adapters within a time budget; the winner trained on all "
+                                    "the data, with a report (see budgetlora.experiments.tune)")
+    config_mod.add_flags(p)
+    p.add_argument("--time", required=True, metavar="TIME", help="the whole command's time: 90s, 30m, 1.5h")
+    p.add_argument("--data", dest="tune_data", default=None, metavar="TRAIN", help="training file (= --data.train)")
+    p.add_argument("--model", dest="tune_model", default=None, metavar="NAME", help="base model (= --model.name)")
+    p.add_argument("--budget", dest="tune_budget", default=None, metavar="N",
+                   help="trainable parameters at most, head included: 1000000, 1M, 500k (= --budget.max_params)")
+    p.add_argument("--out", default="tune", help="folder for the tune's runs, study, state and report; the same "
+                                                 "command again resumes it")
+    p.add_argument("--objective", default="val_accuracy", choices=("val_accuracy", "val_macro_f1"),
+                   help="what the search maximises on validation")
+    p.set_defaults(func=cmd_tune)
+    return p
+
+
 def _report_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="leaderboard, ablation plots and report.html for a folder of runs")
     p.add_argument("dir", help="a sweep folder or any folder containing run folders")
@@ -330,7 +361,7 @@ def _submit_command(sub) -> argparse.ArgumentParser:
 
 
 COMMANDS = (_plan_command, _train_command, _evaluate_command, _predict_command, _self_train_command, _serve_command,
-            _export_command, _sweep_command, _report_command, _shift_command, _submit_command)
+            _export_command, _sweep_command, _tune_command, _report_command, _shift_command, _submit_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ METRICS = "metrics.json"
 HISTORY = "history.csv"
 VERIFY = "verify.json"
 PREDICTIONS = "test_predictions.csv"  # per-row test answers, for paired comparisons
+VAL_PREDICTIONS = "val_predictions.csv"  # the same for validation rows: what a choice between runs may read
 VERSIONS = "versions.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHECKPOINT = "checkpoint"

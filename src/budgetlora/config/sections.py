@@ -201,6 +201,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model for training (pays off on a GPU with padding=buckets)")
     seed: int = _f(42, "seed for splits, batches, dropout and init")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit)")
+    max_time: float = _f(0.0, "stop training after this many seconds, validating once more where it stops "
+                              "(0 = no limit); a run cut by it depends on the machine's speed")
     probe_steps: int = _f(0, "train the head alone for this many steps first (a linear probe, LP-FT), then the "
                              "adapters with it; not counted in epochs or max_steps (0 = off)")
     init_from: str = _f("", "start from this run folder's adapter weights (same model and LoRA setup)")
@@ -211,6 +213,7 @@ class TrainConfig:
             (self.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.eval_batch_size >= 0, "train.eval_batch_size must be >= 0 (0 = auto)"),
             (self.threads >= 0, "train.threads must be >= 0 (0 = auto)"),
+            (self.max_time >= 0, "train.max_time must be >= 0 seconds (0 = no limit)"),
             (self.probe_steps >= 0, "train.probe_steps must be >= 0 (0 = no linear probe)"),
             (self.base_dropout == -1 or 0 <= self.base_dropout < 1,
              "train.base_dropout must be -1 (the checkpoint's own) or in [0, 1)"),

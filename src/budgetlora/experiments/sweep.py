@@ -208,14 +208,14 @@ def _done_count(study, since: int) -> int:
 
 
 def _work(spec: Spec, storage: str, worker: int, since: int, n_trials: int | None, runner: Runner,
-          track: str | None, deadline: float | None = None) -> None:
+          track: str | None, deadline: float | None = None, on_trial=None) -> None:
     """One worker: draw and run trials until the grid is covered, the study holds n_trials, or the time left
     before `deadline` (a `timebudget.clock` reading) cannot hold another trial."""
     from optuna.trial import TrialState
 
     study = open_study(spec, storage, worker)
     objective = _objective(spec, runner)
-    callbacks = [_trial_tracker(spec, track)] if track else []
+    callbacks = ([_trial_tracker(spec, track)] if track else []) + ([on_trial] if on_trial else [])
     limit = n_trials if n_trials is not None else (None if spec.grid else spec.n_trials)
     while True:
         fail_dead_trials(study)  # a dead worker's trial: FAIL, and its retry queued (WAITING) for us to take
@@ -290,10 +290,11 @@ def _threads_per_worker(workers: int):
 
 def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials: int | None = None,
               runner: Runner = train_runner, track: str | None = None,
-              time_budget: float | None = None) -> dict:
+              time_budget: float | None = None, on_trial=None) -> dict:
     """Run (or resume) a sweep; returns {"study": name, "storage": url, "states": {state: count}, ...}.
     track: tensorboard or mlflow, to log every finished trial there (training.track). time_budget: seconds in
-    which trials may start (default: the spec's `time_budget`); no trial starts that the time left cannot hold."""
+    which trials may start (default: the spec's `time_budget`); no trial starts that the time left cannot hold.
+    on_trial: an Optuna study callback (study, trial) after each trial, with one worker (it runs in this process)."""
     started = timebudget.clock()
     budget = time_budget if time_budget is not None else spec.time_budget
     deadline = started + budget if budget else None
@@ -316,7 +317,7 @@ def run_sweep(spec: Spec, storage: str | None = None, workers: int = 1, n_trials
         + (f", time budget {timebudget.format_duration(budget)}" if budget else ""))
     args = (spec, storage, 0, since, n_trials, runner, track, deadline)
     if workers == 1:
-        _work(*args)
+        _work(*args, on_trial=on_trial)
     else:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch threads or DB handles
         procs = [ctx.Process(target=_worker_main, args=(spec, storage, i, since, n_trials, runner, track, deadline),

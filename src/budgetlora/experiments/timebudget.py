@@ -46,3 +46,17 @@ def next_fits(deadline: float | None, durations: list[float]) -> bool:
         return True
     left = deadline - clock()
     return left > 0 and (not durations or left >= max(durations))
+
+
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kKmM]?)\s*$")
+
+
+def parse_count(value: str, what: str = "count") -> int:
+    """A whole count from 1000000, 1,000,000, 1M or 500k."""
+    m = _COUNT.match(str(value).replace(",", "").replace("_", ""))
+    if not m:
+        raise ConfigError(f"{what} must be a count like 1000000, 1M or 500k, got {value!r}")
+    n = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()]
+    if n < 1 or n != int(n):
+        raise ConfigError(f"{what} must be a whole count of at least 1, got {value!r}")
+    return int(n)

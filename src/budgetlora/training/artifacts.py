@@ -65,6 +65,7 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         runs.write_json(stage / runs.VERIFY, verification_sample(model, tokenizer, val.texts[:VERIFY_ROWS], ml))
         if not task.sets:  # paired comparisons read one gold and one predicted class per row
             runs.write_text(stage / runs.PREDICTIONS, predictions_csv(test, test_logits))
+            runs.write_text(stage / runs.VAL_PREDICTIONS, predictions_csv(val, val_logits))
         runs.write_text(stage / runs.HISTORY, history_csv(state.history))
         runs.write_json(stage / runs.VERSIONS, runs.versions())
         plot_run(stage, state.history, test_m.get("confusion_matrix"), names,
@@ -78,7 +79,7 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
 
 
 def predictions_csv(test, logits) -> str:
-    """Per-row test answers, one line each (source row, gold label, predicted label): what a paired comparison of
+    """Per-row answers on a split (test, or validation for choosing between runs), one line each (source row, gold label, predicted label): what a paired comparison of
     two runs scored on the same rows needs, at a few bytes a row."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

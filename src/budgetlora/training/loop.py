@@ -281,9 +281,11 @@ def run(fit: Fit, tc, max_length: int, inputs: LoopInputs, state: TrainState, ck
                 loss_sum.zero_()
                 loss_n = 0
             bar.update(1)  # after the postfix, so a line written to a log shows this step's loss
-            at_eval = state.step % eval_every == 0 or state.step == total
+            # train.max_time: the step that reaches it is the last, validated like the last of the planned steps
+            out_of_time = _out_of_time(acc, tc, t0)
+            at_eval = state.step % eval_every == 0 or state.step == total or out_of_time
             if at_eval and inputs.evaluate is not None:
-                stop = _validate(fit, tc, inputs.evaluate, total, state, record)
+                stop = _validate(fit, tc, inputs.evaluate, total, state, record) or out_of_time
                 state.elapsed = time.time() - t0
                 # the partial loss of the steps since the last logging point is not kept: checkpoints fall on
                 # evaluation points, which are logging points too
@@ -291,11 +293,25 @@ def run(fit: Fit, tc, max_length: int, inputs: LoopInputs, state: TrainState, ck
                     save_checkpoint(ckpt, fit.module, fit.optimizer, fit.scheduler, state)
             if on_step is not None:
                 on_step(state, rows)
-            if stop or state.step >= total:
+            if stop or out_of_time or state.step >= total:
+                if out_of_time and not stop:
+                    logger.info(f"train.max_time {tc.max_time:g}s reached at step {state.step} of {total}")
+                stop = stop or out_of_time
                 break
     bar.close()
     state.train_time = time.time() - t0
     return state
+
+
+def _out_of_time(acc, tc, t0: float) -> bool:
+    """train.max_time reached; with several processes, by any of them (all stop at the same step, or the others
+    would wait at the next collective forever)."""
+    if not tc.max_time:
+        return False
+    late = time.time() - t0 >= tc.max_time
+    if acc.num_processes > 1:
+        late = bool(acc.reduce(torch.tensor(float(late), device=acc.device), "max"))
+    return late
 
 
 def improves(select: str, value: float, state: TrainState) -> bool:

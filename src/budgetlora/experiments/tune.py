@@ -1,0 +1,543 @@
+"""`budgetlora tune`: a parameter budget and a time budget in, the best adapter out, with how sure the choice is.
+
+Read top to bottom, one phase after another, all inside `--time` (measured from the command's start):
+
+1. **Space**: every candidate the budget holds (`space.candidate_space`: method x targets x layers, each filled to the
+   largest size that fits, x learning rate), from the model's config alone; ordered so that any prefix of it spreads
+   over methods and target sets.
+2. **Probe**: one short run of the first candidate measures this machine: seconds per training step and the fixed
+   cost of a trial (loading, tokenising, validating, writing the run).
+3. **Search**: successive halving (keep the best third, give it three times the steps) over as many candidates as the
+   search's share of the time holds at a useful number of steps; each rung is an Optuna grid sweep of the candidates
+   as variants (`sweep.run_sweep`: its study, resume, time budget, per-trial records), on one fixed validation set.
+   The steps of each later rung are sized again from the speed the rung before actually ran at.
+4. **Finalists**: the best two of the last rung run again under more seeds (the first seed is the rung's own run,
+   reused), and the winner is chosen by a paired comparison on the same validation rows, seed by seed: when the
+   better-scoring finalist is not better at 95%, the cheaper one (more training samples a second) wins.
+5. **Final**: the winner trained on all the training data for the time left (`train.max_time` stops it on time),
+   in its own run folder, used like any run by predict, serve and export.
+
+Everything it decides is kept in OUT/tune.json as it is decided, so a killed tune rerun with the same command takes
+the same fidelities, reuses every finished run (trials are run ids) and resumes the unfinished one from its
+checkpoint; the rerun has `--time` again for what is left. OUT/report.md says what was tried, at what fidelity, what
+it cost, the finalists with intervals, why the winner won and what the time bought.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from budgetlora import runs
+from budgetlora.config import Config, ConfigError
+from budgetlora.experiments import timebudget
+from budgetlora.experiments.space import Candidate, candidate_space
+
+logger = logging.getLogger(__name__)
+
+ETA = 3  # successive halving: a third goes on, with three times the steps
+FINALISTS = 2
+MAX_SEEDS = 3  # finalists' seeds at most (the first is the rung's own run)
+SHARES = {"search": 0.55, "finalists": 0.17, "final": 0.28}  # of the time after the probe and the margin
+MARGIN = 0.05  # of --time, kept back for what estimates miss
+MIN_TIME_S = 30.0  # below this not even the probe and one trial fit anywhere
+PROBE_STEPS = 12
+MIN_STEPS = 30  # a rung-0 trial trains at least this many steps (or one epoch of a small set) to be worth ranking
+VAL_ROWS = 1000  # one validation set for every trial: this many rows (at most a fifth of the training rows)
+TRIAL_TEST_ROWS = 100  # trials are chosen on validation; their test score is never read, so it is kept small
+STATE = "tune.json"
+REPORT = "report.md"
+OBJECTIVES = ("val_accuracy", "val_macro_f1")
+# the order a prefix of the space is taken in: favoured learning rate first, then target sets, then methods
+FAVOURITE_LR = {"lora": 2e-3, "dora": 2e-3, "ia3": 2e-2, "vera": 2e-2}
+WHERE_ORDER = ("attn-all", "all-top", "all-all", "attn-top", "qv-all", "qv-top")
+METHOD_ORDER = ("lora", "ia3", "dora", "vera")
+
+
+# -- the space, in the order a prefix of it is tried --------------------------------------------------------------
+def ordered(space: list[Candidate]) -> list[Candidate]:
+    def key(c: Candidate):
+        method, targets, layers, _ = c.name.split("-", 3)
+        lr_rank = abs(math.log(c.cfg.train.lr / FAVOURITE_LR.get(method, c.cfg.train.lr)))
+        where = f"{targets}-{layers}"
+        return (round(lr_rank, 6), WHERE_ORDER.index(where) if where in WHERE_ORDER else len(WHERE_ORDER),
+                METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), c.name)
+
+    return sorted(space, key=key)
+
+
+def overrides(base: Config, cfg: Config) -> dict:
+    """The dotted fields in which `cfg` differs from `base`: a candidate as a sweep variant."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(base.to_dict()), flat(cfg.to_dict())
+    return {k: v for k, v in b.items() if a.get(k) != v and k != "name"}
+
+
+# -- sizing ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Speed:
+    step_s: float  # seconds per training step
+    trial_s: float  # the fixed cost of a trial: everything but its training steps
+
+
+def rung_sizes(n0: int) -> list[int]:
+    """Candidates per rung: n0, then a third of it (rounded up), ..., down to the finalists."""
+    sizes = [n0]
+    while sizes[-1] > FINALISTS:
+        sizes.append(max(FINALISTS, math.ceil(sizes[-1] / ETA)))
+    return sizes
+
+
+def first_steps(sizes: list[int], seconds: float, speed: Speed) -> int:
+    """Rung 0's steps so that every rung (each ETA times the steps of the one before) fits in `seconds`."""
+    weight = sum(n * ETA ** i for i, n in enumerate(sizes))
+    return int((seconds - sum(sizes) * speed.trial_s) / (speed.step_s * weight))
+
+
+def size_search(n_space: int, seconds: float, speed: Speed, min_steps: int, max_steps: int) -> tuple[list[int], int]:
+    """The most candidates the search time holds with rung 0 at >= min_steps each: (candidates per rung, rung 0's
+    steps), the top rung capped at max_steps. ([], 0) when not even the finalists fit."""
+    for n0 in range(n_space, 0, -1):
+        sizes = rung_sizes(n0)
+        steps = first_steps(sizes, seconds, speed)
+        if steps >= min_steps:
+            return sizes, max(min_steps, min(steps, max_steps // ETA ** (len(sizes) - 1)))
+    return [], 0
+
+
+def later_steps(sizes: list[int], done: int, seconds: float, speed: Speed, floor: int, max_steps: int) -> int:
+    """The steps of rung `done` (> 0), sized again for the time left and the speed measured so far; never fewer than
+    the rung before (`floor` x ETA would be the plan) and never more than max_steps."""
+    rest = sizes[done:]
+    steps = first_steps(rest, seconds, speed)
+    return max(floor, min(steps, max_steps))
+
+
+def measured_speed(metrics: list[dict], seconds: list[float], fallback: Speed) -> Speed:
+    """Speed from finished trials: each trial's wall seconds split into its training steps and the rest."""
+    step_s = [(m["train_time_s"] - m.get("val_time_s", 0.0)) / m["steps"] for m in metrics if m.get("steps")]
+    if not step_s:
+        return fallback
+    step = float(np.median(step_s))
+    fixed = [s - step * m["steps"] for m, s in zip(metrics, seconds) if m.get("steps")]
+    return Speed(step, max(float(np.median(fixed)), 0.5) if fixed else fallback.trial_s)
+
+
+def _steady_step_s(run: Path) -> float | None:
+    """Seconds per step between the run's second logging point and its last (history.csv's train_s), or None."""
+    import csv
+
+    try:
+        with open(run / runs.HISTORY) as f:
+            points = [(int(r["step"]), float(r["train_s"])) for r in csv.DictReader(f) if r.get("train_loss")]
+    except (OSError, ValueError, KeyError):
+        return None
+    if len(points) < 3 or points[-1][0] <= points[1][0]:
+        return None
+    return (points[-1][1] - points[1][1]) / (points[-1][0] - points[1][0])
+
+
+# -- choosing between finalists ----------------------------------------------------------------------------------
+def read_val_answers(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, gold, predicted) of a run's validation answers, sorted by row."""
+    path = Path(run) / runs.VAL_PREDICTIONS
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+        if table.shape[1] != 3 or not len(table):
+            raise ValueError
+    except (ValueError, OSError):
+        from budgetlora.errors import RunFolderError
+
+        raise RunFolderError(f"{path} is missing or corrupt: expected rows of row,label,predicted integers") from None
+    table = table[np.argsort(table[:, 0], kind="stable")]
+    return table[:, 0], table[:, 1], table[:, 2]
+
+
+def macro_f1(gold: np.ndarray, pred: np.ndarray, n: int) -> float:
+    f1 = []
+    for c in range(n):
+        tp = np.sum((pred == c) & (gold == c))
+        denom = np.sum(pred == c) + np.sum(gold == c)
+        f1.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(f1))
+
+
+def paired_choice(finalists: list[dict], objective: str, num_labels: int) -> dict:
+    """Pick among finalists (each {"name", "runs": [run folders, one per seed, same seeds for all], "samples_s"}):
+    the best by mean objective over seeds, unless a cheaper one is not worse at 95% on the same validation rows
+    (paired bootstrap over (seed, row) pairs; McNemar beside it for accuracy), in which case the cheapest such wins.
+    Returns {"winner", "best", "comparisons": {name: paired result vs the best}, "why"}."""
+    from budgetlora.experiments.stats import LEVEL, RESAMPLES, Interval, _percentiles, paired
+
+    answers = {}
+    for f in finalists:
+        per_seed = [read_val_answers(r) for r in f["runs"]]
+        answers[f["name"]] = per_seed
+    first = answers[finalists[0]["name"]]
+    for f in finalists[1:]:  # the same seeds hold out the same rows: anything else is not a paired comparison
+        if any(not np.array_equal(a[0], b[0]) for a, b in zip(first, answers[f["name"]])):
+            raise ConfigError(f"finalist {f['name']} was validated on other rows than {finalists[0]['name']}")
+    gold = np.concatenate([a[1] for a in first])
+    preds = {name: np.concatenate([a[2] for a in per_seed]) for name, per_seed in answers.items()}
+
+    def score(p: np.ndarray, idx=slice(None)) -> float:
+        if objective == "val_macro_f1":
+            return macro_f1(gold[idx], p[idx], num_labels)
+        return float(np.mean(gold[idx] == p[idx]))
+
+    scores = {f["name"]: float(np.mean([m for m in f["values"]])) for f in finalists}
+    best = max(finalists, key=lambda f: (scores[f["name"]], f["name"]))
+    comparisons = {}
+    for f in finalists:
+        if f is best:
+            continue
+        if objective == "val_macro_f1":  # a paired bootstrap of the score itself over the same resampled rows
+            rng = np.random.default_rng(0)
+            diffs = []
+            for _ in range(RESAMPLES // 4):
+                idx = rng.integers(0, len(gold), len(gold))
+                diffs.append(score(preds[best["name"]], idx) - score(preds[f["name"]], idx))
+            d = score(preds[best["name"]]) - score(preds[f["name"]])
+            iv = Interval(d, *_percentiles(np.asarray(diffs), LEVEL))
+            comparisons[f["name"]] = {"difference": iv.as_dict(), "significant": iv.low > 0 or iv.high < 0}
+        else:
+            p = paired(preds[best["name"]] == gold, preds[f["name"]] == gold)
+            comparisons[f["name"]] = p.as_dict()
+    cheaper = [f for f in finalists if f is not best and f["samples_s"] > best["samples_s"]
+               and not comparisons[f["name"]]["significant"]]
+    if cheaper:
+        winner = max(cheaper, key=lambda f: f["samples_s"])
+        d = comparisons[winner["name"]]["difference"]
+        why = (f"{best['name']} scored higher on validation ({scores[best['name']]:.4f} vs "
+               f"{scores[winner['name']]:.4f}), but not at 95% on the same {len(gold):,} (seed, row) pairs "
+               f"(difference {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]); {winner['name']} trains faster "
+               f"({winner['samples_s']:.1f} vs {best['samples_s']:.1f} samples/s), so it wins")
+    else:
+        winner = best
+        others = ", ".join(f"{n}: {c['difference']['mean']:+.4f} [{c['difference']['low']:+.4f}, "
+                           f"{c['difference']['high']:+.4f}]" + (" (better at 95%)" if c["significant"] else
+                                                                 " (not at 95%, and not cheaper)")
+                           for n, c in comparisons.items())
+        why = (f"{best['name']} has the best mean {objective} over the seeds ({scores[best['name']]:.4f})"
+               + (f"; its lead on the same {len(gold):,} (seed, row) pairs over {others}" if others else ""))
+    return {"winner": winner["name"], "best": best["name"], "scores": scores, "comparisons": comparisons,
+            "rows": int(len(gold)), "why": why}
+
+
+# -- the command ---------------------------------------------------------------------------------------------------
+class Clock:
+    """--time from the command's start; what each phase may still spend."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.started = seconds, timebudget.clock()
+        self.deadline = self.started + seconds * (1 - MARGIN)
+
+    def used(self) -> float:
+        return timebudget.clock() - self.started
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - timebudget.clock())
+
+    def line(self) -> str:
+        return f"{timebudget.format_duration(self.left())} left of {timebudget.format_duration(self.seconds)}"
+
+
+class State:
+    """OUT/tune.json: every decision as it is made (written atomically), so a rerun repeats none of them."""
+
+    def __init__(self, out: Path, key: dict):
+        self.path = out / STATE
+        self.d = runs.read_json(self.path) if self.path.is_file() else {}
+        if self.d and self.d.get("key") != key:
+            raise ConfigError(f"{out} holds a tune of another config, budget or --time; give another --out, or the "
+                              "same flags to resume it")
+        self.d["key"] = key
+
+    def get(self, name: str, default=None):
+        return self.d.get(name, default)
+
+    def set(self, name: str, value) -> None:
+        self.d[name] = value
+        runs.write_json(self.path, self.d)
+
+
+def _metrics(run: Path) -> dict | None:
+    return runs.read_json(run / runs.METRICS) if runs.is_finished(run) else None
+
+
+def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_accuracy", runner=None) -> dict:
+    """Search cfg's budget within `seconds` into `out`; returns the tune's record (also OUT/tune.json) with the
+    winner's run folder under "winner_run"."""
+    from budgetlora.data.readers import load_data
+    from budgetlora.experiments.spec import VARIANT, Spec
+    from budgetlora.experiments.sweep import run_sweep, train_runner
+
+    runner = runner or train_runner
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if seconds < MIN_TIME_S:
+        raise ConfigError(f"--time {timebudget.format_duration(seconds)} is too short for one trial and the final run: "
+                          f"give at least {MIN_TIME_S:.0f}s")
+    clock = Clock(seconds)
+    space = ordered(candidate_space(cfg))  # an impossible budget is refused here, before anything loads
+    out = runs.check_output(out, "into")
+    with runs.writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    state = State(out, {"config": cfg.run_id, "time_s": seconds, "objective": objective})
+    run_root = out / "runs"
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+
+    # one validation set and one small test sample for every trial
+    rows, test_rows = state.get("rows"), state.get("test_rows")
+    if rows is None:
+        splits = load_data(cfg)
+        rows, test_rows = len(splits["train"]) + len(splits["val"]), len(splits["test"])
+        state.set("test_rows", test_rows)
+        state.set("rows", rows)
+    val_fraction = min(0.2, VAL_ROWS / rows)
+    test_limit = min(cfg.data.test_limit or TRIAL_TEST_ROWS, TRIAL_TEST_ROWS)
+    search_base = cfg.replace(**{"data.val_fraction": val_fraction, "data.test_limit": test_limit,
+                                 "train.eval_every": 0, "train.patience": 0})
+    per_epoch = math.ceil(round(rows * (1 - val_fraction)) / cfg.train.batch_size)
+    logger.info(f"tune: {len(space)} candidates within {cfg.budget.max_params:,} trainable parameters; {rows:,} "
+                f"training rows, {round(rows * val_fraction):,} held out for validation; {clock.line()}")
+
+    def at_steps(c: Config, steps: int) -> Config:
+        return c.replace(**{"train.max_steps": steps, "train.epochs": max(1, math.ceil(steps / per_epoch))})
+
+    # 2. probe
+    probe = state.get("probe")
+    if probe is None:
+        first = at_steps(space[0].cfg.replace(**{k: v for k, v in overrides(cfg, search_base).items()}),
+                         PROBE_STEPS)
+        logger.info(f"tune [probe]: {PROBE_STEPS} steps of {space[0].name} to measure this machine; {clock.line()}")
+        t0 = timebudget.clock()
+        m = _metrics(Path(runner(first, run_root)))
+        took = timebudget.clock() - t0
+        speed = measured_speed([m], [took], Speed(took / PROBE_STEPS, took / 2))
+        steady = _steady_step_s(run_root / first.run_id)
+        if steady:  # the first steps pay for warming up once; a trial's later steps run at the steady pace
+            speed = Speed(steady, max(0.5, took - steady * m["steps"]))
+        probe = {"candidate": space[0].name, "run_id": first.run_id, "seconds": round(took, 2),
+                 "step_s": speed.step_s, "trial_s": speed.trial_s,
+                 # seconds to score one row: what scoring the whole test split at the end will take
+                 "row_s": m.get("val_time_s", 0.0) / max(1, round(rows * val_fraction))}
+        state.set("probe", probe)
+    speed = Speed(probe["step_s"], probe["trial_s"])
+    budget_s = clock.left()
+    shares = {k: v * budget_s for k, v in SHARES.items()}
+
+    # 3. search
+    min_steps = min(MIN_STEPS, per_epoch)
+    # a trial never trains past three epochs of the search data, nor longer than the final run's share can train
+    # the winner again (with the whole test split scored at the end)
+    final_steps = (shares["final"] - speed.trial_s - probe["row_s"] * test_rows) / speed.step_s
+    max_steps = max(min_steps, min(3 * per_epoch, int(final_steps)))
+    plan = state.get("search")
+    if plan is None:
+        sizes, steps0 = size_search(len(space), shares["search"], speed, min_steps, max_steps)
+        if not sizes:
+            one = speed.trial_s + min_steps * speed.step_s
+            raise ConfigError(f"--time {timebudget.format_duration(seconds)} is too short on this machine: one trial "
+                              f"of {min_steps} steps takes about {one:.0f}s here; give at least "
+                              f"{timebudget.format_duration(one * FINALISTS / SHARES['search'] / (1 - MARGIN) + clock.used())}")
+        plan = {"sizes": sizes, "steps": [steps0], "candidates": [c.name for c in space[:sizes[0]]]}
+        state.set("search", plan)
+    by_name = {c.name: c for c in space}
+    variants = {c.name: overrides(cfg, c.cfg) for c in space}  # the adapter and its rate: what candidates differ in
+    search_end = timebudget.clock() + shares["search"]
+    rungs = state.get("rungs", [])
+    plan.setdefault("names", [plan["candidates"]])
+    results: dict[str, dict] = {}
+    for i, n in enumerate(plan["sizes"]):
+        phase = f"search rung {i + 1}/{len(plan['sizes'])}"
+        if len(plan["names"]) <= i:  # promoted now; kept, so a rerun runs the same rung
+            plan["names"].append([r["name"] for r in sorted(results.values(), key=lambda r: -r[objective])][:n])
+            # sized now, from how fast the rungs so far really ran
+            speed = measured_speed([r["metrics"] for r in results.values()],
+                                   [r["seconds"] for r in results.values()], speed)
+            plan["steps"].append(later_steps(plan["sizes"], i, max(0.0, search_end - timebudget.clock()), speed,
+                                             plan["steps"][-1], max_steps))
+            state.set("search", plan)
+        names, steps = plan["names"][i], plan["steps"][i]
+        spec = Spec(name=f"rung{i}", base=at_steps(search_base, steps), grid={VARIANT: list(names)}, search={},
+                    n_trials=None, objective=objective, fill=False, runs=run_root, folder=out,
+                    variants={k: variants[k] for k in names})
+        logger.info(f"tune [{phase}]: {len(names)} candidates at {steps} steps ({steps * cfg.train.batch_size:,} "
+                    f"rows); {clock.line()}")
+        later = sum(m * (speed.trial_s + steps * ETA ** (j + 1) * speed.step_s)
+                    for j, m in enumerate(plan["sizes"][i + 1:]))  # what the rungs after this one are planned to take
+        run_sweep(spec, storage=storage, runner=runner, time_budget=max(1.0, search_end - timebudget.clock() - later),
+                  on_trial=_progress(phase, len(names), clock, objective))
+        results = _rung_results(spec, storage, names, objective)
+        if not results:
+            raise ConfigError("no trial of the search finished; give more --time")
+        rungs = rungs[:i] + [{"rung": i, "steps": steps, "rows": steps * cfg.train.batch_size,
+                              "tried": list(names), "results": {k: {kk: v[kk] for kk in ("value", "seconds", "run_id")}
+                                                                for k, v in results.items()}}]
+        state.set("rungs", rungs)
+
+    # 4. finalists over seeds
+    ranked = sorted(results.values(), key=lambda r: -r[objective])
+    finalists = [r["name"] for r in ranked[:FINALISTS]]
+    top_steps = plan["steps"][len(plan["sizes"]) - 1]
+    seeds = state.get("seeds")
+    if seeds is None:
+        trial = speed.trial_s + top_steps * speed.step_s  # measured times may be reuses (0 s): estimate instead
+        extra = int(shares["finalists"] // (trial * len(finalists)))
+        seeds = max(1, min(MAX_SEEDS, 1 + extra))
+        state.set("seeds", seeds)
+    top_base = at_steps(search_base, top_steps)
+    if seeds > 1:
+        spec = Spec(name="finalists", base=top_base, grid={VARIANT: finalists}, search={}, n_trials=None,
+                    objective=objective, fill=False, runs=run_root, folder=out,
+                    variants={k: variants[k] for k in finalists}, seeds=seeds)
+        logger.info(f"tune [finalists]: {', '.join(finalists)} over {seeds} seeds at {top_steps} steps; {clock.line()}")
+        run_sweep(spec, storage=storage, runner=runner,
+                  time_budget=max(1.0, clock.left() - shares["final"]),
+                  on_trial=_progress("finalists", len(finalists), clock, objective))
+    members = []
+    for name in finalists:
+        cfg_f = top_base.replace(**variants[name])
+        seed_runs = [run_root / c.run_id for c in
+                     [cfg_f] + [cfg_f.replace(**{"train.seed": cfg_f.train.seed + s}) for s in range(1, seeds)]]
+        done = [r for r in seed_runs if runs.is_finished(r)]
+        ms = [runs.read_json(r / runs.METRICS) for r in done]
+        members.append({"name": name, "runs": done, "values": [m[objective] for m in ms],
+                        "samples_s": float(np.mean([m.get("train_samples_per_s", 0.0) for m in ms])),
+                        "trainable_params": by_name[name].trainable})
+    n_seeds = min(len(m["runs"]) for m in members)
+    for m in members:  # compare on the seeds every finalist has
+        m["runs"], m["values"] = m["runs"][:n_seeds], m["values"][:n_seeds]
+    choice = paired_choice(members, objective, cfg.model.num_labels) if len(members) > 1 else \
+        {"winner": members[0]["name"], "best": members[0]["name"], "scores": {members[0]["name"]:
+         float(np.mean(members[0]["values"]))}, "comparisons": {}, "rows": 0, "why": "the only finalist"}
+    state.set("choice", choice)
+    logger.info(f"tune [finalists]: {choice['why']}; {clock.line()}")
+
+    # 5. the winner on all the training data, for the time left
+    winner = by_name[choice["winner"]]
+    final = state.get("final")
+    if final is None:
+        won = [m for m in members if m["name"] == choice["winner"]][0]
+        wm = [runs.read_json(r / runs.METRICS) for r in won["runs"]]
+        wspeed = measured_speed(wm, [probe["trial_s"] + m["steps"] * speed.step_s for m in wm], speed)
+        train_s = clock.left() - speed.trial_s - probe["row_s"] * (test_rows + 3 * round(rows * val_fraction))
+        full_steps = max(math.ceil(cfg.train.epochs * per_epoch), top_steps)  # as long as the search's longest
+        steps = int(min(full_steps, max(0.0, train_s) / wspeed.step_s))
+        if cfg.train.max_steps:
+            steps = min(steps, cfg.train.max_steps)
+        final = {"steps": steps, "planned_steps": full_steps, "per_epoch": per_epoch,
+                 "train_s": round(max(0.0, train_s), 1)}
+        if steps >= min(top_steps, full_steps):
+            fcfg = cfg.replace(**{**variants[winner.name], "data.val_fraction": val_fraction,
+                                  "train.epochs": max(cfg.train.epochs, math.ceil(steps / per_epoch)),
+                                  "train.max_steps": steps, "train.max_time": round(max(train_s, 1.0), 1)})
+            final["run_id"] = fcfg.run_id
+            final["config"] = fcfg.to_dict()
+        state.set("final", final)
+    if "config" in final:
+        fcfg = Config.from_dict(final["config"])
+        logger.info(f"tune [final]: {winner.name} on all {rows:,} rows, up to {final['steps']:,} steps "
+                    f"({final['steps'] / max(1, final['planned_steps']):.0%} of {cfg.train.epochs:g} epoch(s)); "
+                    f"{clock.line()}")
+        winner_run = Path(runner(fcfg, run_root))
+        final["trained"] = True
+    else:  # the time left holds no more than the search already gave it: the finalist's own run is the winner's
+        winner_run = members[[m["name"] for m in members].index(winner.name)]["runs"][0]
+        final["trained"] = False
+        logger.info(f"tune [final]: the time left holds no longer run than the search's; {winner.name}'s run from the "
+                    "search is the winner's")
+    record = {**state.d, "winner": winner.name, "winner_run": str(winner_run), "space": len(space),
+              "finalists": [{k: (v if k != "runs" else [str(p) for p in v]) for k, v in m.items()} for m in members],
+              "final": final, "elapsed_s": round(clock.used(), 1)}
+    state.set("winner_run", str(winner_run))
+    record["elapsed_s"] = round(clock.used(), 1)
+    runs.write_text(out / REPORT, report(record, cfg, objective))
+    state.set("elapsed_s", round(clock.used(), 1))
+    logger.info(f"tune: winner {winner.name} -> {winner_run} ({clock.used():.0f}s of {seconds:.0f}s); "
+                f"report {out / REPORT}")
+    return {**record, "elapsed_s": round(clock.used(), 1)}
+
+
+def _progress(phase: str, total: int, clock: Clock, objective: str):
+    """A study callback: one line per finished trial with the phase, the trials done and the time left."""
+    def on_trial(study, trial) -> None:
+        done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+        value = f"{objective} {trial.value:.4f}" if trial.value is not None else trial.state.name.lower()
+        logger.info(f"tune [{phase}] trial {done}/{total}: {trial.params.get('variant', '')} {value}; {clock.line()}")
+
+    return on_trial
+
+
+def _rung_results(spec, storage: str, names: list[str], objective: str) -> dict[str, dict]:
+    """Each candidate's finished trial in a rung: its value, how long it took and its run's metrics."""
+    from budgetlora.experiments.summary import load
+
+    out = {}
+    for t in load(spec, storage).get_trials(deepcopy=False):
+        name = t.params.get("variant")
+        if t.state.name != "COMPLETE" or name not in names or "run_dir" not in t.user_attrs:
+            continue
+        m = _metrics(Path(t.user_attrs["run_dir"]))
+        if m is None:
+            continue
+        out[name] = {"name": name, objective: float(t.value), "value": float(t.value), "metrics": m,
+                     "seconds": float(t.user_attrs.get(timebudget.ELAPSED, m.get("wall_time_s", 0.0))),
+                     "run_id": t.user_attrs.get("run_id")}
+    return out
+
+
+# -- the report ----------------------------------------------------------------------------------------------------
+def report(r: dict, cfg: Config, objective: str) -> str:
+    fmt = timebudget.format_duration
+    probe, plan, final, choice = r["probe"], r["search"], r["final"], r["choice"]
+    lines = [f"# tune: {r['winner']}", "",
+             f"Budget {cfg.budget.max_params:,} trainable parameters, model {cfg.model.name}, time {fmt(r['key']['time_s'])}"
+             f" ({r['elapsed_s']:.0f}s used up to this report), objective {objective} on one validation set of "
+             f"{round(r['rows'] * min(0.2, VAL_ROWS / r['rows'])):,} rows held out of {r['rows']:,}.", "",
+             "## What the time bought", "",
+             f"- the probe: {probe['seconds']:.1f}s; a training step {probe['step_s']:.3f}s and a trial's fixed cost "
+             f"{probe['trial_s']:.1f}s on this machine",
+             f"- the search: {plan['sizes'][0]} of the {r['space']} candidates, successive halving over "
+             f"{len(plan['sizes'])} rung(s) " + " -> ".join(f"{n} at {s} steps" for n, s in
+                                                         zip(plan['sizes'], plan['steps'])),
+             f"- the finalists: {len(r['finalists'])} over {r['seeds']} seed(s)",
+             (f"- the final run: {final['steps']:,} steps of {cfg.train.batch_size} rows "
+              f"({final['steps'] / max(1, final['per_epoch']):.2f} epochs over the "
+              f"{r['rows'] - round(r['rows'] * min(0.2, VAL_ROWS / r['rows'])):,} training rows), "
+              f"{final['steps'] / max(1, final['planned_steps']):.0%} of the {final['planned_steps']:,} it would "
+              "have trained without a clock"
+              if final.get("trained") else "- no final run: the time left held no longer run than the search's"),
+             "", "## Rungs", "", "| rung | steps | candidate | " + objective + " | seconds | run |",
+             "|---|---|---|---|---|---|"]
+    for rung in r.get("rungs", []):
+        for name in rung["tried"]:
+            res = rung["results"].get(name)
+            lines.append(f"| {rung['rung'] + 1} | {rung['steps']} | {name} | "
+                         + (f"{res['value']:.4f} | {res['seconds']:.1f} | {res['run_id']} |" if res else
+                            "not run (no time left in the rung) | | |"))
+    lines += ["", "## Finalists", "", f"| finalist | trainable | seeds | {objective} (mean) | vs the best, paired "
+              "on validation | samples/s |", "|---|---|---|---|---|---|"]
+    for m in r["finalists"]:
+        c = choice["comparisons"].get(m["name"])
+        vs = "best" if c is None else (f"{-c['difference']['mean']:+.4f} [{-c['difference']['high']:+.4f}, "
+                                       f"{-c['difference']['low']:+.4f}]" + (" (worse at 95%)" if c["significant"]
+                                                                             else " (same at 95%)"))
+        lines.append(f"| {m['name']} | {m['trainable_params']:,} | {len(m['values'])} | "
+                     f"{np.mean(m['values']):.4f} | {vs} | {m['samples_s']:.1f} |")
+    lines += ["", "## Why the winner won", "", choice["why"] + ".", "",
+              f"Winner's run folder: `{r['winner_run']}` (use it with `budgetlora predict`, `serve`, `export`).", ""]
+    return "\n".join(lines)
