@@ -71,3 +71,26 @@ def test_loop_reads_the_loss_only_at_logging_points(small_csvs, tmp_path, monkey
     assert [s for s, _ in steps] == list(range(1, 21))
     rows = [r for _, batch in steps for r in batch]
     assert all(0 < len(batch) <= 16 for _, batch in steps) and len(set(rows)) == len(rows) >= 300
+
+
+def test_max_time_ends_training_on_time_validated_where_it_stops(small_csvs, tmp_path, monkeypatch):
+    """train.max_time: the step that reaches it is the last; validation runs there, and the run finishes as usual
+    (its answers on validation kept for choosing between runs)."""
+    from budgetlora import runs
+    from budgetlora.training import loop as loop_module
+
+    now = {"t": 1000.0}
+
+    def fake_time():  # every call a tenth of a second later: 6 s of training reached within the first steps
+        now["t"] += 0.1
+        return now["t"]
+
+    monkeypatch.setattr(loop_module.time, "time", fake_time)
+    cfg = tiny_config(small_csvs, **{"train.max_steps": 200, "train.eval_every": 100, "train.max_time": 6.0})
+    records = []
+    out = train(cfg, root=tmp_path, on_record=records.append)
+    m = runs.read_json(out / runs.METRICS)
+    assert 0 < m["steps"] < 200, m["steps"]
+    assert [r["step"] for r in records if "val_loss" in r] == [m["steps"]]  # validated once, where it stopped
+    table = np.loadtxt(out / runs.VAL_PREDICTIONS, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    assert table.shape == (40, 3) and set(table[:, 1]) <= {0, 1, 2, 3}

@@ -15,7 +15,8 @@ Read top to bottom, one phase after another, all inside `--time` (measured from 
    reused), and the winner is chosen by a paired comparison on the same validation rows, seed by seed: when the
    better-scoring finalist is not better at 95%, the cheaper one (more training samples a second) wins.
 5. **Final**: the winner trained on all the training data for the time left (`train.max_time` stops it on time),
-   in its own run folder, used like any run by predict, serve and export.
+   starting from the weights its longest search run ended with, in its own run folder, used like any run by
+   predict, serve and export.
 
 Everything it decides is kept in OUT/tune.json as it is decided, so a killed tune rerun with the same command takes
 the same fidelities, reuses every finished run (trials are run ids) and resumes the unfinished one from its
@@ -442,7 +443,9 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
         final = {"steps": steps, "planned_steps": full_steps, "per_epoch": per_epoch,
                  "train_s": round(max(0.0, train_s), 1)}
         if steps >= min(top_steps, full_steps):
+            # it starts from the weights its longest search run ended with: the steps the search paid for are kept
             fcfg = cfg.replace(**{**variants[winner.name], "data.val_fraction": val_fraction,
+                                  "train.init_from": str(Path(won["runs"][0]).resolve()),
                                   "train.epochs": max(cfg.train.epochs, math.ceil(steps / per_epoch)),
                                   "train.max_steps": steps, "train.max_time": round(max(train_s, 1.0), 1)})
             final["run_id"] = fcfg.run_id
@@ -519,7 +522,7 @@ def report(r: dict, cfg: Config, objective: str) -> str:
               f"({final['steps'] / max(1, final['per_epoch']):.2f} epochs over the "
               f"{r['rows'] - round(r['rows'] * min(0.2, VAL_ROWS / r['rows'])):,} training rows), "
               f"{final['steps'] / max(1, final['planned_steps']):.0%} of the {final['planned_steps']:,} it would "
-              "have trained without a clock"
+              "have trained without a clock, starting from the weights of its longest search run"
               if final.get("trained") else "- no final run: the time left held no longer run than the search's"),
              "", "## Rungs", "", "| rung | steps | candidate | " + objective + " | seconds | run |",
              "|---|---|---|---|---|---|"]
