@@ -13,7 +13,7 @@ from budgetlora.cli import main
 from budgetlora.config import Config
 from budgetlora.errors import RunFolderError
 
-MODULES_THAT_LOAD = ("budgetlora.inference.load", "budgetlora.inference.predict", "budgetlora.inference.export",
+MODULES_THAT_LOAD = ("budgetlora.inference.load", "budgetlora.inference.export",
                      "budgetlora.shift.selftrain", "budgetlora.shift.submit")
 MODULES_THAT_TRAIN = ("budgetlora.training.train", "budgetlora.shift.selftrain", "budgetlora.shift.submit")
 

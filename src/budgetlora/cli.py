@@ -18,6 +18,18 @@ def cmd_plan(args) -> int:
     from budgetlora.adapters.budget import fill, format_plan, plan
 
     cfg = config_mod.from_flags(args)
+    if args.members:  # an ensemble: what its runs train, summed, against this config's budget
+        from budgetlora.inference.ensemble import members_total
+
+        total, _, counted = members_total(args.members)
+        budget = cfg.budget.max_params
+        lines = [f"{run}: {n:,} trainable parameters" for run, n in counted]
+        verdict = "fits" if total <= budget else "over the budget"
+        print(json.dumps({"members": {str(r): n for r, n in counted}, "total": total, "budget": budget,
+                          "fits": total <= budget}, indent=2) if args.json else
+              "\n".join(lines + [f"ensemble of {len(counted)}: {total:,} trainable parameters, budget {budget:,}: "
+                                  f"{verdict}"]))
+        return 0 if total <= budget else 3
     p = fill(cfg)[1] if args.fill else plan(cfg)
     print(json.dumps(p.as_dict(), indent=2) if args.json else format_plan(p))
     return 0 if p.fits else 3
@@ -35,8 +47,9 @@ def cmd_evaluate(args) -> int:
     from budgetlora.inference.predict import evaluate_run
     from budgetlora.tasks import task_of
 
-    m = evaluate_run(args.run, args.input, base=args.base, long_texts=args.long_texts)
-    print(json.dumps({k: m[k] for k in task_of(runs.load_config(args.run)).evaluate_keys}, indent=2))
+    run = args.run if len(args.run) > 1 else args.run[0]  # several: their ensemble
+    m = evaluate_run(run, args.input, base=args.base, long_texts=args.long_texts)
+    print(json.dumps({k: m[k] for k in task_of(runs.load_config(args.run[0])).evaluate_keys}, indent=2))
     return 0
 
 
@@ -44,7 +57,8 @@ def cmd_predict(args) -> int:
     from budgetlora.inference.predict import predict
     from budgetlora.shift.predict import post_processor
 
-    done = predict(args.run, args.input, args.output, base=args.base, max_length=args.max_length, proba=args.proba,
+    run = args.run if len(args.run) > 1 else args.run[0]  # several: their ensemble
+    done = predict(run, args.input, args.output, base=args.base, max_length=args.max_length, proba=args.proba,
                    top_k=args.top_k, post=post_processor(args.prior_correction, args.target_prior),
                    long_texts=args.long_texts)
     print("\n".join(done.summary()))
@@ -197,6 +211,9 @@ def _plan_command(sub) -> argparse.ArgumentParser:
                    help="solve for the method's largest setting within the budget (lora.r, adalora.init_r, vera.r, "
                         "loha.r, lokr.r); --max-rank is the same flag")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--members", nargs="+", metavar="RUN", default=None,
+                   help="plan an ensemble of these run folders instead: their trainable parameters summed, against "
+                        "--budget.max_params (exit 3 when over)")
     p.set_defaults(func=cmd_plan)
     return p
 
@@ -215,7 +232,8 @@ def _train_command(sub) -> argparse.ArgumentParser:
 
 def _evaluate_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a saved run on its test split or another labelled file")
-    p.add_argument("run")
+    p.add_argument("run", nargs="+", help="a run folder, or several: their ensemble (calibrated probabilities "
+                                          "averaged; the members' trainable parameters summed within the budget)")
     add_base_flag(p)
     add_flag(p, "--input", "--data", default="", help="labelled file (default: the run's test split)")
     add_long_texts_flag(p)
@@ -225,7 +243,8 @@ def _evaluate_command(sub) -> argparse.ArgumentParser:
 
 def _predict_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="write ID,Label predictions for a file, after re-checking the saved adapter")
-    p.add_argument("run")
+    p.add_argument("run", nargs="+", help="a run folder, or several: their ensemble (calibrated probabilities "
+                                          "averaged; the members' trainable parameters summed within the budget)")
     add_base_flag(p)
     add_flag(p, "--input", required=True, help="texts to label (.csv/.csv.gz/.parquet/.pkl with a text column)")
     add_flag(p, "--output", required=True, help="CSV to write (ID,Label; a multi-label run: ID,Labels)")

@@ -267,3 +267,21 @@ def test_a_real_tiny_tune_within_its_time(tmp_path, small_csvs):
     model = budgetlora.load(r["winner_run"])
     labels = model.predict(["Stocks fell as oil prices rose", "The striker scored twice in the final"])
     assert len(labels) == 2
+
+
+def test_a_rung_cut_short_has_run_its_first_candidates(tmp_path, small_csvs, fake_clock):
+    """Candidates run in the rung's order (the space's, then best first): when a rung's time runs out, the ones
+    left out are the last ones, not a random draw."""
+    class Uneven(FakeTrainer):  # VeRA trains ten times slower than the probe's LoRA said
+        def __call__(self, cfg, root, on_record=None):
+            if cfg.method == "vera" and not runs.is_finished(Path(root) / cfg.run_id):
+                self.clock.now += 10 * cfg.train.max_steps * self.STEP_S
+            return super().__call__(cfg, root, on_record)
+
+    trainer = Uneven(fake_clock)
+    tune(tiny_config(small_csvs, **{"train.max_steps": 0}), 600, tmp_path / "t", runner=trainer)
+    state = json.loads((tmp_path / "t" / "tune.json").read_text())
+    first = state["rungs"][0]
+    ran = [name in first["results"] for name in first["tried"]]
+    assert ran == sorted(ran, reverse=True), ran  # every candidate that ran comes before every one that did not
+    assert len(state["rungs"][-1]["results"]) >= 2 or len(state["rungs"][-1]["tried"]) < 2  # finalists: two

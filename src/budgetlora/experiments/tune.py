@@ -351,9 +351,10 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
         sizes, steps0 = size_search(len(space), shares["search"], speed, min_steps, max_steps)
         if not sizes:
             one = speed.trial_s + min_steps * speed.step_s
+            least = one * FINALISTS / SHARES["search"] / (1 - MARGIN) + clock.used()
             raise ConfigError(f"--time {timebudget.format_duration(seconds)} is too short on this machine: one trial "
                               f"of {min_steps} steps takes about {one:.0f}s here; give at least "
-                              f"{timebudget.format_duration(one * FINALISTS / SHARES['search'] / (1 - MARGIN) + clock.used())}")
+                              f"{timebudget.format_duration(least)}")
         plan = {"sizes": sizes, "steps": [steps0], "candidates": [c.name for c in space[:sizes[0]]]}
         state.set("search", plan)
     by_name = {c.name: c for c in space}
@@ -380,6 +381,9 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
                     f"rows); {clock.line()}")
         later = sum(m * (speed.trial_s + steps * ETA ** (j + 1) * speed.step_s)
                     for j, m in enumerate(plan["sizes"][i + 1:]))  # what the rungs after this one are planned to take
+        _in_order(spec, storage, names)
+        if i == len(plan["sizes"]) - 1:  # the last rung may borrow the finalists' share: a search that ran slow
+            later = -shares["finalists"]  # (slower methods than the probe's) still ends with its finalists
         run_sweep(spec, storage=storage, runner=runner, time_budget=max(1.0, search_end - timebudget.clock() - later),
                   on_trial=_progress(phase, len(names), clock, objective))
         results = _rung_results(spec, storage, names, objective)
@@ -397,8 +401,9 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
     seeds = state.get("seeds")
     if seeds is None:
         trial = speed.trial_s + top_steps * speed.step_s  # measured times may be reuses (0 s): estimate instead
-        extra = int(shares["finalists"] // (trial * len(finalists)))
-        seeds = max(1, min(MAX_SEEDS, 1 + extra))
+        # what is left before the final run's share; one finalist has nothing to be compared with
+        extra = int(max(0.0, clock.left() - shares["final"]) // (trial * len(finalists)))
+        seeds = max(1, min(MAX_SEEDS, 1 + extra)) if len(finalists) > 1 else 1
         state.set("seeds", seeds)
     top_base = at_steps(search_base, top_steps)
     if seeds > 1:
@@ -475,6 +480,20 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
     return {**record, "elapsed_s": round(clock.used(), 1)}
 
 
+def _in_order(spec, storage: str, names: list[str]) -> None:
+    """Queue the rung's candidates in their order (the space's, or best first), so that a rung cut short by its
+    time has run its most promising ones; the grid sampler alone would draw them at random."""
+    from budgetlora.experiments.spec import VARIANT
+    from budgetlora.experiments.sweep import open_study
+
+    study = open_study(spec, storage)
+    seen = {t.params.get(VARIANT, t.system_attrs.get("fixed_params", {}).get(VARIANT))
+            for t in study.get_trials(deepcopy=False)}
+    for name in names:
+        if name not in seen:
+            study.enqueue_trial({VARIANT: name})
+
+
 def _progress(phase: str, total: int, clock: Clock, objective: str):
     """A study callback: one line per finished trial with the phase, the trials done and the time left."""
     def on_trial(study, trial) -> None:
@@ -508,7 +527,8 @@ def report(r: dict, cfg: Config, objective: str) -> str:
     fmt = timebudget.format_duration
     probe, plan, final, choice = r["probe"], r["search"], r["final"], r["choice"]
     lines = [f"# tune: {r['winner']}", "",
-             f"Budget {cfg.budget.max_params:,} trainable parameters, model {cfg.model.name}, time {fmt(r['key']['time_s'])}"
+             f"Budget {cfg.budget.max_params:,} trainable parameters, model {cfg.model.name}, "
+             f"time {fmt(r['key']['time_s'])}"
              f" ({r['elapsed_s']:.0f}s used up to this report), objective {objective} on one validation set of "
              f"{round(r['rows'] * min(0.2, VAL_ROWS / r['rows'])):,} rows held out of {r['rows']:,}.", "",
              "## What the time bought", "",

@@ -68,13 +68,18 @@ class Classifier:
         return f"Classifier({str(self.path)!r}, model={self.run.cfg.model.name!r}, classes={self.class_names})"
 
 
-def load(run_dir: str | Path, verify: bool = True, base: str | None = None, long_texts: str = "truncate") -> Classifier:
+def load(run_dir: str | Path | list, verify: bool = True, base: str | None = None,
+         long_texts: str = "truncate") -> Classifier:
     """Load a run folder; with `verify`, first prove the reloaded adapter reproduces the trained model.
+    A list of run folders loads their ensemble (`inference.ensemble`: calibrated probabilities averaged, the
+    members' trainable parameters summed within the budget).
     base: where the run's base model lives now, when it was trained on a local folder that has moved.
     long_texts: "truncate" reads a text's first max_length tokens; "chunk" reads all of it, in windows whose
     logits are pooled (see `LoadedRun.long_texts`)."""
+    from budgetlora.inference.ensemble import load_any
+
     long_texts = check_long_texts(long_texts)
-    loaded = load_run(run_dir, verify=verify, base=base)  # verified as trained: on each text's start
+    loaded = load_any(run_dir, verify=verify, base=base)  # verified as trained: on each text's start
     loaded.long_texts = long_texts
     return Classifier(loaded)
 

@@ -16,16 +16,17 @@ from budgetlora import runs
 from budgetlora.config import Config
 from budgetlora.data.readers import load_split
 from budgetlora.errors import ConfigError
-from budgetlora.inference.load import LoadedRun, check_long_texts, load_run
+from budgetlora.inference.ensemble import check_members, load_any
+from budgetlora.inference.load import LoadedRun, check_long_texts
 from budgetlora.inference.mix import Adjusted, priors_path
 from budgetlora.tasks import TASKS, Task, softmax, task_of
 
 
-def evaluate_run(run: str | Path, source: str = "", base: str | None = None, long_texts: str = "truncate") -> dict:
+def evaluate_run(run: str | Path | list, source: str = "", base: str | None = None, long_texts: str = "truncate") -> dict:
     """Metrics of a saved run on a labelled file (default: the config's test split), at the decision settings the
     run was reported with; `Task.evaluate_keys` names the ones `budgetlora evaluate` prints. long_texts: see
     `LoadedRun.long_texts`."""
-    loaded = load_run(run, base=base)
+    loaded = load_any(run, base=base)  # several runs: their ensemble (inference.ensemble)
     loaded.long_texts = check_long_texts(long_texts)
     cfg, task, n = loaded.cfg, loaded.task, loaded.cfg.model.num_labels
     data = load_split(source or cfg.data.test, "test", cfg.data, n, multi=task.sets)
@@ -169,7 +170,7 @@ class PostProcessor(Protocol):
     def __call__(self, loaded: LoadedRun, texts: list[str], source: str) -> Adjusted: ...
 
 
-def predict(run: str | Path, source: str, output: str | Path, base: str | None = None, max_length: int = 0,
+def predict(run: str | Path | list, source: str, output: str | Path, base: str | None = None, max_length: int = 0,
             proba: bool = False, top_k: int | None = None, post: PostProcessor | None = None,
             long_texts: str = "truncate") -> Prediction:
     """`budgetlora predict`: the run's answers for every row of `source`, in row order, written to `output` once
@@ -182,16 +183,21 @@ def predict(run: str | Path, source: str, output: str | Path, base: str | None =
     if long_texts == "chunk" and post is not None and not post.windows:
         raise ConfigError("--long-texts chunk does not combine with --prior-correction (its shift analysis reads "
                           "each text's start); use --target-prior, or read longer texts with --max-length")
-    cfg = _run_config(run)
+    several = isinstance(run, (list, tuple)) and len(run) > 1
+    if several:
+        check_members(run)
+    cfg = _run_config(run[0] if isinstance(run, (list, tuple)) else run)
     task = task_of(cfg)
     cols = columns(cfg, proba, top_k)
     if post is not None:
+        if several:  # its estimates read one run's validation confusion matrix and training priors
+            raise ConfigError("--prior-correction and --target-prior take one run, not an ensemble")
         if task.sets:
             raise ConfigError("--prior-correction and --target-prior apply to single-label runs only")
         post.check(cfg)
         runs.check_output(priors_path(output))
     runs.check_output(output)
-    loaded = load_run(run, base=base)  # verify_reload runs here, before anything is written
+    loaded = load_any(run, base=base)  # verify_reload runs here (for every member), before anything is written
     loaded.max_length, loaded.long_texts = max_length, long_texts
     texts = read_unlabelled(source, loaded.cfg)
     if post is not None:
