@@ -55,6 +55,17 @@ def _choice_rules(section, key: str) -> list[tuple[bool, str]]:
     return rules
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested mapping as {dotted.key: leaf}, the inverse of set_dotted."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def set_dotted(d: dict, key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     node = d

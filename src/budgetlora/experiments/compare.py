@@ -20,21 +20,27 @@ COST_FIELDS = ("train_samples_per_s", "train_tokens_per_s", "peak_rss_mb", "peak
                "wall_time_s")
 
 
+def read_answers(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source rows, gold, predicted) from a run's per-row answers (test_predictions.csv, val_predictions.csv),
+    sorted by row. Missing or malformed: one RunFolderError naming the file."""
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+        if table.shape[1] != 3 or not len(table):
+            raise ValueError
+    except (ValueError, OSError):
+        raise RunFolderError(f"{path} is missing or corrupt: expected rows of row,label,predicted integers") from None
+    table = table[np.argsort(table[:, 0], kind="stable")]
+    return table[:, 0], table[:, 1], table[:, 2]
+
+
 def read_predictions(run: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """(source rows, correct) from a run's test_predictions.csv, sorted by row; None when the run has none (runs
     made before it was written). A malformed file is one RunFolderError naming it."""
     path = Path(run) / runs.PREDICTIONS
     if not path.is_file():
         return None
-    try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
-        if table.shape[1] != 3 or not len(table):
-            raise ValueError
-    except (ValueError, OSError):
-        raise RunFolderError(f"{path} is corrupt: expected rows of row,label,predicted integers") from None
-    order = np.argsort(table[:, 0], kind="stable")
-    table = table[order]
-    return table[:, 0], table[:, 1] == table[:, 2]
+    rows, gold, predicted = read_answers(path)
+    return rows, gold == predicted
 
 
 @dataclass

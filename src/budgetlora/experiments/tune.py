@@ -73,16 +73,9 @@ def ordered(space: list[Candidate]) -> list[Candidate]:
 
 def overrides(base: Config, cfg: Config) -> dict:
     """The dotted fields in which `cfg` differs from `base`: a candidate as a sweep variant."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
+    from budgetlora.config.flags import flatten
 
-    a, b = flat(base.to_dict()), flat(cfg.to_dict())
+    a, b = flatten(base.to_dict()), flatten(cfg.to_dict())
     return {k: v for k, v in b.items() if a.get(k) != v and k != "name"}
 
 
@@ -153,17 +146,9 @@ def _steady_step_s(run: Path) -> float | None:
 # -- choosing between finalists ----------------------------------------------------------------------------------
 def read_val_answers(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, gold, predicted) of a run's validation answers, sorted by row."""
-    path = Path(run) / runs.VAL_PREDICTIONS
-    try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
-        if table.shape[1] != 3 or not len(table):
-            raise ValueError
-    except (ValueError, OSError):
-        from budgetlora.errors import RunFolderError
+    from budgetlora.experiments.compare import read_answers
 
-        raise RunFolderError(f"{path} is missing or corrupt: expected rows of row,label,predicted integers") from None
-    table = table[np.argsort(table[:, 0], kind="stable")]
-    return table[:, 0], table[:, 1], table[:, 2]
+    return read_answers(Path(run) / runs.VAL_PREDICTIONS)
 
 
 def macro_f1(gold: np.ndarray, pred: np.ndarray, n: int) -> float:
@@ -400,9 +385,11 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
     top_steps = plan["steps"][len(plan["sizes"]) - 1]
     seeds = state.get("seeds")
     if seeds is None:
-        trial = speed.trial_s + top_steps * speed.step_s  # measured times may be reuses (0 s): estimate instead
+        # a trial as the top rung really took it (sweep overhead included), never less than the estimate (a
+        # reused run measures 0 s)
+        trial = max([speed.trial_s + top_steps * speed.step_s] + [r["seconds"] for r in ranked[:FINALISTS]])
         # what is left before the final run's share; one finalist has nothing to be compared with
-        extra = int(max(0.0, clock.left() - shares["final"]) // (trial * len(finalists)))
+        extra = int(max(0.0, clock.left() - shares["final"] - trial) // (trial * len(finalists)))
         seeds = max(1, min(MAX_SEEDS, 1 + extra)) if len(finalists) > 1 else 1
         state.set("seeds", seeds)
     top_base = at_steps(search_base, top_steps)

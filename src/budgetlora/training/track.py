@@ -26,6 +26,7 @@ import yaml
 
 from budgetlora import runs
 from budgetlora.config import Config, ConfigError
+from budgetlora.config.flags import flatten
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class MlflowTracker:
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
         self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags or {}).info.run_id
-        params = [Param(k, str(v)[:500]) for k, v in _flatten(params).items()]
+        params = [Param(k, str(v)[:500]) for k, v in flatten(params).items()]
         self.client.log_batch(self.run_id, params=params)  # one transaction, not one per field
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -90,14 +91,6 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class NoTracker:
