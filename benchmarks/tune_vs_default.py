@@ -44,7 +44,7 @@ def answers(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def compare(a: Path, b: Path, macro: bool) -> str:
     from budgetlora.experiments.stats import LEVEL, _percentiles, paired
-    from budgetlora.experiments.tune import macro_f1
+    from budgetlora.experiments.choice import macro_f1
 
     ra, gold, pa = answers(a)
     rb, gold_b, pb = answers(b)

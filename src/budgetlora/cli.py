@@ -7,7 +7,7 @@ import os
 import sys
 
 from budgetlora import config as config_mod
-from budgetlora.config.flags import add_section_flags
+from budgetlora.config.flags import add_flag, add_section_flags
 from budgetlora.config.use import LONG_TEXTS, PRIOR_CORRECTION, SelfTrainConfig, ServeConfig, SubmitConfig
 from budgetlora.errors import BudgetloraError
 
@@ -19,17 +19,11 @@ def cmd_plan(args) -> int:
 
     cfg = config_mod.from_flags(args)
     if args.members:  # an ensemble: what its runs train, summed, against this config's budget
-        from budgetlora.inference.ensemble import members_total
+        from budgetlora.inference.ensemble import format_members
 
-        total, _, counted = members_total(args.members)
-        budget = cfg.budget.max_params
-        lines = [f"{run}: {n:,} trainable parameters" for run, n in counted]
-        verdict = "fits" if total <= budget else "over the budget"
-        print(json.dumps({"members": {str(r): n for r, n in counted}, "total": total, "budget": budget,
-                          "fits": total <= budget}, indent=2) if args.json else
-              "\n".join(lines + [f"ensemble of {len(counted)}: {total:,} trainable parameters, budget {budget:,}: "
-                                  f"{verdict}"]))
-        return 0 if total <= budget else 3
+        text, fits = format_members(args.members, cfg.budget.max_params, args.json)
+        print(text)
+        return 0 if fits else 3
     p = fill(cfg)[1] if args.fill else plan(cfg)
     print(json.dumps(p.as_dict(), indent=2) if args.json else format_plan(p))
     return 0 if p.fits else 3
@@ -160,29 +154,6 @@ def cmd_submit(args) -> int:
     print("\n".join(rep["summary"]))
     print(f"report: {args.output}.summary.txt / .summary.json")
     return 0
-
-
-# one name per concept in every command: --runs (a folder of run folders), --input (a file of texts or rows),
-# --output (what the command writes). Earlier spellings still work, hidden from --help, with a one-line notice.
-class _Renamed(argparse.Action):
-    def __init__(self, option_strings, dest, new: str, **kwargs):
-        self.new = new
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"budgetlora: note: {option_string} is now {self.new}; the old spelling still works", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
-def add_flag(p: argparse.ArgumentParser, flag: str, *old: str, required: bool = False, **kwargs) -> None:
-    """`flag`, and its earlier spellings `old` accepted as hidden aliases. A required flag is checked in `main`
-    (argparse would refuse a command that gave only an old spelling)."""
-    dest = flag.lstrip("-").replace("-", "_")
-    p.add_argument(flag, dest=dest, **kwargs)
-    for name in old:
-        p.add_argument(name, dest=dest, action=_Renamed, new=flag, help=argparse.SUPPRESS)
-    if required:
-        p.set_defaults(_required=(p.get_default("_required") or ()) + (flag,))
 
 
 def add_long_texts_flag(p: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ error."""
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import functools
 import math
@@ -199,3 +200,26 @@ def add_section_flags(parser: argparse.ArgumentParser, cls, section: str) -> Non
             extra = {"metavar": _metavar(f, t)}
         group.add_argument(f"--{meta.get('flag', f.name.replace('_', '-'))}", dest=f"cfg:{section}.{f.name}",
                            default=None, help=f"{meta['help']} (default: {f.default})", **extra)
+
+
+# one name per concept in every command: --runs (a folder of run folders), --input (a file of texts or rows),
+# --output (what the command writes). Earlier spellings still work, hidden from --help, with a one-line notice.
+class _Renamed(argparse.Action):
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"budgetlora: note: {option_string} is now {self.new}; the old spelling still works", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_flag(p: argparse.ArgumentParser, flag: str, *old: str, required: bool = False, **kwargs) -> None:
+    """`flag`, and its earlier spellings `old` accepted as hidden aliases. A required flag is checked in `main`
+    (argparse would refuse a command that gave only an old spelling)."""
+    dest = flag.lstrip("-").replace("-", "_")
+    p.add_argument(flag, dest=dest, **kwargs)
+    for name in old:
+        p.add_argument(name, dest=dest, action=_Renamed, new=flag, help=argparse.SUPPRESS)
+    if required:
+        p.set_defaults(_required=(p.get_default("_required") or ()) + (flag,))

@@ -36,19 +36,20 @@ import numpy as np
 from budgetlora import runs
 from budgetlora.config import Config, ConfigError
 from budgetlora.experiments import timebudget
+from budgetlora.experiments.choice import paired_choice
+from budgetlora.experiments.sizing import (ETA, FINALISTS, VAL_ROWS, Speed, first_steps, later_steps,  # noqa: F401
+                                           measured_speed, rung_sizes, size_search, steady_step_s)
 from budgetlora.experiments.space import Candidate, candidate_space
+from budgetlora.experiments.tune_report import report
 
 logger = logging.getLogger(__name__)
 
-ETA = 3  # successive halving: a third goes on, with three times the steps
-FINALISTS = 2
 MAX_SEEDS = 3  # finalists' seeds at most (the first is the rung's own run)
 SHARES = {"search": 0.55, "finalists": 0.17, "final": 0.28}  # of the time after the probe and the margin
 MARGIN = 0.05  # of --time, kept back for what estimates miss
 MIN_TIME_S = 30.0  # below this not even the probe and one trial fit anywhere
 PROBE_STEPS = 12
 MIN_STEPS = 30  # a rung-0 trial trains at least this many steps (or one epoch of a small set) to be worth ranking
-VAL_ROWS = 1000  # one validation set for every trial: this many rows (at most a fifth of the training rows)
 TRIAL_TEST_ROWS = 100  # trials are chosen on validation; their test score is never read, so it is kept small
 STATE = "tune.json"
 REPORT = "report.md"
@@ -77,149 +78,6 @@ def overrides(base: Config, cfg: Config) -> dict:
 
     a, b = flatten(base.to_dict()), flatten(cfg.to_dict())
     return {k: v for k, v in b.items() if a.get(k) != v and k != "name"}
-
-
-# -- sizing ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Speed:
-    step_s: float  # seconds per training step
-    trial_s: float  # the fixed cost of a trial: everything but its training steps
-
-
-def rung_sizes(n0: int) -> list[int]:
-    """Candidates per rung: n0, then a third of it (rounded up), ..., down to the finalists."""
-    sizes = [n0]
-    while sizes[-1] > FINALISTS:
-        sizes.append(max(FINALISTS, math.ceil(sizes[-1] / ETA)))
-    return sizes
-
-
-def first_steps(sizes: list[int], seconds: float, speed: Speed) -> int:
-    """Rung 0's steps so that every rung (each ETA times the steps of the one before) fits in `seconds`."""
-    weight = sum(n * ETA ** i for i, n in enumerate(sizes))
-    return int((seconds - sum(sizes) * speed.trial_s) / (speed.step_s * weight))
-
-
-def size_search(n_space: int, seconds: float, speed: Speed, min_steps: int, max_steps: int) -> tuple[list[int], int]:
-    """The most candidates the search time holds with rung 0 at >= min_steps each: (candidates per rung, rung 0's
-    steps), the top rung capped at max_steps. ([], 0) when not even the finalists fit."""
-    for n0 in range(n_space, 0, -1):
-        sizes = rung_sizes(n0)
-        steps = first_steps(sizes, seconds, speed)
-        if steps >= min_steps:
-            return sizes, max(min_steps, min(steps, max_steps // ETA ** (len(sizes) - 1)))
-    return [], 0
-
-
-def later_steps(sizes: list[int], done: int, seconds: float, speed: Speed, floor: int, max_steps: int) -> int:
-    """The steps of rung `done` (> 0), sized again for the time left and the speed measured so far; never fewer than
-    the rung before (`floor` x ETA would be the plan) and never more than max_steps."""
-    rest = sizes[done:]
-    steps = first_steps(rest, seconds, speed)
-    return max(floor, min(steps, max_steps))
-
-
-def measured_speed(metrics: list[dict], seconds: list[float], fallback: Speed) -> Speed:
-    """Speed from finished trials: each trial's wall seconds split into its training steps and the rest."""
-    step_s = [(m["train_time_s"] - m.get("val_time_s", 0.0)) / m["steps"] for m in metrics if m.get("steps")]
-    if not step_s:
-        return fallback
-    step = float(np.median(step_s))
-    fixed = [s - step * m["steps"] for m, s in zip(metrics, seconds) if m.get("steps")]
-    return Speed(step, max(float(np.median(fixed)), 0.5) if fixed else fallback.trial_s)
-
-
-def _steady_step_s(run: Path) -> float | None:
-    """Seconds per step between the run's second logging point and its last (history.csv's train_s), or None."""
-    import csv
-
-    try:
-        with open(run / runs.HISTORY) as f:
-            points = [(int(r["step"]), float(r["train_s"])) for r in csv.DictReader(f) if r.get("train_loss")]
-    except (OSError, ValueError, KeyError):
-        return None
-    if len(points) < 3 or points[-1][0] <= points[1][0]:
-        return None
-    return (points[-1][1] - points[1][1]) / (points[-1][0] - points[1][0])
-
-
-# -- choosing between finalists ----------------------------------------------------------------------------------
-def read_val_answers(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, gold, predicted) of a run's validation answers, sorted by row."""
-    from budgetlora.experiments.compare import read_answers
-
-    return read_answers(Path(run) / runs.VAL_PREDICTIONS)
-
-
-def macro_f1(gold: np.ndarray, pred: np.ndarray, n: int) -> float:
-    f1 = []
-    for c in range(n):
-        tp = np.sum((pred == c) & (gold == c))
-        denom = np.sum(pred == c) + np.sum(gold == c)
-        f1.append(2 * tp / denom if denom else 0.0)
-    return float(np.mean(f1))
-
-
-def paired_choice(finalists: list[dict], objective: str, num_labels: int) -> dict:
-    """Pick among finalists (each {"name", "runs": [run folders, one per seed, same seeds for all], "samples_s"}):
-    the best by mean objective over seeds, unless a cheaper one is not worse at 95% on the same validation rows
-    (paired bootstrap over (seed, row) pairs; McNemar beside it for accuracy), in which case the cheapest such wins.
-    Returns {"winner", "best", "comparisons": {name: paired result vs the best}, "why"}."""
-    from budgetlora.experiments.stats import LEVEL, RESAMPLES, Interval, _percentiles, paired
-
-    answers = {}
-    for f in finalists:
-        per_seed = [read_val_answers(r) for r in f["runs"]]
-        answers[f["name"]] = per_seed
-    first = answers[finalists[0]["name"]]
-    for f in finalists[1:]:  # the same seeds hold out the same rows: anything else is not a paired comparison
-        if any(not np.array_equal(a[0], b[0]) for a, b in zip(first, answers[f["name"]])):
-            raise ConfigError(f"finalist {f['name']} was validated on other rows than {finalists[0]['name']}")
-    gold = np.concatenate([a[1] for a in first])
-    preds = {name: np.concatenate([a[2] for a in per_seed]) for name, per_seed in answers.items()}
-
-    def score(p: np.ndarray, idx=slice(None)) -> float:
-        if objective == "val_macro_f1":
-            return macro_f1(gold[idx], p[idx], num_labels)
-        return float(np.mean(gold[idx] == p[idx]))
-
-    scores = {f["name"]: float(np.mean([m for m in f["values"]])) for f in finalists}
-    best = max(finalists, key=lambda f: (scores[f["name"]], f["name"]))
-    comparisons = {}
-    for f in finalists:
-        if f is best:
-            continue
-        if objective == "val_macro_f1":  # a paired bootstrap of the score itself over the same resampled rows
-            rng = np.random.default_rng(0)
-            diffs = []
-            for _ in range(RESAMPLES // 4):
-                idx = rng.integers(0, len(gold), len(gold))
-                diffs.append(score(preds[best["name"]], idx) - score(preds[f["name"]], idx))
-            d = score(preds[best["name"]]) - score(preds[f["name"]])
-            iv = Interval(d, *_percentiles(np.asarray(diffs), LEVEL))
-            comparisons[f["name"]] = {"difference": iv.as_dict(), "significant": iv.low > 0 or iv.high < 0}
-        else:
-            p = paired(preds[best["name"]] == gold, preds[f["name"]] == gold)
-            comparisons[f["name"]] = p.as_dict()
-    cheaper = [f for f in finalists if f is not best and f["samples_s"] > best["samples_s"]
-               and not comparisons[f["name"]]["significant"]]
-    if cheaper:
-        winner = max(cheaper, key=lambda f: f["samples_s"])
-        d = comparisons[winner["name"]]["difference"]
-        why = (f"{best['name']} scored higher on validation ({scores[best['name']]:.4f} vs "
-               f"{scores[winner['name']]:.4f}), but not at 95% on the same {len(gold):,} (seed, row) pairs "
-               f"(difference {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]); {winner['name']} trains faster "
-               f"({winner['samples_s']:.1f} vs {best['samples_s']:.1f} samples/s), so it wins")
-    else:
-        winner = best
-        others = ", ".join(f"{n}: {c['difference']['mean']:+.4f} [{c['difference']['low']:+.4f}, "
-                           f"{c['difference']['high']:+.4f}]" + (" (better at 95%)" if c["significant"] else
-                                                                 " (not at 95%, and not cheaper)")
-                           for n, c in comparisons.items())
-        why = (f"{best['name']} has the best mean {objective} over the seeds ({scores[best['name']]:.4f})"
-               + (f"; its lead on the same {len(gold):,} (seed, row) pairs over {others}" if others else ""))
-    return {"winner": winner["name"], "best": best["name"], "scores": scores, "comparisons": comparisons,
-            "rows": int(len(gold)), "why": why}
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
@@ -313,7 +171,7 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
         m = _metrics(Path(runner(first, run_root)))
         took = timebudget.clock() - t0
         speed = measured_speed([m], [took], Speed(took / PROBE_STEPS, took / 2))
-        steady = _steady_step_s(run_root / first.run_id)
+        steady = steady_step_s(run_root / first.run_id)
         if steady:  # the first steps pay for warming up once; a trial's later steps run at the steady pace
             speed = Speed(steady, max(0.5, took - steady * m["steps"]))
         probe = {"candidate": space[0].name, "run_id": first.run_id, "seconds": round(took, 2),
@@ -507,47 +365,3 @@ def _rung_results(spec, storage: str, names: list[str], objective: str) -> dict[
                      "seconds": float(t.user_attrs.get(timebudget.ELAPSED, m.get("wall_time_s", 0.0))),
                      "run_id": t.user_attrs.get("run_id")}
     return out
-
-
-# -- the report ----------------------------------------------------------------------------------------------------
-def report(r: dict, cfg: Config, objective: str) -> str:
-    fmt = timebudget.format_duration
-    probe, plan, final, choice = r["probe"], r["search"], r["final"], r["choice"]
-    lines = [f"# tune: {r['winner']}", "",
-             f"Budget {cfg.budget.max_params:,} trainable parameters, model {cfg.model.name}, "
-             f"time {fmt(r['key']['time_s'])}"
-             f" ({r['elapsed_s']:.0f}s used up to this report), objective {objective} on one validation set of "
-             f"{round(r['rows'] * min(0.2, VAL_ROWS / r['rows'])):,} rows held out of {r['rows']:,}.", "",
-             "## What the time bought", "",
-             f"- the probe: {probe['seconds']:.1f}s; a training step {probe['step_s']:.3f}s and a trial's fixed cost "
-             f"{probe['trial_s']:.1f}s on this machine",
-             f"- the search: {plan['sizes'][0]} of the {r['space']} candidates, successive halving over "
-             f"{len(plan['sizes'])} rung(s) " + " -> ".join(f"{n} at {s} steps" for n, s in
-                                                         zip(plan['sizes'], plan['steps'])),
-             f"- the finalists: {len(r['finalists'])} over {r['seeds']} seed(s)",
-             (f"- the final run: {final['steps']:,} steps of {cfg.train.batch_size} rows "
-              f"({final['steps'] / max(1, final['per_epoch']):.2f} epochs over the "
-              f"{r['rows'] - round(r['rows'] * min(0.2, VAL_ROWS / r['rows'])):,} training rows), "
-              f"{final['steps'] / max(1, final['planned_steps']):.0%} of the {final['planned_steps']:,} it would "
-              "have trained without a clock, starting from the weights of its longest search run"
-              if final.get("trained") else "- no final run: the time left held no longer run than the search's"),
-             "", "## Rungs", "", "| rung | steps | candidate | " + objective + " | seconds | run |",
-             "|---|---|---|---|---|---|"]
-    for rung in r.get("rungs", []):
-        for name in rung["tried"]:
-            res = rung["results"].get(name)
-            lines.append(f"| {rung['rung'] + 1} | {rung['steps']} | {name} | "
-                         + (f"{res['value']:.4f} | {res['seconds']:.1f} | {res['run_id']} |" if res else
-                            "not run (no time left in the rung) | | |"))
-    lines += ["", "## Finalists", "", f"| finalist | trainable | seeds | {objective} (mean) | vs the best, paired "
-              "on validation | samples/s |", "|---|---|---|---|---|---|"]
-    for m in r["finalists"]:
-        c = choice["comparisons"].get(m["name"])
-        vs = "best" if c is None else (f"{-c['difference']['mean']:+.4f} [{-c['difference']['high']:+.4f}, "
-                                       f"{-c['difference']['low']:+.4f}]" + (" (worse at 95%)" if c["significant"]
-                                                                             else " (same at 95%)"))
-        lines.append(f"| {m['name']} | {m['trainable_params']:,} | {len(m['values'])} | "
-                     f"{np.mean(m['values']):.4f} | {vs} | {m['samples_s']:.1f} |")
-    lines += ["", "## Why the winner won", "", choice["why"] + ".", "",
-              f"Winner's run folder: `{r['winner_run']}` (use it with `budgetlora predict`, `serve`, `export`).", ""]
-    return "\n".join(lines)

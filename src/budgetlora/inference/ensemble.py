@@ -32,6 +32,21 @@ def members_total(run_dirs: list[str | Path]) -> tuple[int, int, list[tuple[Path
     return sum(n for _, n in counted), min(budgets), counted
 
 
+def format_members(run_dirs: list[str | Path], budget: int, as_json: bool = False) -> tuple[str, bool]:
+    """`plan --members`: each run's count and their sum against `budget`, as text or JSON; and whether it fits."""
+    import json
+
+    total, _, counted = members_total(run_dirs)
+    fits = total <= budget
+    if as_json:
+        return json.dumps({"members": {str(r): n for r, n in counted}, "total": total, "budget": budget,
+                           "fits": fits}, indent=2), fits
+    lines = [f"{run}: {n:,} trainable parameters" for run, n in counted]
+    lines.append(f"ensemble of {len(counted)}: {total:,} trainable parameters, budget {budget:,}: "
+                 + ("fits" if fits else "over the budget"))
+    return "\n".join(lines), fits
+
+
 def check_members(run_dirs: list[str | Path]) -> None:
     """Refuse, before any weight loads, what cannot be one ensemble: fewer than two runs, one run twice, a
     multi-label run, runs with other classes, or members that together train more than the budget."""

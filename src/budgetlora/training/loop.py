@@ -304,12 +304,9 @@ def run(fit: Fit, tc, max_length: int, inputs: LoopInputs, state: TrainState, ck
 
 
 def _out_of_time(acc, tc, t0: float) -> bool:
-    """train.max_time reached; with several processes, by any of them (all stop at the same step, or the others
-    would wait at the next collective forever)."""
-    if not tc.max_time:
-        return False
-    late = time.time() - t0 >= tc.max_time
-    if acc.num_processes > 1:
+    """train.max_time reached, by any process (all stop at the same step, or the rest wait at a collective)."""
+    late = bool(tc.max_time) and time.time() - t0 >= tc.max_time
+    if tc.max_time and acc.num_processes > 1:
         late = bool(acc.reduce(torch.tensor(float(late), device=acc.device), "max"))
     return late
 
@@ -355,11 +352,14 @@ def keep_best(tc, m: dict, state: TrainState, snapshot: Callable[[], dict]) -> b
 def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState) -> None:
     """Everything a resume needs, in forms `torch.load(weights_only=True)` accepts (tensors, numbers, strings,
     lists, dicts): a checkpoint is loaded without letting its pickle call anything."""
+    version, internal, gauss = random.getstate()  # 625 words of 32 bits: exact in int64
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     blob = {"trainable": trainable_state(model), "optimizer": _plain(optimizer.state_dict()),
             "scheduler": _plain(scheduler.state_dict()), "state": _plain(state.to_dict()),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python_rng": _python_rng_state(), "numpy_rng": _numpy_rng_state()}
+            "python_rng": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+            "numpy_rng": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     with runs.atomic_path(path) as tmp:
         torch.save(blob, tmp)
 
@@ -383,16 +383,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     name, keys, pos, has_gauss, cached = blob["numpy_rng"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     return TrainState.from_dict(blob["state"])
-
-
-def _python_rng_state() -> list:
-    version, internal, gauss = random.getstate()  # 625 words of 32 bits: exact in int64
-    return [version, torch.tensor(internal, dtype=torch.int64), gauss]
-
-
-def _numpy_rng_state() -> list:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
 
 
 def _plain(obj):
