@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+TEST = ROOT.parent / "shared" / "data" / "ag_news" / "test.csv.gz"  # the default config's test split
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
@@ -42,11 +43,26 @@ def answers(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return t[:, 0], t[:, 1], t[:, 2]
 
 
-def compare(a: Path, b: Path, macro: bool) -> str:
+def winner_answers(state: dict, folder: Path, test: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tune's winner's per-row test answers: its run's, or for an ensemble, `budgetlora predict RUN RUN` on the
+    whole test file (rows in file order, as the runs number them)."""
+    members = state.get("winner_runs") or [state["winner_run"]]
+    if len(members) == 1:
+        return answers(Path(members[0]))
+    import pandas as pd
+
+    output = folder / "ensemble_test.csv"
+    budgetlora("predict", *members, "--input", str(test), "--output", str(output), "--quiet")
+    gold = pd.read_csv(test)["label"].to_numpy()
+    labels = pd.read_csv(output)["Label"].to_numpy()
+    return np.arange(len(gold)), gold, labels
+
+
+def compare(winner: tuple, b: Path, macro: bool) -> str:
     from budgetlora.experiments.stats import LEVEL, _percentiles, paired
     from budgetlora.experiments.choice import macro_f1
 
-    ra, gold, pa = answers(a)
+    ra, gold, pa = winner
     rb, gold_b, pb = answers(b)
     assert np.array_equal(ra, rb) and np.array_equal(gold, gold_b), "not the same test rows"
     if not macro:
@@ -92,8 +108,9 @@ def main(argv=None) -> None:
         folder = out / f"tune-{r + 1}"
         wall = budgetlora("tune", *tune_flags, "--train.seed", str(42 + r), "--time", args.time, "--out", str(folder))
         state = json.loads((folder / "tune.json").read_text())
-        vs = compare(Path(state["winner_run"]), baseline, macro=args.task == "imbalanced")
-        rows.append(f"| {r + 1} | {state['choice']['winner']} | {vs} | {wall:.0f}s of {seconds:.0f}s "
+        vs = compare(winner_answers(state, folder, TEST), baseline, macro=args.task == "imbalanced")
+        ens = state.get("ensemble") or {}
+        rows.append(f"| {r + 1} | {' + '.join(ens['variants']) if ens.get('kept') else state['choice']['winner']} | {vs} | {wall:.0f}s of {seconds:.0f}s "
                     f"({wall / seconds - 1:+.1%}) | {state['search']['sizes'][0]} at {state['search']['steps']} "
                     f"steps, {state['seeds']} seed(s), final {state['final']['steps']} steps |")
         print(rows[-1], flush=True)

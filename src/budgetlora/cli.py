@@ -124,7 +124,7 @@ def cmd_tune(args) -> int:
                  "budget.max_params": parse_count(args.tune_budget, "--budget") if args.tune_budget else None}
     cfg = cfg.replace(**{k: v for k, v in shortcuts.items() if v is not None})
     r = tune(cfg, parse_duration(args.time, "--time"), args.out, objective=args.objective)
-    print(f"winner: {r['winner']} -> {r['winner_run']}\nreport: {os.path.join(args.out, 'report.md')}\n"
+    print(f"winner: {r['winner']} -> {' '.join(r['winner_runs'])}\nreport: {os.path.join(args.out, 'report.md')}\n"
           f"took {r['elapsed_s']:.0f}s of {r['key']['time_s']:.0f}s")
     return 0
 

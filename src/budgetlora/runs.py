@@ -26,6 +26,7 @@ HISTORY = "history.csv"
 VERIFY = "verify.json"
 PREDICTIONS = "test_predictions.csv"  # per-row test answers, for paired comparisons
 VAL_PREDICTIONS = "val_predictions.csv"  # the same for validation rows: what a choice between runs may read
+VAL_PROBABILITIES = "val_probabilities.csv"  # validation rows' calibrated probabilities: what an ensemble is judged on
 VERSIONS = "versions.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHECKPOINT = "checkpoint"

@@ -110,6 +110,71 @@ def test_finalists_validated_on_other_rows_are_refused(tmp_path):
         paired_choice([a, b], "val_accuracy", 4)
 
 
+# -- an ensemble of the finalists at half the budget ------------------------------------------------------------
+def _member(folder: Path, gold: np.ndarray, right: np.ndarray, sure: float) -> Path:
+    """A run whose calibrated validation probabilities put `sure` on gold where `right`, else on the next class."""
+    pred = np.where(right, gold, (gold + 1) % 4)
+    _answers(folder, gold, pred)
+    sure = np.broadcast_to(np.asarray(sure, dtype=float), gold.shape)
+    probs = np.repeat(((1 - sure) / 3)[:, None], 4, axis=1)
+    probs[np.arange(len(gold)), pred] = sure
+    with open(folder / runs.VAL_PROBABILITIES, "w") as f:
+        f.write("row,p_0,p_1,p_2,p_3\n" + "".join(f"{r},{','.join(map(str, p))}\n" for r, p in enumerate(probs)))
+    return folder
+
+
+def test_an_ensemble_is_kept_only_when_better_than_the_winner_at_95(tmp_path):
+    from budgetlora.experiments.tune_ensemble import judge
+
+    gold = np.arange(2000) % 4
+    rng = np.random.default_rng(0)
+    single_right = rng.random(2000) < 0.85
+    single = {"name": "w", "run": _answers(tmp_path / "w", gold, np.where(single_right, gold, (gold + 1) % 4)),
+              "value": float(single_right.mean()), "samples_s": 50.0}
+    # members that err on different rows, and are unsure where they err: averaged, they are right almost everywhere
+    a_right, b_right = rng.random(2000) < 0.85, rng.random(2000) < 0.85
+    a = _member(tmp_path / "a", gold, a_right, np.where(a_right, 0.9, 0.4))
+    b = _member(tmp_path / "b", gold, b_right, np.where(b_right, 0.9, 0.4))
+    kept = judge(single, [a, b], tmp_path / "o1", "val_accuracy", 4)
+    assert kept["kept"] and kept["value"] > 0.95 and kept["comparisons"]["w"]["significant"]
+    # members that are the single run again: no better, and costlier to answer with: the single run stays
+    same = judge(single, [_member(tmp_path / "c", gold, single_right, np.full(2000, 0.8)),
+                          _member(tmp_path / "d", gold, single_right, np.full(2000, 0.7))],
+                 tmp_path / "o2", "val_accuracy", 4)
+    assert not same["kept"] and same["value"] == pytest.approx(single["value"])
+    # members validated on other rows are refused
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / runs.VAL_PROBABILITIES).write_text("row,p_0,p_1,p_2,p_3\n5000,0.25,0.25,0.25,0.25\n")
+    with pytest.raises(ConfigError, match="other rows"):
+        judge(single, [a, tmp_path / "e"], tmp_path / "o3", "val_accuracy", 4)
+
+
+@pytest.mark.parametrize("text", ["", "row,p_0\n1,abc\n", "row,p_0,p_1\n1,nan,0.5\n", "\x00\xff", "row\n1\n"])
+def test_a_malformed_probabilities_file_is_one_error(tmp_path, text):
+    from budgetlora.errors import RunFolderError
+    from budgetlora.experiments.tune_ensemble import read_probabilities
+
+    (tmp_path / runs.VAL_PROBABILITIES).write_text(text)
+    with pytest.raises(RunFolderError, match="missing or corrupt"):
+        read_probabilities(tmp_path)
+
+
+def test_half_the_budget_is_filled_for_each_member_and_their_sum_fits(small_csvs):
+    from budgetlora.adapters.budget import plan
+    from budgetlora.experiments.tune_ensemble import half_variants
+
+    cfg = tiny_config(small_csvs)
+    names = [c.name for c in ordered(candidate_space(cfg))[:2]]
+    halves = half_variants(cfg, names, tune_mod.overrides)
+    members = [cfg.replace(**v) for v in halves.values()]
+    total = sum(plan(m).total for m in members)
+    assert total <= cfg.budget.max_params and all(m.budget.max_params == cfg.budget.max_params for m in members)
+    sized = [plan(m).total for m in members if m.method == "lora"]  # (IA)3 is as large as its targets make it
+    assert sized and all(n > 0.45 * cfg.budget.max_params for n in sized)  # filled to its half, not left small
+    assert half_variants(cfg, names[:1], tune_mod.overrides) is None  # one finalist: nothing to pair
+    assert half_variants(cfg.replace(**{"budget.max_params": 3_000}), names, tune_mod.overrides) is None
+
+
 # -- the whole command on a stand-in runner ------------------------------------------------------------------------
 class FakeClock:
     def __init__(self):
@@ -157,6 +222,10 @@ class FakeTrainer:
         runs.write_text(out / runs.CONFIG, cfg.to_yaml())
         runs.write_text(out / runs.VAL_PREDICTIONS, "row,label,predicted\n" + "".join(
             f"{r},{g},{p}\n" for r, g, p in zip(val.source_rows().tolist(), gold.tolist(), pred.tolist())))
+        probs = np.full((len(gold), 4), 0.1)
+        probs[np.arange(len(gold)), pred] = 0.7
+        runs.write_text(out / runs.VAL_PROBABILITIES, "row,p_0,p_1,p_2,p_3\n" + "".join(
+            f"{r},{','.join(map(str, p))}\n" for r, p in zip(val.source_rows().tolist(), probs.tolist())))
         runs.write_text(out / runs.HISTORY, "step,train_loss,train_s\n" + "".join(
             f"{s},1.0,{s * self.STEP_S:.3f}\n" for s in range(2, steps + 1, 2)))
         runs.write_json(out / runs.METRICS, {"val_accuracy": float(np.mean(pred == gold)), "val_macro_f1": 0.5,
@@ -194,6 +263,27 @@ def test_a_tune_fits_its_time_and_trains_the_winner_on_all_the_data(tmp_path, sm
     assert r["winner"] in report and "Why the winner won" in report and "What the time bought" in report
     for c in candidate_space(cfg):  # nothing over the budget was ever tried
         assert c.trainable <= cfg.budget.max_params
+    ens = state["ensemble"]  # 600 s holds the finalists' seeds and the ensemble beside them
+    assert ens["trainable_params"] <= cfg.budget.max_params and len(ens["members"]) == 2
+    assert not ens["kept"] and r["winner_runs"] == [r["winner_run"]]  # the stand-in's members are no better
+
+
+def test_a_kept_ensemble_trains_both_members_on_all_the_data(tmp_path, small_csvs, fake_clock, monkeypatch):
+    from budgetlora.inference.ensemble import check_members
+
+    real = tune_mod.judge
+
+    def always(*a, **k):
+        return {**real(*a, **k), "kept": True}
+
+    monkeypatch.setattr(tune_mod, "judge", always)
+    cfg = tiny_config(small_csvs, **{"train.max_steps": 0})
+    r = tune(cfg, 600, tmp_path / "t", runner=FakeTrainer(fake_clock))
+    assert fake_clock.now - 1000.0 <= 600 and len(r["winner_runs"]) == 2 and "@half" in r["winner"]
+    members = [Config.from_yaml(Path(p) / runs.CONFIG) for p in r["winner_runs"]]
+    assert all(m.data.test_limit == 0 and m.train.init_from for m in members)
+    check_members(r["winner_runs"])  # together within the budget: predict, evaluate and load take them as one
+    assert "The winner is an ensemble" in (tmp_path / "t" / "report.md").read_text()
 
 
 def test_a_killed_tune_resumes_with_the_same_decisions(tmp_path, small_csvs, fake_clock):

@@ -94,3 +94,10 @@ def test_max_time_ends_training_on_time_validated_where_it_stops(small_csvs, tmp
     assert [r["step"] for r in records if "val_loss" in r] == [m["steps"]]  # validated once, where it stopped
     table = np.loadtxt(out / runs.VAL_PREDICTIONS, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     assert table.shape == (40, 3) and set(table[:, 1]) <= {0, 1, 2, 3}
+    # and their calibrated probabilities, what an ensemble of runs is judged on: the same rows, the same answers
+    from budgetlora.experiments.tune_ensemble import read_probabilities
+
+    rows, probs = read_probabilities(out)
+    table = table[np.argsort(table[:, 0])]
+    assert np.array_equal(rows, table[:, 0]) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert np.array_equal(probs.argmax(1), table[:, 2])

@@ -60,3 +60,21 @@ def parse_count(value: str, what: str = "count") -> int:
     if n < 1 or n != int(n):
         raise ConfigError(f"{what} must be a whole count of at least 1, got {value!r}")
     return int(n)
+
+
+class Deadline:
+    """A command's time from its start (`tune --time`), a share of it (`margin`) kept back for what estimates
+    miss: what each phase may still spend."""
+
+    def __init__(self, seconds: float, margin: float = 0.0):
+        self.seconds, self.started = seconds, clock()
+        self.deadline = self.started + seconds * (1 - margin)
+
+    def used(self) -> float:
+        return clock() - self.started
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - clock())
+
+    def line(self) -> str:
+        return f"{format_duration(self.left())} left of {format_duration(self.seconds)}"

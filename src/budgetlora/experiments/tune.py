@@ -13,7 +13,9 @@ Read top to bottom, one phase after another, all inside `--time` (measured from 
    The steps of each later rung are sized again from the speed the rung before actually ran at.
 4. **Finalists**: the best two of the last rung run again under more seeds (the first seed is the rung's own run,
    reused), and the winner is chosen by a paired comparison on the same validation rows, seed by seed: when the
-   better-scoring finalist is not better at 95%, the cheaper one (more training samples a second) wins.
+   better-scoring finalist is not better at 95%, the cheaper one (more training samples a second) wins. Where time
+   is left, the two at half the budget each are tried as one ensemble, kept only if better than the winner at 95%
+   (`tune_ensemble`).
 5. **Final**: the winner trained on all the training data for the time left (`train.max_time` stops it on time),
    starting from the weights its longest search run ended with, in its own run folder, used like any run by
    predict, serve and export.
@@ -28,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from budgetlora.experiments.choice import paired_choice
 from budgetlora.experiments.sizing import (ETA, FINALISTS, VAL_ROWS, Speed, first_steps, later_steps,  # noqa: F401
                                            measured_speed, rung_sizes, size_search, steady_step_s)
 from budgetlora.experiments.space import Candidate, candidate_space
+from budgetlora.experiments.tune_ensemble import MEMBERS, half_variants, judge
 from budgetlora.experiments.tune_report import report
 
 logger = logging.getLogger(__name__)
@@ -81,23 +83,6 @@ def overrides(base: Config, cfg: Config) -> dict:
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
-class Clock:
-    """--time from the command's start; what each phase may still spend."""
-
-    def __init__(self, seconds: float):
-        self.seconds, self.started = seconds, timebudget.clock()
-        self.deadline = self.started + seconds * (1 - MARGIN)
-
-    def used(self) -> float:
-        return timebudget.clock() - self.started
-
-    def left(self) -> float:
-        return max(0.0, self.deadline - timebudget.clock())
-
-    def line(self) -> str:
-        return f"{timebudget.format_duration(self.left())} left of {timebudget.format_duration(self.seconds)}"
-
-
 class State:
     """OUT/tune.json: every decision as it is made (written atomically), so a rerun repeats none of them."""
 
@@ -134,7 +119,7 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
     if seconds < MIN_TIME_S:
         raise ConfigError(f"--time {timebudget.format_duration(seconds)} is too short for one trial and the final run: "
                           f"give at least {MIN_TIME_S:.0f}s")
-    clock = Clock(seconds)
+    clock = timebudget.Deadline(seconds, MARGIN)
     space = ordered(candidate_space(cfg))  # an impossible budget is refused here, before anything loads
     out = runs.check_output(out, "into")
     with runs.writing(out):
@@ -241,15 +226,22 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
     ranked = sorted(results.values(), key=lambda r: -r[objective])
     finalists = [r["name"] for r in ranked[:FINALISTS]]
     top_steps = plan["steps"][len(plan["sizes"]) - 1]
+    halves = half_variants(cfg, finalists, overrides)  # the finalists at half the budget each, if two and it holds
     seeds = state.get("seeds")
     if seeds is None:
         # a trial as the top rung really took it (sweep overhead included), never less than the estimate (a
         # reused run measures 0 s)
         trial = max([speed.trial_s + top_steps * speed.step_s] + [r["seconds"] for r in ranked[:FINALISTS]])
-        # what is left before the final run's share; one finalist has nothing to be compared with
-        extra = int(max(0.0, clock.left() - shares["final"] - trial) // (trial * len(finalists)))
+        # what is left before the final run's share, one trial kept as slack; one finalist has nothing to be
+        # compared with; an ensemble is tried only where the finalists still get a second seed beside it
+        room, per_seed = clock.left() - shares["final"] - trial, trial * len(finalists)
+        with_ensemble = int(max(0.0, room - MEMBERS * trial) // per_seed) if halves else 0
+        state.set("ensemble_planned", with_ensemble >= 1)
+        extra = with_ensemble if with_ensemble >= 1 else int(max(0.0, room) // per_seed)
         seeds = max(1, min(MAX_SEEDS, 1 + extra)) if len(finalists) > 1 else 1
         state.set("seeds", seeds)
+        state.set("trial_s", round(trial, 1))
+    ensemble_s = MEMBERS * state.get("trial_s", 0.0) if state.get("ensemble_planned") else 0.0
     top_base = at_steps(search_base, top_steps)
     if seeds > 1:
         spec = Spec(name="finalists", base=top_base, grid={VARIANT: finalists}, search={}, n_trials=None,
@@ -257,7 +249,7 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
                     variants={k: variants[k] for k in finalists}, seeds=seeds)
         logger.info(f"tune [finalists]: {', '.join(finalists)} over {seeds} seeds at {top_steps} steps; {clock.line()}")
         run_sweep(spec, storage=storage, runner=runner,
-                  time_budget=max(1.0, clock.left() - shares["final"]),
+                  time_budget=max(1.0, clock.left() - shares["final"] - ensemble_s),
                   on_trial=_progress("finalists", len(finalists), clock, objective))
     members = []
     for name in finalists:
@@ -277,50 +269,80 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
          float(np.mean(members[0]["values"]))}, "comparisons": {}, "rows": 0, "why": "the only finalist"}
     state.set("choice", choice)
     logger.info(f"tune [finalists]: {choice['why']}; {clock.line()}")
-
-    # 5. the winner on all the training data, for the time left
     winner = by_name[choice["winner"]]
+    won = [m for m in members if m["name"] == choice["winner"]][0]
+
+    # 4b. the finalists at half the budget each, as one ensemble, against the winner alone
+    ensemble = state.get("ensemble")
+    if ensemble is None and state.get("ensemble_planned") and halves:
+        spec = Spec(name="ensemble", base=top_base, grid={VARIANT: list(halves)}, search={}, n_trials=None,
+                    objective=objective, fill=False, runs=run_root, folder=out, variants=halves)
+        logger.info(f"tune [ensemble]: {' + '.join(halves)} at {top_steps} steps; {clock.line()}")
+        _in_order(spec, storage, list(halves))
+        run_sweep(spec, storage=storage, runner=runner, time_budget=max(1.0, clock.left() - shares["final"]),
+                  on_trial=_progress("ensemble", len(halves), clock, objective))
+        member_runs = [run_root / top_base.replace(**v).run_id for v in halves.values()]
+        if all(runs.is_finished(r) for r in member_runs):
+            from budgetlora.inference.ensemble import members_total
+
+            ensemble = judge({"name": winner.name, "run": won["runs"][0], "value": won["values"][0],
+                              "samples_s": won["samples_s"]}, member_runs, out, objective, cfg.model.num_labels)
+            ensemble.update(variants=list(halves), trainable_params=members_total(member_runs)[0])
+        else:
+            ensemble = {"kept": False, "variants": list(halves), "why": "its members did not finish in time"}
+        state.set("ensemble", ensemble)
+        logger.info(f"tune [ensemble]: {'kept' if ensemble['kept'] else 'not kept'}: {ensemble['why']}; "
+                    f"{clock.line()}")
+
+    # 5. the winner (or the ensemble's members) on all the training data, for the time left
+    if ensemble and ensemble.get("kept"):
+        finals = [(n, halves[n], Path(r)) for n, r in zip(ensemble["variants"], ensemble["members"])]
+    else:
+        finals = [(winner.name, variants[winner.name], Path(won["runs"][0]))]
     final = state.get("final")
     if final is None:
-        won = [m for m in members if m["name"] == choice["winner"]][0]
-        wm = [runs.read_json(r / runs.METRICS) for r in won["runs"]]
-        wspeed = measured_speed(wm, [probe["trial_s"] + m["steps"] * speed.step_s for m in wm], speed)
-        train_s = clock.left() - speed.trial_s - probe["row_s"] * (test_rows + 3 * round(rows * val_fraction))
+        seen = [runs.read_json(r / runs.METRICS) for r in
+                ([Path(r) for r in ensemble["members"]] if len(finals) > 1 else won["runs"])]
+        wspeed = measured_speed(seen, [probe["trial_s"] + m["steps"] * speed.step_s for m in seen], speed)
+        scoring = probe["row_s"] * (test_rows + 3 * round(rows * val_fraction))
+        train_s = (clock.left() - len(finals) * (speed.trial_s + scoring)) / len(finals)  # each member's share
         full_steps = max(math.ceil(cfg.train.epochs * per_epoch), top_steps)  # as long as the search's longest
         steps = int(min(full_steps, max(0.0, train_s) / wspeed.step_s))
         if cfg.train.max_steps:
             steps = min(steps, cfg.train.max_steps)
         final = {"steps": steps, "planned_steps": full_steps, "per_epoch": per_epoch,
-                 "train_s": round(max(0.0, train_s), 1)}
+                 "train_s": round(max(0.0, train_s), 1), "configs": []}
         if steps >= min(top_steps, full_steps):
-            # it starts from the weights its longest search run ended with: the steps the search paid for are kept
-            fcfg = cfg.replace(**{**variants[winner.name], "data.val_fraction": val_fraction,
-                                  "train.init_from": str(Path(won["runs"][0]).resolve()),
-                                  "train.epochs": max(cfg.train.epochs, math.ceil(steps / per_epoch)),
-                                  "train.max_steps": steps, "train.max_time": round(max(train_s, 1.0), 1)})
-            final["run_id"] = fcfg.run_id
-            final["config"] = fcfg.to_dict()
+            for _, variant, start in finals:
+                # it starts from the weights its longest search run ended with: the steps the search paid for are
+                # kept
+                fcfg = cfg.replace(**{**variant, "data.val_fraction": val_fraction,
+                                      "train.init_from": str(start.resolve()),
+                                      "train.epochs": max(cfg.train.epochs, math.ceil(steps / per_epoch)),
+                                      "train.max_steps": steps, "train.max_time": round(max(train_s, 1.0), 1)})
+                final["configs"].append(fcfg.to_dict())
         state.set("final", final)
-    if "config" in final:
-        fcfg = Config.from_dict(final["config"])
-        logger.info(f"tune [final]: {winner.name} on all {rows:,} rows, up to {final['steps']:,} steps "
+    what = " + ".join(n for n, _, _ in finals)
+    if final["configs"]:
+        logger.info(f"tune [final]: {what} on all {rows:,} rows, up to {final['steps']:,} steps "
                     f"({final['steps'] / max(1, final['planned_steps']):.0%} of {cfg.train.epochs:g} epoch(s)); "
                     f"{clock.line()}")
-        winner_run = Path(runner(fcfg, run_root))
+        winner_runs = [Path(runner(Config.from_dict(c), run_root)) for c in final["configs"]]
         final["trained"] = True
-    else:  # the time left holds no more than the search already gave it: the finalist's own run is the winner's
-        winner_run = members[[m["name"] for m in members].index(winner.name)]["runs"][0]
+    else:  # the time left holds no more than the search already gave it: the search's runs are the winner's
+        winner_runs = [start for _, _, start in finals]
         final["trained"] = False
-        logger.info(f"tune [final]: the time left holds no longer run than the search's; {winner.name}'s run from the "
-                    "search is the winner's")
-    record = {**state.d, "winner": winner.name, "winner_run": str(winner_run), "space": len(space),
+        logger.info(f"tune [final]: the time left holds no longer run than the search's; {what}'s run(s) from the "
+                    "search are the winner's")
+    record = {**state.d, "winner": what, "winner_run": str(winner_runs[0]),
+              "winner_runs": [str(r) for r in winner_runs], "space": len(space),
               "finalists": [{k: (v if k != "runs" else [str(p) for p in v]) for k, v in m.items()} for m in members],
               "final": final, "elapsed_s": round(clock.used(), 1)}
-    state.set("winner_run", str(winner_run))
-    record["elapsed_s"] = round(clock.used(), 1)
+    state.set("winner_run", record["winner_run"])
+    state.set("winner_runs", record["winner_runs"])
     runs.write_text(out / REPORT, report(record, cfg, objective))
     state.set("elapsed_s", round(clock.used(), 1))
-    logger.info(f"tune: winner {winner.name} -> {winner_run} ({clock.used():.0f}s of {seconds:.0f}s); "
+    logger.info(f"tune: winner {what} -> {' '.join(record['winner_runs'])} ({clock.used():.0f}s of {seconds:.0f}s); "
                 f"report {out / REPORT}")
     return {**record, "elapsed_s": round(clock.used(), 1)}
 
@@ -339,7 +361,7 @@ def _in_order(spec, storage: str, names: list[str]) -> None:
             study.enqueue_trial({VARIANT: name})
 
 
-def _progress(phase: str, total: int, clock: Clock, objective: str):
+def _progress(phase: str, total: int, clock: timebudget.Deadline, objective: str):
     """A study callback: one line per finished trial with the phase, the trials done and the time left."""
     def on_trial(study, trial) -> None:
         done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))

@@ -23,11 +23,13 @@ def report(r: dict, cfg: Config, objective: str) -> str:
              f"{len(plan['sizes'])} rung(s) " + " -> ".join(f"{n} at {s} steps" for n, s in
                                                          zip(plan['sizes'], plan['steps'])),
              f"- the finalists: {len(r['finalists'])} over {r['seeds']} seed(s)",
+             _ensemble_line(r.get("ensemble")),
              (f"- the final run: {final['steps']:,} steps of {cfg.train.batch_size} rows "
               f"({final['steps'] / max(1, final['per_epoch']):.2f} epochs over the "
               f"{r['rows'] - round(r['rows'] * min(0.2, VAL_ROWS / r['rows'])):,} training rows), "
               f"{final['steps'] / max(1, final['planned_steps']):.0%} of the {final['planned_steps']:,} it would "
-              "have trained without a clock, starting from the weights of its longest search run"
+              "have trained without a clock" + (" (each member)" if len(r["winner_runs"]) > 1 else "")
+              + ", starting from the weights of its longest search run"
               if final.get("trained") else "- no final run: the time left held no longer run than the search's"),
              "", "## Rungs", "", "| rung | steps | candidate | " + objective + " | seconds | run |",
              "|---|---|---|---|---|---|"]
@@ -46,6 +48,27 @@ def report(r: dict, cfg: Config, objective: str) -> str:
                                                                              else " (same at 95%)"))
         lines.append(f"| {m['name']} | {m['trainable_params']:,} | {len(m['values'])} | "
                      f"{np.mean(m['values']):.4f} | {vs} | {m['samples_s']:.1f} |")
-    lines += ["", "## Why the winner won", "", choice["why"] + ".", "",
-              f"Winner's run folder: `{r['winner_run']}` (use it with `budgetlora predict`, `serve`, `export`).", ""]
+    lines += ["", "## Why the winner won", "", choice["why"] + "."]
+    ens = r.get("ensemble")
+    if ens and "comparisons" in ens:
+        lines += ["", f"The ensemble of {' + '.join(ens['variants'])} ({ens['trainable_params']:,} trainable "
+                  f"parameters together) against {choice['winner']} alone at the same steps: {ens['why']}; "
+                  + ("kept." if ens["kept"] else "not kept.")]
+    if len(r["winner_runs"]) > 1:
+        lines += ["", "The winner is an ensemble; its members' run folders: " + " ".join(
+            f"`{p}`" for p in r["winner_runs"]) + " (use them together: `budgetlora predict RUN RUN ...`, "
+            "`evaluate`, `budgetlora.load([RUN, RUN])`).", ""]
+    else:
+        lines += ["", f"Winner's run folder: `{r['winner_run']}` (use it with `budgetlora predict`, `serve`, "
+                  "`export`).", ""]
     return "\n".join(lines)
+
+
+def _ensemble_line(ens: dict | None) -> str:
+    if not ens:
+        return "- an ensemble of the finalists at half the budget each: not tried (no time, or no member fits half)"
+    if "comparisons" not in ens:
+        return f"- an ensemble of the finalists at half the budget each: {ens['why']}"
+    return (f"- an ensemble of the finalists at half the budget each ({ens['trainable_params']:,} parameters "
+            f"together): {ens['value']:.4f} against {ens['single_value']:.4f} alone, "
+            + ("kept" if ens["kept"] else "not kept"))

@@ -13,7 +13,7 @@ from budgetlora import runs
 from budgetlora.adapters.methods import save_adapter
 from budgetlora.hardware import inference_dtype
 from budgetlora.training.card import CARD, model_card
-from budgetlora.tasks import class_names, task_of
+from budgetlora.tasks import class_names, softmax, task_of
 from budgetlora.training.evaluate import exact_fp32, predict_logits
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ def write_run_artifacts(out: Path, cfg, model, tokenizer, val, test, state, plan
         if not task.sets:  # paired comparisons read one gold and one predicted class per row
             runs.write_text(stage / runs.PREDICTIONS, predictions_csv(test, test_logits))
             runs.write_text(stage / runs.VAL_PREDICTIONS, predictions_csv(val, val_logits))
+            runs.write_text(stage / runs.VAL_PROBABILITIES,
+                            probabilities_csv(val, val_logits, per_task.get("temperature")))
         runs.write_text(stage / runs.HISTORY, history_csv(state.history))
         runs.write_json(stage / runs.VERSIONS, runs.versions())
         plot_run(stage, state.history, test_m.get("confusion_matrix"), names,
@@ -85,6 +87,17 @@ def predictions_csv(test, logits) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["row", "label", "predicted"])
     w.writerows(zip(test.source_rows().tolist(), np.asarray(test.labels).tolist(), logits.argmax(1).tolist()))
+    return buf.getvalue()
+
+
+def probabilities_csv(split, logits, temperature: float | None) -> str:
+    """Per-row calibrated probabilities (softmax(logits / T), T the validation temperature), one line each (source
+    row, p_0 ... p_n-1): what averaging runs into an ensemble is judged on, without loading them again."""
+    probs = softmax(np.asarray(logits, dtype=np.float64) / (temperature or 1.0))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["row", *(f"p_{c}" for c in range(probs.shape[1]))])
+    w.writerows([r, *(f"{p:.6g}" for p in ps)] for r, ps in zip(split.source_rows().tolist(), probs))
     return buf.getvalue()
 
 
