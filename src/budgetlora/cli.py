@@ -148,9 +148,11 @@ def cmd_shift(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from budgetlora.shift.submit import submit
+    from budgetlora.shift.submit import submit, submit_members
 
-    rep = submit(config_mod.from_flags(args), args.input, args.output, root=args.runs)
+    cfg = config_mod.from_flags(args)
+    rep = (submit_members(args.members, args.input, args.output, cfg.submit) if args.members else
+           submit(cfg, args.input, args.output, root=args.runs))
     print("\n".join(rep["summary"]))
     print(f"report: {args.output}.summary.txt / .summary.json")
     return 0
@@ -345,6 +347,8 @@ def _submit_command(sub) -> argparse.ArgumentParser:
     add_flag(p, "--input", "--target", required=True, help="the texts to label (.csv/.csv.gz/.parquet/.pkl)")
     add_flag(p, "--output", required=True, help="submission CSV to write (ID,Label)")
     p.add_argument("--runs", default="runs", help="folder holding run folders")
+    p.add_argument("--members", nargs="+", metavar="RUN", help="trained runs to label with as one ensemble (their "
+                   "trainable parameters summed within the budget) instead of training the config")
     add_section_flags(p, SubmitConfig, "submit")
     p.set_defaults(func=cmd_submit)
     return p

@@ -84,3 +84,27 @@ def test_what_cannot_be_one_ensemble_is_one_line(tiny_run, ia3_run, tmp_path, sm
     rc = main(["predict", str(tiny_run), str(ia3_run), "--input", str(test), "--output", str(tmp_path / "y.csv"),
                "--target-prior", "uniform"])
     assert rc == 2 and "take one run, not an ensemble" in capsys.readouterr().err
+
+
+def test_submit_labels_with_several_runs(tiny_run, ia3_run, big_run, small_csvs, tmp_path, capsys):
+    _, test = small_csvs
+    out = tmp_path / "sub.csv"
+    capsys.readouterr()
+    assert main(["submit", "--members", str(tiny_run), str(ia3_run), "--input", str(test),
+                 "--output", str(out)]) == 0
+    table = pd.read_csv(out)
+    texts = pd.read_csv(test)["text"].tolist()
+    assert list(table.columns) == ["ID", "Label"] and len(table) == len(texts)
+    assert table["Label"].tolist() == budgetlora.load([tiny_run, ia3_run]).predict(texts)
+    summary = json.loads((tmp_path / "sub.csv.summary.json").read_text())
+    assert summary["trainable_params"] == members_total([tiny_run, ia3_run])[0] <= summary["budget"]
+    assert "an ensemble of 2 runs" in (tmp_path / "sub.csv.summary.txt").read_text()
+    # refused in one line, nothing written: over the budget, one run, self-training asked for
+    for argv, words in ((["--members", str(tiny_run), str(big_run)], "over the budget"),
+                        (["--members", str(tiny_run)], "at least two"),
+                        (["--members", str(tiny_run), str(ia3_run), "--rounds", "1"], "take one run")):
+        capsys.readouterr()
+        rc = main(["submit", *argv, "--input", str(test), "--output", str(tmp_path / "no.csv")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and words in err, err
+        assert not list(tmp_path.glob("no.csv*"))

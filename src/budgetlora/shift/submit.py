@@ -87,6 +87,43 @@ def submit(cfg: Config, target: str, output: str | Path, root: str | Path = runs
     return report
 
 
+def submit_members(members: list[str | Path], target: str, output: str | Path, s: SubmitConfig) -> dict:
+    """`submit --members RUN RUN ...`: label `target` with the runs' ensemble (their validation-calibrated
+    probabilities averaged, `inference.ensemble`) into `output`, with the same summary files as `submit`. Nothing
+    trains; self-training and a known class mix take one run and are refused, and prior correction is not applied
+    (its estimates read one run's validation confusion matrix)."""
+    from budgetlora.errors import ConfigError
+    from budgetlora.inference.ensemble import check_members, members_total
+
+    if s.rounds or s.target_prior or s.prior_correction == "on":
+        raise ConfigError("submit --members labels with the ensemble as it is: self-training rounds, a target class "
+                          "mix and prior correction take one run (submit.rounds 0, no target_prior)")
+    if not Path(target).exists():
+        raise FileNotFoundError(f"submit: target file not found: {target}")
+    check_members(members)  # before any weight loads: two or more, single-label, the same classes, within budget
+    output, t0 = Path(output), time.time()
+    for path in (output, Path(f"{output}.summary.json"), Path(f"{output}.summary.txt")):
+        runs.check_output(path)
+    prediction = predict([str(m) for m in members], target, output, max_length=s.max_length)
+    labels, (total, budget, counted) = prediction.labels, members_total(members)
+    cfg = runs.load_config(Path(members[0]))
+    report = {"target": str(target), "output": str(prediction.output), "rows": int(len(labels)),
+              "members": {str(r): n for r, n in counted}, "trainable_params": total, "budget": budget,
+              "prior_correction": None, "read_length": s.max_length or cfg.model.max_length,
+              "label_counts": [int((labels == c).sum()) for c in range(cfg.model.num_labels)],
+              "times": {"total_s": round(time.time() - t0, 1)}, "peak_rss_mb": process_peak_rss_mb()}
+    report["summary"] = [
+        f"submission: {report['rows']:,} rows -> {output} (an ensemble of {len(counted)} runs, {total:,} trainable "
+        f"params together of {budget:,})",
+        *(f"member {Path(r).name}: {n:,} trainable params" for r, n in counted),
+        "prior correction: not applied (an ensemble's averaged probabilities; it takes one run)",
+        f"label counts {report['label_counts']}; {report['times']['total_s']:.0f}s in all, peak memory "
+        f"{report['peak_rss_mb']:,.0f} MB"]
+    runs.write_json(Path(f"{output}.summary.json"), report)
+    runs.write_text(Path(f"{output}.summary.txt"), "\n".join(report["summary"]) + "\n")
+    return report
+
+
 def _report(cfg: Config, target: str, prediction: Prediction, base: Path, final: Path, m: dict,
             result: ShiftResult, files: dict, rounds: list[dict], times: dict) -> dict:
     """What was done and the numbers it was decided on; "summary" is the same in a few lines."""
