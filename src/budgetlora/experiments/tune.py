@@ -232,9 +232,15 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
         # a trial as the top rung really took it (sweep overhead included), never less than the estimate (a
         # reused run measures 0 s)
         trial = max([speed.trial_s + top_steps * speed.step_s] + [r["seconds"] for r in ranked[:FINALISTS]])
-        # what is left before the final run's share, one trial kept as slack; one finalist has nothing to be
-        # compared with; an ensemble is tried only where the finalists still get a second seed beside it
-        room, per_seed = clock.left() - shares["final"] - trial, trial * len(finalists)
+        # the final run's share, or what its whole training needs where that is less (a small set): the rest
+        # buys evidence
+        whole = max(math.ceil(cfg.train.epochs * per_epoch), top_steps)
+        whole = min(whole, cfg.train.max_steps) if cfg.train.max_steps else whole
+        state.set("final_s", round(min(shares["final"], speed.trial_s + whole * speed.step_s
+                                       + probe["row_s"] * (test_rows + 3 * round(rows * val_fraction))), 1))
+        # what is left before it, one trial kept as slack; one finalist has nothing to be compared with; an
+        # ensemble is tried only where the finalists still get a second seed beside it
+        room, per_seed = clock.left() - state.get("final_s") - trial, trial * len(finalists)
         with_ensemble = int(max(0.0, room - MEMBERS * trial) // per_seed) if halves else 0
         state.set("ensemble_planned", with_ensemble >= 1)
         extra = with_ensemble if with_ensemble >= 1 else int(max(0.0, room) // per_seed)
@@ -249,7 +255,7 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
                     variants={k: variants[k] for k in finalists}, seeds=seeds)
         logger.info(f"tune [finalists]: {', '.join(finalists)} over {seeds} seeds at {top_steps} steps; {clock.line()}")
         run_sweep(spec, storage=storage, runner=runner,
-                  time_budget=max(1.0, clock.left() - shares["final"] - ensemble_s),
+                  time_budget=max(1.0, clock.left() - state.get("final_s", shares["final"]) - ensemble_s),
                   on_trial=_progress("finalists", len(finalists), clock, objective))
     members = []
     for name in finalists:
@@ -279,7 +285,8 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
                     objective=objective, fill=False, runs=run_root, folder=out, variants=halves)
         logger.info(f"tune [ensemble]: {' + '.join(halves)} at {top_steps} steps; {clock.line()}")
         _in_order(spec, storage, list(halves))
-        run_sweep(spec, storage=storage, runner=runner, time_budget=max(1.0, clock.left() - shares["final"]),
+        run_sweep(spec, storage=storage, runner=runner,
+                  time_budget=max(1.0, clock.left() - state.get("final_s", shares["final"])),
                   on_trial=_progress("ensemble", len(halves), clock, objective))
         member_runs = [run_root / top_base.replace(**v).run_id for v in halves.values()]
         if all(runs.is_finished(r) for r in member_runs):
