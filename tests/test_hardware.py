@@ -28,7 +28,7 @@ def cpu_bf16(monkeypatch):
 def test_auto_is_bf16_only_on_a_cpu_with_native_bf16(cpu_bf16, native, amx, expected):
     cpu_bf16(native, amx)
     assert hardware.resolve_precision("auto") == expected
-    assert loop.precision(Config().train) == ("bf16" if expected == "bf16" else "no")
+    assert loop.make_accelerator(Config().train).mixed_precision == ("bf16" if expected == "bf16" else "no")
     assert hardware.inference_dtype("auto", "cpu") == (torch.bfloat16 if expected == "bf16" else None)
 
 

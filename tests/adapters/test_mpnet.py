@@ -117,3 +117,36 @@ def test_real_mpnet_trains_reloads_predicts_and_exports(head, small_csvs, tmp_pa
         assert not (tmp_path / "merged").exists()
         info = export_onnx(run, tmp_path / "onnx")
         assert info["max_abs_logit_diff"] <= 1e-4
+
+
+def test_fused_attention_is_the_eager_arithmetic():
+    """MPNet's self-attention through SDPA (position bias + padding as one mask): the same logits and gradients as
+    transformers' eager code, with padded rows, and the eager path still serves output_attentions."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, MPNetConfig
+
+    from budgetlora.adapters.attention import fuse
+
+    torch.manual_seed(0)
+    config = MPNetConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                         num_labels=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    eager = AutoModelForSequenceClassification.from_config(config).train()
+    fused = fuse(copy.deepcopy(eager))
+    ids, mask = torch.randint(5, 500, (4, 70)), torch.ones(4, 70, dtype=torch.long)
+    mask[1, 40:], mask[2, 3:] = 0, 0
+    targets = torch.tensor([0, 1, 2, 3])
+    results = []
+    for model in (eager, fused):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        torch.nn.functional.cross_entropy(logits, targets).backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert want_grads.keys() == got_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    attentions = fused(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(attentions) == 2 and attentions[0].shape == (4, 4, 70, 70)
+    torch.testing.assert_close(attentions[0].sum(-1), torch.ones(4, 4, 70))

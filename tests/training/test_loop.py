@@ -101,3 +101,36 @@ def test_max_time_ends_training_on_time_validated_where_it_stops(small_csvs, tmp
     table = table[np.argsort(table[:, 0])]
     assert np.array_equal(rows, table[:, 0]) and np.allclose(probs.sum(1), 1, atol=1e-4)
     assert np.array_equal(probs.argmax(1), table[:, 2])
+
+
+@pytest.mark.parametrize("loss", [{}, {"train.class_weights": "auto"}, {"train.class_weights": "auto", "train.loss": "focal"},
+                                  {"train.label_smoothing": 0.1}])
+def test_micro_batches_make_the_whole_batchs_step(loss):
+    """train.micro_batch: the same update as the whole batch at once, weighted losses included, and the same run id
+    (it changes only how much memory a step holds)."""
+    from types import SimpleNamespace
+
+    from budgetlora.config import Config
+    from budgetlora.training import loop
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return SimpleNamespace(logits=self.lin(x))
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 8, generator=gen), torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, 3, 3])
+    steps = {}
+    for micro in (0, 3):
+        cfg = Config().replace(**{"train.precision": "fp32", "train.micro_batch": micro, **loss})
+        fit = loop.setup_training(loop.make_accelerator(cfg.train), Toy(), cfg, 10, y.numpy())
+        reported = loop.train_step(fit, {"x": x}, y, grad_clip=0.5, micro_batch=micro)
+        steps[micro] = (float(reported), fit.module.lin.weight.detach().clone(), cfg.run_id)
+    assert steps[3][0] == pytest.approx(steps[0][0], rel=1e-6)
+    torch.testing.assert_close(steps[3][1], steps[0][1], rtol=1e-5, atol=1e-7)
+    assert steps[3][2] == steps[0][2]
+    assert not torch.equal(steps[0][1], Toy().lin.weight)  # a step was taken

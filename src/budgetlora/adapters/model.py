@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from budgetlora.adapters import budget, methods
+from budgetlora.adapters import attention, budget, methods
 from budgetlora.adapters.architectures import (
     LAST_TOKEN_POOLING,
     load_model_config,
@@ -86,7 +86,7 @@ def build_base(cfg: Config, config=None) -> torch.nn.Module:
             model = AutoModelForSequenceClassification.from_config(config)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(resolve_name(cfg.model.name), config=config)
-    return shape_head(model, cfg.model.head)
+    return attention.fuse(shape_head(model, cfg.model.head))  # MPNet's attention fused, as BERT's already is
 
 
 def peft_config(cfg: Config, plan: budget.Plan):

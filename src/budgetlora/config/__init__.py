@@ -124,8 +124,9 @@ class Config:
 
 METHODS = tuple(METHOD_SECTIONS)  # each method's settings live in the section of its name
 USE_SECTIONS = ("self_train", "submit", "serve")  # settings of the commands that use a run, not of its training
-# never part of a run id: the run's label, how fast it trains (threads), and how a trained run is used
-NOT_IDENTITY = ("name", "train.threads", *USE_SECTIONS)
+# never part of a run id: the run's label, how fast or in how much memory it trains (threads, micro-batches: the
+# same updates, up to float rounding), and how a trained run is used
+NOT_IDENTITY = ("name", "train.threads", "train.micro_batch", *USE_SECTIONS)
 
 # The fields a run id counts at any value: the schema run ids were first published with (each method's section as it
 # was when that method came). Written once, never edited: any field not named here counts only when set away from its

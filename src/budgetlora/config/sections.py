@@ -168,6 +168,9 @@ METHOD_SECTIONS: dict[str, type] = {"lora": LoraConfig, "adalora": AdaLoraConfig
 class TrainConfig:
     epochs: float = _f(1.0, "passes over the training set (fractions allowed)")
     batch_size: int = _f(32, "training batch size")
+    micro_batch: int = _f(0, "forward and backward this many rows of a batch at a time, their gradients summed into "
+                             "the batch's one step: the same update in a fraction of the activation memory (0 = the "
+                             "whole batch); not part of the run id")
     eval_batch_size: int = _f(0, "evaluation batch size; 0 = auto: 64 on a CPU (less padding, cache-sized), 512 on a GPU")
     lr: float = _f(2e-3, "peak learning rate")
     optimizer: str = _f("adamw", "adamw, rmsprop, adagrad or sgd (with momentum 0.9)",
@@ -213,6 +216,7 @@ class TrainConfig:
             (self.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.eval_batch_size >= 0, "train.eval_batch_size must be >= 0 (0 = auto)"),
             (self.threads >= 0, "train.threads must be >= 0 (0 = auto)"),
+            (self.micro_batch >= 0, "train.micro_batch must be >= 0 (0 = the whole batch at once)"),
             (self.max_time >= 0, "train.max_time must be >= 0 seconds (0 = no limit)"),
             (self.probe_steps >= 0, "train.probe_steps must be >= 0 (0 = no linear probe)"),
             (self.base_dropout == -1 or 0 <= self.base_dropout < 1,

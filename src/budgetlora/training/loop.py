@@ -12,6 +12,7 @@ and AdamW is fused.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -53,12 +54,6 @@ def make_optimizer(model, tc, b_lr_ratio: float = 1.0) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=tc.lr, momentum=0.9)
 
 
-def precision(tc) -> str:
-    """accelerate's mixed_precision for train.precision on this machine ('no' = fp32)."""
-    resolved = resolve_precision(tc.precision)
-    return "no" if resolved == "fp32" else resolved
-
-
 def make_accelerator(tc):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -73,7 +68,8 @@ def make_accelerator(tc):
         import torch._dynamo as dynamo
 
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-    return Accelerator(mixed_precision=precision(tc), cpu=not torch.cuda.is_available(),
+    return Accelerator(mixed_precision=resolve_precision(tc.precision).replace("fp32", "no"),
+                       cpu=not torch.cuda.is_available(),
                        dynamo_backend="inductor" if tc.compile else "no")
 
 
@@ -138,23 +134,28 @@ def setup_optimizer(acc, model, tc, total_steps: int, b_lr_ratio: float = 1.0,
     return model, optimizer, scheduler, (loss_fn or losses.make_loss(tc)).to(acc.device)
 
 
-def train_step(fit: Fit, batch, targets, grad_clip: float, step: int = 0) -> torch.Tensor:
-    """One optimizer step on one (process-local) batch; returns its loss, still on the device (no sync). The
-    adapter method's hooks add their penalty and post-step work (AdaLoRA); `step` is the 0-based index of this
-    step."""
+def train_step(fit: Fit, batch, targets, grad_clip: float, step: int = 0, micro_batch: int = 0) -> torch.Tensor:
+    """One optimizer step on one (process-local) batch, `micro_batch` rows at a time (train.micro_batch); returns its
+    loss, still on the device (no sync). The adapter method's hooks add their penalty and post-step work (AdaLoRA);
+    `step` is the 0-based index of this step."""
     acc, model, hooks = fit.acc, fit.model, fit.hooks
-    with acc.autocast():
-        logits = model(**batch).logits
-    loss = fit.loss_fn(logits.float(), targets)
-    penalty = hooks.penalty(model)
-    acc.backward(loss if penalty is None else loss + penalty)  # the reported loss stays the task loss
+    parts = losses.batch_parts(fit.loss_fn, targets, micro_batch)
+    loss = torch.zeros((), device=targets.device)
+    for i, (rows, share) in enumerate(parts, 1):  # each part's mean loss weighted by its share: the batch's gradient
+        with acc.autocast():
+            logits = model(**{k: v[rows] for k, v in batch.items()}).logits
+        part = fit.loss_fn(logits.float(), targets[rows]) * share
+        penalty = hooks.penalty(model) if i == len(parts) else None
+        with acc.no_sync(model) if i < len(parts) else contextlib.nullcontext():  # processes sync once, at the end
+            acc.backward(part if penalty is None else part + penalty)  # the reported loss stays the task loss
+        loss += part.detach()
     if grad_clip:
         acc.clip_grad_norm_(model.parameters(), grad_clip)
     fit.optimizer.step()
     hooks.after_step(model, step)  # before zero_grad: AdaLoRA scores ranks by weight x gradient
     fit.scheduler.step()
     fit.optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -271,7 +272,7 @@ def run(fit: Fit, tc, max_length: int, inputs: LoopInputs, state: TrainState, ck
         batches = length_grouped_batches(tokens.lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length)
         local = [rows[acc.process_index::acc.num_processes] for rows in batches[in_epoch:]]  # disjoint shards
         for rows, batch, targets in device_batches(tokens, inputs.labels, local, acc.device, padding, max_length):
-            loss_sum += train_step(fit, batch, targets, tc.grad_clip, step=state.step)
+            loss_sum += train_step(fit, batch, targets, tc.grad_clip, state.step, tc.micro_batch)
             loss_n += 1
             state.step += 1
             if state.step % log_every == 0 or state.step % eval_every == 0 or state.step == total:

@@ -70,3 +70,18 @@ def training_loss(cfg, labels) -> torch.nn.Module:
     if task_of(cfg).sets:
         return MultiLabelLoss()
     return make_loss(cfg.train, class_weights(cfg, labels))
+
+
+def batch_parts(loss_fn: torch.nn.Module, targets: torch.Tensor, micro_batch: int) -> list[tuple[slice, float]]:
+    """The rows of each part of a batch trained `micro_batch` rows at a time (0 = the whole batch at once), with
+    the share of the batch's loss each part's mean loss carries: its rows' share, or with class weights its share
+    of the weights (weighted losses divide by the summed weights of the batch's targets), so the summed gradients
+    are the whole batch's."""
+    n = len(targets)
+    size = micro_batch if 0 < micro_batch < n else n
+    rows = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    weight = getattr(loss_fn, "weight", None)
+    if weight is None or len(rows) == 1:
+        return [(r, (r.stop - r.start) / n) for r in rows]
+    w = weight[targets].float()
+    return [(r, float(w[r].sum() / w.sum())) for r in rows]

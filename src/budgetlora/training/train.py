@@ -20,7 +20,7 @@ from budgetlora.adapters.model import build, count_trainable, load_tokenizer
 from budgetlora.config import Config, ConfigError
 from budgetlora.data.readers import Split
 from budgetlora.data.tokens import Tokens, encode
-from budgetlora.hardware import PeakMemory, inference_dtype, set_threads, trim_memory
+from budgetlora.hardware import PeakMemory, inference_dtype, resolve_precision, set_threads, trim_memory
 from budgetlora.tasks import task_of
 from budgetlora.training import loop
 from budgetlora.training.evaluate import eval_batch_size, logits_for_ids
@@ -99,7 +99,7 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
     train_split, val, test = data["train"], data["val"], data["test"]
     logger.info(f"run {cfg.run_id}: {plan.total:,} trainable params (budget {plan.max_params:,}); "
         f"train {len(train_split):,} / val {len(val):,} / test {len(test):,} rows; device {acc.device}, "
-        f"{loop.precision(tc).replace('no', 'fp32')}, {threads} thread(s)")
+        f"{resolve_precision(tc.precision)}, {threads} thread(s)")
     if main:
         runs.write_text(out / runs.CONFIG, cfg.to_yaml())
 
@@ -155,7 +155,7 @@ def _train(cfg: Config, out: Path, memory: PeakMemory, data, force, on_record, o
 
     record = {"wall_time_s": round(time.time() - t_start, 2), "filters": filter_report,
               "train_class_counts": task.label_counts(train_split.labels, cfg.model.num_labels),
-              "precision": loop.precision(tc).replace("no", "fp32"), "threads": threads,
+              "precision": resolve_precision(tc.precision), "threads": threads,
               "val_time_s": round(state.eval_time, 2), **state.probe,
               **throughput(state, steps, base_tokens, tc.batch_size)}
     write_run_artifacts(out, cfg, model, tokenizer, val, test, state, plan, record, memory)
