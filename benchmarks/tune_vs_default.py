@@ -59,8 +59,8 @@ def winner_answers(state: dict, folder: Path, test: Path) -> tuple[np.ndarray, n
 
 
 def compare(winner: tuple, b: Path, macro: bool) -> str:
-    from budgetlora.experiments.stats import LEVEL, _percentiles, paired
-    from budgetlora.experiments.choice import macro_f1
+    from budgetlora.experiments.stats import paired, paired_macro_f1
+    from budgetlora.tasks import macro_f1
 
     ra, gold, pa = winner
     rb, gold_b, pb = answers(b)
@@ -70,13 +70,9 @@ def compare(winner: tuple, b: Path, macro: bool) -> str:
         d = p.difference
         return (f"{np.mean(pa == gold):.4f} vs {np.mean(pb == gold):.4f} on {len(gold):,} rows: "
                 f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], McNemar p={p.mcnemar_p:.2g}")
-    rng, diffs = np.random.default_rng(0), []
-    for _ in range(1000):
-        i = rng.integers(0, len(gold), len(gold))
-        diffs.append(macro_f1(gold[i], pa[i], 4) - macro_f1(gold[i], pb[i], 4))
+    d = paired_macro_f1(gold, pa, pb, 4, resamples=1000)
     fa, fb = macro_f1(gold, pa, 4), macro_f1(gold, pb, 4)
-    lo, hi = _percentiles(np.asarray(diffs), LEVEL)
-    return f"macro-F1 {fa:.4f} vs {fb:.4f} on {len(gold):,} rows: {fa - fb:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    return f"macro-F1 {fa:.4f} vs {fb:.4f} on {len(gold):,} rows: {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
 
 
 def main(argv=None) -> None:

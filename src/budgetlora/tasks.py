@@ -45,18 +45,33 @@ def format_sets(matrix: np.ndarray, delimiter: str = ";") -> list[str]:
     return [delimiter.join(str(j) for j in np.flatnonzero(row)) for row in np.asarray(matrix)]
 
 
+def _per_class(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, F1) of each class from a confusion matrix (rows gold, columns predicted); 0 where undefined."""
+    tp = np.diag(conf).astype(float)
+    support, predicted = conf.sum(axis=1), conf.sum(axis=0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = np.divide(2 * tp, support + predicted, out=np.zeros_like(tp), where=support + predicted > 0)  # 2PR/(P+R)
+    return recall, f1
+
+
+def confusion(gold: np.ndarray, pred: np.ndarray, num_labels: int) -> np.ndarray:
+    conf = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(conf, (np.asarray(gold), np.asarray(pred)), 1)
+    return conf
+
+
+def macro_f1(gold: np.ndarray, pred: np.ndarray, num_labels: int) -> float:
+    """The mean over classes of each class's F1, from gold and predicted class ids."""
+    return float(_per_class(confusion(gold, pred, num_labels))[1].mean())
+
+
 def class_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict:
     """Accuracy, mean cross-entropy, macro-F1, per-class accuracy (recall) and the confusion matrix."""
     labels = np.asarray(labels)
     pred = np.asarray(logits).argmax(axis=1)
     logp = np.log(np.clip(softmax(logits), 1e-12, 1.0))
-    conf = np.zeros((num_labels, num_labels), dtype=np.int64)
-    np.add.at(conf, (labels, pred), 1)
-    tp = np.diag(conf).astype(float)
-    support, predicted = conf.sum(axis=1), conf.sum(axis=0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    conf = confusion(labels, pred, num_labels)
+    recall, f1 = _per_class(conf)
     return {
         "accuracy": float((pred == labels).mean()),
         "loss": float(-logp[np.arange(len(labels)), labels].mean()),

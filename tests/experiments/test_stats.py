@@ -71,3 +71,22 @@ def test_configs_with_different_seed_counts_and_the_same_accuracy_are_not_marked
     d = paired(a, b)
     assert d.difference.mean == 0.0 and not d.significant
     assert d.mcnemar_p > 0.01
+
+
+def test_macro_f1_is_sklearns_and_its_paired_bootstrap_finds_a_real_gap():
+    from sklearn.metrics import f1_score
+
+    from budgetlora.experiments.stats import paired_macro_f1
+    from budgetlora.tasks import macro_f1
+
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 4, 3000)
+    good = np.where(rng.random(3000) < 0.9, gold, rng.integers(0, 4, 3000))
+    poor = np.where(rng.random(3000) < 0.8, gold, 3)  # misses pile into class 3: a skew that F1 punishes
+    for pred in (good, poor, np.full(3000, 2)):  # a class never predicted counts as F1 0, as in sklearn
+        assert macro_f1(gold, pred, 4) == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0))
+    gap = paired_macro_f1(gold, good, poor, 4)
+    assert gap.mean == pytest.approx(macro_f1(gold, good, 4) - macro_f1(gold, poor, 4))
+    assert 0 < gap.low < gap.mean < gap.high
+    same = paired_macro_f1(gold, good, good, 4)
+    assert same.low == same.high == 0.0

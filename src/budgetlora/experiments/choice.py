@@ -17,21 +17,12 @@ def read_val_answers(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return read_answers(Path(run) / runs.VAL_PREDICTIONS)
 
 
-def macro_f1(gold: np.ndarray, pred: np.ndarray, n: int) -> float:
-    f1 = []
-    for c in range(n):
-        tp = np.sum((pred == c) & (gold == c))
-        denom = np.sum(pred == c) + np.sum(gold == c)
-        f1.append(2 * tp / denom if denom else 0.0)
-    return float(np.mean(f1))
-
-
 def paired_choice(finalists: list[dict], objective: str, num_labels: int) -> dict:
     """Pick among finalists (each {"name", "runs": [run folders, one per seed, same seeds for all], "samples_s"}):
     the best by mean objective over seeds, unless a cheaper one is not worse at 95% on the same validation rows
     (paired bootstrap over (seed, row) pairs; McNemar beside it for accuracy), in which case the cheapest such wins.
     Returns {"winner", "best", "comparisons": {name: paired result vs the best}, "why"}."""
-    from budgetlora.experiments.stats import LEVEL, RESAMPLES, Interval, _percentiles, paired
+    from budgetlora.experiments.stats import paired, paired_macro_f1
 
     answers = {}
     for f in finalists:
@@ -44,25 +35,14 @@ def paired_choice(finalists: list[dict], objective: str, num_labels: int) -> dic
     gold = np.concatenate([a[1] for a in first])
     preds = {name: np.concatenate([a[2] for a in per_seed]) for name, per_seed in answers.items()}
 
-    def score(p: np.ndarray, idx=slice(None)) -> float:
-        if objective == "val_macro_f1":
-            return macro_f1(gold[idx], p[idx], num_labels)
-        return float(np.mean(gold[idx] == p[idx]))
-
     scores = {f["name"]: float(np.mean([m for m in f["values"]])) for f in finalists}
     best = max(finalists, key=lambda f: (scores[f["name"]], f["name"]))
     comparisons = {}
     for f in finalists:
         if f is best:
             continue
-        if objective == "val_macro_f1":  # a paired bootstrap of the score itself over the same resampled rows
-            rng = np.random.default_rng(0)
-            diffs = []
-            for _ in range(RESAMPLES // 4):
-                idx = rng.integers(0, len(gold), len(gold))
-                diffs.append(score(preds[best["name"]], idx) - score(preds[f["name"]], idx))
-            d = score(preds[best["name"]]) - score(preds[f["name"]])
-            iv = Interval(d, *_percentiles(np.asarray(diffs), LEVEL))
+        if objective == "val_macro_f1":  # F1 is no mean over rows: the bootstrap rescores each resample
+            iv = paired_macro_f1(gold, preds[best["name"]], preds[f["name"]], num_labels)
             comparisons[f["name"]] = {"difference": iv.as_dict(), "significant": iv.low > 0 or iv.high < 0}
         else:
             p = paired(preds[best["name"]] == gold, preds[f["name"]] == gold)

@@ -17,6 +17,11 @@ FINALISTS = 2
 VAL_ROWS = 1000  # one validation set for every trial: this many rows (at most a fifth of the training rows)
 
 
+def val_fraction(rows: int) -> float:
+    """The share of `rows` every trial holds out: VAL_ROWS of them, at most a fifth."""
+    return min(0.2, VAL_ROWS / rows)
+
+
 @dataclass(frozen=True)
 class Speed:
     step_s: float  # seconds per training step

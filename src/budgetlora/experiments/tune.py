@@ -36,9 +36,9 @@ import numpy as np
 
 from budgetlora import runs
 from budgetlora.config import Config, ConfigError
-from budgetlora.experiments import timebudget
+from budgetlora.experiments import sizing, timebudget
 from budgetlora.experiments.choice import paired_choice
-from budgetlora.experiments.sizing import (ETA, FINALISTS, VAL_ROWS, Speed, first_steps, later_steps,  # noqa: F401
+from budgetlora.experiments.sizing import (ETA, FINALISTS, Speed, first_steps, later_steps,  # noqa: F401
                                            measured_speed, rung_sizes, size_search, steady_step_s)
 from budgetlora.experiments.space import Candidate, candidate_space
 from budgetlora.experiments.tune_ensemble import MEMBERS, half_variants, judge
@@ -135,7 +135,7 @@ def tune(cfg: Config, seconds: float, out: str | Path, objective: str = "val_acc
         rows, test_rows = len(splits["train"]) + len(splits["val"]), len(splits["test"])
         state.set("test_rows", test_rows)
         state.set("rows", rows)
-    val_fraction = min(0.2, VAL_ROWS / rows)
+    val_fraction = sizing.val_fraction(rows)
     test_limit = min(cfg.data.test_limit or TRIAL_TEST_ROWS, TRIAL_TEST_ROWS)
     search_base = cfg.replace(**{"data.val_fraction": val_fraction, "data.test_limit": test_limit,
                                  "train.eval_every": 0, "train.patience": 0})

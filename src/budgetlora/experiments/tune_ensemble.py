@@ -61,9 +61,10 @@ def read_probabilities(run: Path) -> tuple[np.ndarray, np.ndarray]:
     return table[:, 0].astype(np.int64), table[:, 1:]
 
 
-def ensemble_answers(member_runs: list[Path], out: Path) -> Path:
+def ensemble_answers(member_runs: list[Path], out: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     """Average the members' calibrated validation probabilities into OUT/ensemble/val_predictions.csv (row, gold,
-    the ensemble's answer), gold from the first member's answers; members validated on other rows are refused."""
+    the ensemble's answer), gold from the first member's answers; members validated on other rows are refused.
+    Returns (that folder, gold, answers), the latter two sorted by row."""
     from budgetlora.experiments.choice import read_val_answers
 
     rows, gold, _ = read_val_answers(member_runs[0])
@@ -78,16 +79,15 @@ def ensemble_answers(member_runs: list[Path], out: Path) -> Path:
     answer = total.argmax(axis=1)
     runs.write_text(folder / runs.VAL_PREDICTIONS, "row,label,predicted\n" + "".join(
         f"{a},{b},{c}\n" for a, b, c in zip(rows.tolist(), gold.tolist(), answer.tolist())))
-    return folder
+    return folder, gold, answer
 
 
 def judge(single: dict, member_runs: list[Path], out: Path, objective: str, num_labels: int) -> dict:
     """The ensemble of `member_runs` against `single` ({"name", "run", "value", "samples_s"}: the winner's run at the
     same steps and seed), paired on the same validation rows. Returns paired_choice's record with "kept"."""
-    from budgetlora.experiments.choice import macro_f1, read_val_answers
+    from budgetlora.tasks import macro_f1
 
-    folder = ensemble_answers(member_runs, out)
-    _, gold, answer = read_val_answers(folder)
+    folder, gold, answer = ensemble_answers(member_runs, out)
     value = macro_f1(gold, answer, num_labels) if objective == "val_macro_f1" else float(np.mean(gold == answer))
     contenders = [{"name": single["name"], "runs": [single["run"]], "values": [single["value"]],
                    "samples_s": single["samples_s"]},

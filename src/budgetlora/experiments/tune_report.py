@@ -5,7 +5,7 @@ import numpy as np
 
 from budgetlora.config import Config
 from budgetlora.experiments import timebudget
-from budgetlora.experiments.sizing import VAL_ROWS
+from budgetlora.experiments.sizing import val_fraction
 
 
 def report(r: dict, cfg: Config, objective: str) -> str:
@@ -15,7 +15,7 @@ def report(r: dict, cfg: Config, objective: str) -> str:
              f"Budget {cfg.budget.max_params:,} trainable parameters, model {cfg.model.name}, "
              f"time {fmt(r['key']['time_s'])}"
              f" ({r['elapsed_s']:.0f}s used up to this report), objective {objective} on one validation set of "
-             f"{round(r['rows'] * min(0.2, VAL_ROWS / r['rows'])):,} rows held out of {r['rows']:,}.", "",
+             f"{round(r['rows'] * val_fraction(r['rows'])):,} rows held out of {r['rows']:,}.", "",
              "## What the time bought", "",
              f"- the probe: {probe['seconds']:.1f}s; a training step {probe['step_s']:.3f}s and a trial's fixed cost "
              f"{probe['trial_s']:.1f}s on this machine",
@@ -26,7 +26,7 @@ def report(r: dict, cfg: Config, objective: str) -> str:
              _ensemble_line(r.get("ensemble")),
              (f"- the final run: {final['steps']:,} steps of {cfg.train.batch_size} rows "
               f"({final['steps'] / max(1, final['per_epoch']):.2f} epochs over the "
-              f"{r['rows'] - round(r['rows'] * min(0.2, VAL_ROWS / r['rows'])):,} training rows), "
+              f"{r['rows'] - round(r['rows'] * val_fraction(r['rows'])):,} training rows), "
               f"{final['steps'] / max(1, final['planned_steps']):.0%} of the {final['planned_steps']:,} it would "
               "have trained without a clock" + (" (each member)" if len(r["winner_runs"]) > 1 else "")
               + ", starting from the weights of its longest search run"
