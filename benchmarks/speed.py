@@ -344,7 +344,10 @@ def repeat_races(args, argv: list[str]) -> None:
 def attn_impl(cfg: Config) -> str:
     from budgetlora.adapters.architectures import load_model_config, skeleton
 
-    return str(skeleton(load_model_config(cfg.model.name, cfg.model.num_labels)).config._attn_implementation)
+    config = load_model_config(cfg.model.name, cfg.model.num_labels)
+    impl = str(skeleton(config).config._attn_implementation)
+    # transformers' own for the reference recipe; budgetlora runs MPNet's through SDPA (adapters/attention.py)
+    return f"{impl} (budgetlora: sdpa)" if config.model_type == "mpnet" else impl
 
 
 if __name__ == "__main__":
