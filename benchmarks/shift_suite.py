@@ -23,6 +23,8 @@ the mean ± half the range over seeds, the results json keeps every seed's rows.
 
     OMP_NUM_THREADS=1 python benchmarks/shift_suite.py --out runs/shift_suite
     python benchmarks/shift_suite.py --config mpnet-cpu --out runs/shift_suite_mpnet   # MPNet-base as the base
+    python benchmarks/shift_suite.py --config mpnet-cpu --out runs/shift_suite_mpnet --resume --against runs/shift_suite
+        # and its base paired with MiniLM's on the same sets (same --rows, --skew and seeds), row by row
 """
 from __future__ import annotations
 
@@ -160,7 +162,10 @@ def measure(args, name: str, df: pd.DataFrame, base: Path, lpft: Path | None, kn
            "em_priors": rep["class_shares"]["em_priors"], "bbse_priors": rep["class_shares"]["bbse_priors"],
            "true_priors": true.round(4).tolist(), "pred_shares": shares(pred).round(4).tolist(),
            "share_gap": round(float(np.abs(shares(pred) - true).max()), 4),
-           "truncated_share": rep["token_lengths"]["target"]["truncated_share"]}
+           "truncated_share": rep["token_lengths"]["target"]["truncated_share"],
+           # per row, for a paired comparison of two suites' bases on the same sets (--against)
+           "gold": gold.tolist(), "base_pred": pred.tolist(),
+           "known_mix_pred": fit_to_mix(res.probs, mix).labels.tolist()}
     if not args.no_self_train:
         # the same round twice: pseudo labels from the plain posteriors, then from posteriors fitted to the true mix
         for col, prior in (("self_train", ""), ("self_train_fit", known)):
@@ -205,6 +210,8 @@ def main() -> int:
     ap.add_argument("--no-self-train", action="store_true")
     ap.add_argument("--resume", action="store_true",
                     help="keep the (seed, shift) rows already in OUT/shift_suite.json (each records its own sizes)")
+    ap.add_argument("--against", default="",
+                    help="another suite's OUT (e.g. the MiniLM base): its bases paired with these on the same sets")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=2, help="repeat for seeds --seed .. --seed+K-1")
     ap.add_argument("--smoke", action="store_true",
@@ -243,7 +250,8 @@ def main() -> int:
                             "share": args.share, "mix": args.mix, "probe_steps": args.probe_steps}
             results[name] = row
             print(f"seed {seed} {name}: " + json.dumps({k: v for k, v in row.items()
-                                                        if k not in ("gate_reasons",) and not k.endswith("_record")}),
+                                                        if k not in ("gate_reasons", "gold")
+                                                        and not k.endswith(("_record", "_pred"))}),
                   flush=True)
             runs.write_json(saved, {"args": vars(args), "seeds": {**done, **state}})
     runs.write_json(saved, {"args": vars(args), "seeds": {**done, **state}})
@@ -266,7 +274,40 @@ def main() -> int:
         known = "uniform" if rows[0]["known_prior"] == "uniform" else "/".join(
             f"{float(x) * 100:.0f}" for x in rows[0]["known_prior"].split(","))
         print(f"| {name} | {known} | {vals} | {sum(r['gate_applied'] for r in rows)}/{len(rows)} |")
+    if args.against:
+        against(state, seeds, Path(args.against))
     return 0
+
+
+def against(state: dict, seeds: list[int], other_out: Path) -> None:
+    """This suite's base against another's (another model, the same sets): per shift, the paired difference in
+    accuracy, argmax and fitted to the known mix, pooled over the seeds both ran; a bootstrap over the sets' rows (each
+    seed's set paired by position) and McNemar's exact p. Sets must be the same texts: the gold labels are checked."""
+    from budgetlora.experiments.stats import paired
+
+    other = runs.read_json(other_out / "shift_suite.json")
+    other_model = other.get("args", {}).get("config", str(other_out))
+    print(f"\nagainst {other_model} ({other_out}): this base minus that base, on the same rows\n")
+    print("| shift | seeds | this base | that base | difference [95%] | McNemar p | "
+          "this known mix | that known mix | difference [95%] | McNemar p |")
+    print("|" + "---|" * 10)
+    for name in dict.fromkeys(n for s in seeds for n in state[str(s)]["results"]):
+        pairs = [(state[str(s)]["results"].get(name), other["seeds"].get(str(s), {}).get("results", {}).get(name))
+                 for s in seeds]
+        pairs = [(a, b) for a, b in pairs if a and b and "base_pred" in a and "base_pred" in b]
+        if not pairs:
+            continue
+        if any(a["gold"] != b["gold"] for a, b in pairs):
+            raise SystemExit(f"{name}: the two suites' sets differ (another --rows, --skew or seed); nothing to pair")
+        cells = [f"{name} | {len(pairs)}"]
+        for key in ("base_pred", "known_mix_pred"):
+            correct = [[np.asarray(r[key]) == np.asarray(r["gold"]) for r, _ in pairs],
+                       [np.asarray(r[key]) == np.asarray(r["gold"]) for _, r in pairs]]
+            this, that = (np.concatenate(c) for c in correct)
+            d = paired(np.stack(correct[0]), np.stack(correct[1]))
+            cells.append(f"{this.mean():.4f} | {that.mean():.4f} | {d.difference.mean * 100:+.2f} "
+                         f"[{d.difference.low * 100:+.2f}, {d.difference.high * 100:+.2f}] | {d.mcnemar_p:.2g}")
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
