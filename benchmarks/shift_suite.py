@@ -153,9 +153,9 @@ def measure(args, name: str, df: pd.DataFrame, base: Path, lpft: Path | None, kn
     loaded = load_run(base)
     res = analyse(loaded, texts, mode="auto")
     del loaded
-    rep, pred = res.report, res.probs.argmax(1)
+    rep, pred, fitted = res.report, res.probs.argmax(1), fit_to_mix(res.probs, mix).labels
     row = {"rows": len(texts), "known_prior": known, "base": accuracy(pred, gold),
-           "known_mix": accuracy(fit_to_mix(res.probs, mix).labels, gold),
+           "known_mix": accuracy(fitted, gold),
            "prior_forced": accuracy(res.em.posteriors.argmax(1), gold), "prior_gated": accuracy(res.labels, gold),
            "gate_applied": res.decision.apply, "gate_reasons": res.decision.reasons,
            "auc": rep["separability"]["auc"], "auc_adjusted": rep["separability"]["auc_label_adjusted"],
@@ -165,7 +165,7 @@ def measure(args, name: str, df: pd.DataFrame, base: Path, lpft: Path | None, kn
            "truncated_share": rep["token_lengths"]["target"]["truncated_share"],
            # per row, for a paired comparison of two suites' bases on the same sets (--against)
            "gold": gold.tolist(), "base_pred": pred.tolist(),
-           "known_mix_pred": fit_to_mix(res.probs, mix).labels.tolist()}
+           "known_mix_pred": fitted.tolist()}
     if not args.no_self_train:
         # the same round twice: pseudo labels from the plain posteriors, then from posteriors fitted to the true mix
         for col, prior in (("self_train", ""), ("self_train_fit", known)):
