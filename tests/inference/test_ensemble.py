@@ -11,6 +11,7 @@ import pytest
 import budgetlora
 from budgetlora.cli import main
 from budgetlora.errors import ConfigError
+from budgetlora.hardware import resolve_precision
 from budgetlora.inference.ensemble import check_members, members_total
 from budgetlora.tasks import softmax
 from budgetlora.training.train import train
@@ -49,12 +50,16 @@ def test_predict_and_evaluate_take_several_runs(tiny_run, ia3_run, small_csvs, t
     probs = table[[c for c in table.columns if c.startswith("p_")]].to_numpy()
     texts = pd.read_csv(test)["text"].tolist()
     expected = budgetlora.load([tiny_run, ia3_run]).predict_proba(texts)
-    assert len(table) == len(texts) and np.allclose(probs, expected, atol=1e-3)
+    # a run predicts in the precision it trained in: under bf16 autocast (a CPU with native bf16) two reads of the
+    # same texts agree to about 1e-3 only (bf16 keeps 8 bits of mantissa), and a near tie may flip one row's label
+    bf16 = resolve_precision("auto", "cpu") == "bf16"
+    assert len(table) == len(texts) and np.allclose(probs, expected, atol=1e-2 if bf16 else 1e-3)
     capsys.readouterr()
     assert main(["evaluate", str(tiny_run), str(ia3_run)]) == 0
     m = json.loads(capsys.readouterr().out)
     labels = pd.read_csv(test)["label"].to_numpy()
-    assert m["accuracy"] == pytest.approx(float(np.mean(expected.argmax(axis=1) == labels)), abs=1e-3)
+    one_row = 1.01 / len(labels) if bf16 else 1e-3
+    assert m["accuracy"] == pytest.approx(float(np.mean(expected.argmax(axis=1) == labels)), abs=one_row)
 
 
 def test_an_ensemble_over_the_budget_is_refused_before_loading(tiny_run, big_run, tmp_path, capsys, small_csvs):
